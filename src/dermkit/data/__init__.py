@@ -1,0 +1,1 @@
+"""Data layer: readers -> one Manifest table, validation, splits, image cache, phantoms."""
