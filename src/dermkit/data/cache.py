@@ -1,0 +1,146 @@
+"""Decode-once image cache: a memory-mapped uint8 array per (manifest, resolution, crop).
+
+On 2 CPU cores JPEG decoding would dominate training, so every image is decoded, resized
+(short side to ``size``) and centre-cropped to ``size x size`` exactly once. Training then
+reads tensors from the array. The cache key covers the image ids, their paths, the file
+sizes and mtimes, the resolution and the crop policy, so a changed file or a new row
+rebuilds it rather than serving stale pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from dermkit.data.images import load_rgb
+
+CROP_POLICIES = ("short_side_center",)
+DEFAULT_CACHE_DIR = Path(os.environ.get("DERMKIT_CACHE", Path.home() / ".cache" / "dermkit"))
+
+
+def resize_short_side_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize so the short side is ``size`` (antialiased bicubic), then centre-crop square.
+
+    Args:
+        image: (H, W, 3) uint8.
+    Returns:
+        (size, size, 3) uint8.
+    """
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    resized = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)))
+
+
+def cache_key(df: pd.DataFrame, size: int, crop: str) -> str:
+    """Hash of (image_id, path, file size, mtime) per row + resolution + crop policy."""
+    h = hashlib.sha256(f"{size}|{crop}|v1".encode())
+    for image_id, path in zip(df["image_id"], df["path"], strict=True):
+        st = os.stat(path)
+        h.update(f"{image_id}\x1f{path}\x1f{st.st_size}\x1f{st.st_mtime_ns}\x1e".encode())
+    return h.hexdigest()[:20]
+
+
+@dataclass
+class ImageCache:
+    """Images of one manifest at one resolution, as a read-only memory map.
+
+    Attributes:
+        images: (N, size, size, 3) uint8 memmap, rows in ``image_ids`` order.
+        image_ids: (N,) image ids, the order of the manifest the cache was built from.
+        root: the cache folder.
+    """
+
+    images: np.ndarray
+    image_ids: np.ndarray
+    root: Path
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[1])
+
+    def rows_for(self, image_ids) -> np.ndarray:
+        """Row indices (M,) of ``image_ids`` in the cache; KeyError names the first unknown id."""
+        pos = pd.Index(self.image_ids).get_indexer(list(image_ids))
+        if (pos < 0).any():
+            missing = [i for i, p in zip(image_ids, pos, strict=True) if p < 0]
+            raise KeyError(f"{len(missing)} image ids not in cache {self.root}, e.g. {missing[:3]}")
+        return pos
+
+    def load(self, image_ids=None) -> np.ndarray:
+        """Copy (into RAM) the images of ``image_ids`` (all by default): (M, S, S, 3) uint8."""
+        if image_ids is None:
+            return np.array(self.images)
+        return np.array(self.images[self.rows_for(image_ids)])
+
+
+def build_cache(
+    df: pd.DataFrame,
+    size: int,
+    crop: str = "short_side_center",
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+) -> ImageCache:
+    """Decode + resize every manifest image once; reuse the cache when the key matches.
+
+    Writes to a temporary folder and renames it at the end, so a killed build never leaves
+    a half-written cache that a later run would trust.
+    """
+    if crop not in CROP_POLICIES:
+        raise ValueError(f"unknown crop policy '{crop}', expected one of {CROP_POLICIES}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    root = cache_dir / f"images-{size}px-{cache_key(df, size, crop)}"
+    if (root / "meta.json").exists():
+        return open_cache(root)
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n = len(df)
+    arr = np.lib.format.open_memmap(
+        tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3)
+    )
+
+    def decode(i_path):
+        i, path = i_path
+        arr[i] = resize_short_side_center_crop(load_rgb(path), size)
+
+    # PIL decoding releases the GIL, so threads use both cores without pickling arrays.
+    jobs = list(enumerate(df["path"]))
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
+        results = pool.map(decode, jobs)
+        if progress:
+            from rich.progress import track
+
+            results = track(results, total=n, description=f"caching {n} images at {size}px")
+        for _ in results:
+            pass
+    arr.flush()
+    pd.Series(df["image_id"].astype(str).to_numpy(), name="image_id").to_csv(
+        tmp / "image_ids.csv", index=False
+    )
+    (tmp / "meta.json").write_text(json.dumps({"size": size, "crop": crop, "n": n}))
+    try:
+        tmp.rename(root)
+    except OSError:  # another process finished the same cache first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return open_cache(root)
+
+
+def open_cache(root: str | Path) -> ImageCache:
+    """Open an existing cache folder read-only (memory-mapped)."""
+    root = Path(root)
+    images = np.load(root / "images.npy", mmap_mode="r")
+    ids = pd.read_csv(root / "image_ids.csv", dtype=str)["image_id"].to_numpy()
+    return ImageCache(images=images, image_ids=ids, root=root)

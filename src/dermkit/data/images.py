@@ -1,0 +1,213 @@
+"""Decode one image file safely into an (H, W, 3) uint8 RGB array, or say exactly why not.
+
+Every image dermkit trains on or validates goes through :func:`load_rgb_with_info`, so the
+rules below hold everywhere:
+
+- **Fully decoded.** A truncated JPEG/PNG raises :class:`ImageDecodeError` ("truncated
+  image"); it is never padded with grey. PIL pads only when the process-wide
+  ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` flag is set, and any library may set it, so the
+  decoder here does not trust the flag: it feeds PIL through a reader that records a read
+  past the end of the file during decoding, which is exactly what a truncated file causes.
+- **Decompression bombs refused** from the header, before any pixel is decoded: more than
+  :data:`MAX_IMAGE_PIXELS` pixels is an error, whatever PIL's own global limit is set to
+  (PIL's limit is higher and by default only warns).
+- **Modes converted, not rejected**: L, 1, P, LA/PA, RGBA/RGBa, CMYK, YCbCr, RGBX and 16-bit
+  greyscale (I;16*, I). 16-bit and 32-bit integer images are scaled by their bit depth
+  (65535 -> 255, 32768 -> 128), never clipped and never stretched to the image's own range,
+  so brightness means the same in every file. ICC profiles are not applied.
+- **Transparency is rejected.** An image whose alpha (or palette transparency) is below 255
+  anywhere has undefined lesion colours: compositing it onto white or black would invent
+  pixels a dermatoscope never saw. So "RGBA image with transparency (alpha < 255 in N
+  pixels)" is a rejection, while a fully opaque RGBA image is converted by dropping alpha
+  (identical to compositing onto any background).
+- **EXIF orientation applied** (``PIL.ImageOps.exif_transpose``), so a phone photo is upright.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_IMAGE_PIXELS = 40_000_000
+"""Largest image (width x height) dermkit decodes; larger files are decompression bombs."""
+
+# Modes PIL converts to RGB directly, without an alpha channel to inspect.
+_DIRECT_RGB_MODES = frozenset({"RGB", "L", "1", "CMYK", "YCbCr", "RGBX", "P"})
+# Modes that carry alpha (PIL's premultiplied "RGBa"/"La" included).
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_TIFF_BITS_PER_SAMPLE = 258
+
+
+class ImageDecodeError(ValueError):
+    """An image file cannot be used. ``path`` names the file, ``reason`` says why, briefly."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class _EndWatchingReader(io.BytesIO):
+    """In-memory file that records a read past its end while ``armed`` (decoding).
+
+    A complete image never asks for bytes beyond its end while its pixels are decoded; a
+    truncated one always does. This is the truncation signal that does not depend on
+    PIL's global ``LOAD_TRUNCATED_IMAGES``.
+    """
+
+    armed = False
+    read_past_end = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(size)
+        if self.armed and size != 0 and not chunk:
+            self.read_past_end = True
+        return chunk
+
+
+def _png_without_end(image: Image.Image, data: bytes) -> bool:
+    """True for a PNG cut inside its final IEND chunk (pixels complete, file not)."""
+    if image.format != "PNG":
+        return False
+    iend = data.rfind(b"IEND")
+    # IEND must come after the last pixel chunk and keep its 4-byte CRC.
+    return iend < data.rfind(b"IDAT") or iend + 8 > len(data)
+
+
+def _check_pixel_limit(path: Path, size: tuple[int, int]) -> None:
+    width, height = size
+    # Read the module attribute at call time so tests (and users) can lower the limit.
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageDecodeError(
+            path,
+            f"decompression bomb: {width}x{height} pixels exceeds limit of "
+            f"{MAX_IMAGE_PIXELS:,} pixels",
+        )
+
+
+def _bit_depth(image: Image.Image, values: np.ndarray) -> int:
+    """Bit depth of an integer greyscale image (I;16* or I), from the file where it says so."""
+    tiff_bits = getattr(image, "tag_v2", {}).get(_TIFF_BITS_PER_SAMPLE)
+    if tiff_bits:
+        bits = tiff_bits[0] if isinstance(tiff_bits, tuple) else tiff_bits
+        return int(bits)
+    if image.mode.startswith("I;16"):
+        return 16
+    # Mode "I" without a TIFF tag: PIL opens 16-bit PNGs as "I" in some versions.
+    return 16 if values.size == 0 or int(values.max()) <= 0xFFFF else 32
+
+
+def _integer_grey_to_rgb(path: Path, image: Image.Image) -> np.ndarray:
+    """(H, W) 16/32-bit integer greyscale -> (H, W, 3) uint8, scaled by the bit depth."""
+    values = np.asarray(image)
+    if values.size and int(values.min()) < 0:
+        raise ImageDecodeError(path, f"signed integer image (mode {image.mode}) with negative values")
+    depth = _bit_depth(image, values)
+    scaled = np.rint(values.astype(np.float64) * (255.0 / (2.0**depth - 1.0)))
+    grey = np.clip(scaled, 0, 255).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def _reject_transparency(path: Path, mode: str, rgba: Image.Image) -> Image.Image:
+    """Return the RGB part of an RGBA image whose alpha is 255 everywhere, else raise."""
+    alpha = np.asarray(rgba.getchannel("A"))
+    n_transparent = int(np.count_nonzero(alpha < 255))
+    if n_transparent:
+        raise ImageDecodeError(
+            path,
+            f"{mode} image with transparency (alpha < 255 in {n_transparent} pixels): "
+            "lesion colours undefined",
+        )
+    return rgba.convert("RGB")
+
+
+def _to_rgb(path: Path, image: Image.Image) -> np.ndarray:
+    """Convert a decoded PIL image of any supported mode to (H, W, 3) uint8."""
+    mode = image.mode
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        rgb = _reject_transparency(path, mode, image.convert("RGBA"))
+    elif mode in _DIRECT_RGB_MODES:
+        rgb = image.convert("RGB")
+    elif mode.startswith("I;16") or mode == "I":
+        return _integer_grey_to_rgb(path, image)
+    else:  # F (float), LAB, HSV, ...: no agreed intensity scale or colour space here
+        raise ImageDecodeError(path, f"unsupported image mode {mode}")
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _decode(path: Path) -> Image.Image:
+    """Open, size-check and fully decode ``path``; returns a loaded, upright PIL image."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file not found") from None
+    except OSError as e:
+        raise ImageDecodeError(path, f"cannot read file ({e.strerror or e})") from e
+    if not data:
+        raise ImageDecodeError(path, "0-byte file")
+    reader = _EndWatchingReader(data)
+    try:
+        image = Image.open(reader)
+        _check_pixel_limit(path, image.size)
+        reader.armed = True
+        image.load()
+        reader.armed = False
+        if reader.read_past_end or _png_without_end(image, data):
+            raise ImageDecodeError(path, "truncated image")
+        with image:
+            return ImageOps.exif_transpose(image)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(path, f"decompression bomb: {e}") from e
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError(path, "not an image (cannot identify)") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # PIL reports truncation as OSError("image file is truncated ...") or, for PNG
+        # chunks cut short, as SyntaxError/EOFError after the reader ran out of bytes.
+        if reader.read_past_end or "truncated" in str(e):
+            raise ImageDecodeError(path, "truncated image") from e
+        raise ImageDecodeError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def load_rgb_with_info(path: str | Path) -> tuple[np.ndarray, str]:
+    """Decode ``path`` to RGB and report the file's original PIL mode.
+
+    Returns:
+        (image, mode): image is (H, W, 3) uint8, upright per EXIF; mode is the mode the file
+        was stored in ("RGB", "L", "RGBA", "I;16", "CMYK", "P", ...), so a validation report
+        can say "converted RGBA -> RGB".
+    Raises:
+        ImageDecodeError: 0-byte, truncated, not an image, decompression bomb, transparency,
+            unsupported mode.
+    """
+    path = Path(path)
+    image = _decode(path)
+    try:
+        return _to_rgb(path, image), image.mode
+    finally:
+        image.close()
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Decode ``path`` to an (H, W, 3) uint8 RGB array; raises :class:`ImageDecodeError`."""
+    return load_rgb_with_info(path)[0]
+
+
+def inspect_image(path: str | Path) -> tuple[str | None, str | None]:
+    """Fully decode ``path`` and return (reason it is unusable or None, original mode or None)."""
+    try:
+        return None, load_rgb_with_info(path)[1]
+    except ImageDecodeError as e:
+        return e.reason, None
+
+
+def probe_image(path: str | Path) -> str | None:
+    """The reason ``path`` is unusable ("0-byte file", "truncated image", ...), else None.
+
+    Decodes every pixel (a header check cannot see truncation), so it costs one full load.
+    """
+    return inspect_image(path)[0]

@@ -1,0 +1,143 @@
+"""One call from a DataConfig to split, cached, leak-checked data: what every stage starts with.
+
+read + validate (readers) -> split (committed id list, or lesion-grouped by seed) ->
+decode-once cache -> leakage check (lesions: error; near-duplicates: reported).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dermkit.config import DataConfig
+from dermkit.data.cache import ImageCache, build_cache
+from dermkit.data.labels import load_label_map
+from dermkit.data.manifest import SPLITS, check_manifest, class_names
+from dermkit.data.readers import load_dataset
+from dermkit.data.splits import (
+    LeakageReport,
+    check_leakage,
+    lesion_grouped_split,
+    perceptual_hashes,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SplitFileError(ValueError):
+    """A committed split file does not match the dataset; the message names the rows."""
+
+
+def read_split_file(path: str | Path) -> pd.DataFrame:
+    """Read an id list (image_id, lesion_id, split) written by ``dermkit data split``."""
+    path = Path(path)
+    if not path.exists():
+        raise SplitFileError(f"split file not found: {path}")
+    ids = pd.read_csv(path, dtype=str)
+    missing = {"image_id", "lesion_id", "split"} - set(ids.columns)
+    if missing:
+        raise SplitFileError(f"{path}: missing columns {sorted(missing)}")
+    bad = ids[~ids["split"].isin(SPLITS)]
+    if len(bad):
+        raise SplitFileError(f"{path}: unknown split values at rows {bad.index[:10].tolist()}")
+    return ids
+
+
+def apply_split_file(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
+    """Set ``split`` of real rows from a committed id list; every real row must be listed.
+
+    Synthetic rows are always train. A row whose lesion_id disagrees with the list is an
+    error, since it means the list was made for other data.
+    """
+    ids = read_split_file(path).set_index("image_id")
+    out = df.copy()
+    real = ~out["synthetic"].astype(bool)
+    unknown = out.loc[real & ~out["image_id"].isin(ids.index), "image_id"]
+    if len(unknown):
+        raise SplitFileError(
+            f"{path}: {len(unknown)} images are not in the split file, e.g. {unknown[:5].tolist()}"
+        )
+    listed = ids.loc[out.loc[real, "image_id"]]
+    mismatch = out.loc[real, "lesion_id"].to_numpy() != listed["lesion_id"].to_numpy()
+    if mismatch.any():
+        bad = out.loc[real, "image_id"][mismatch][:5].tolist()
+        raise SplitFileError(f"{path}: lesion_id differs from the dataset for images {bad}")
+    out.loc[real, "split"] = listed["split"].to_numpy()
+    out.loc[~real, "split"] = "train"
+    return out
+
+
+def write_split_file(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write the derived id list (no images, no paths) that makes a split reproducible."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    real = df[~df["synthetic"].astype(bool)]
+    real[["image_id", "lesion_id", "split"]].sort_values("image_id").to_csv(path, index=False)
+    return path
+
+
+@dataclass
+class PreparedData:
+    """A split manifest, its image cache, the class order and the leakage report."""
+
+    manifest: pd.DataFrame
+    cache: ImageCache
+    classes: list[str]
+    leakage: LeakageReport
+    rejects: pd.DataFrame
+
+    def part(self, split: str) -> pd.DataFrame:
+        return self.manifest[self.manifest["split"] == split].reset_index(drop=True)
+
+
+def split_manifest(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+    """Apply the committed split file if configured, else a lesion-grouped split by seed."""
+    if cfg.split_file:
+        return apply_split_file(df, cfg.split_file)
+    return lesion_grouped_split(df, cfg.train, cfg.val, cfg.test, seed=cfg.split_seed)
+
+
+def prepare_data(
+    cfg: DataConfig,
+    rejects_path: str | Path | None = None,
+    progress: bool = False,
+    manifest: pd.DataFrame | None = None,
+) -> PreparedData:
+    """Read, validate, split, cache and leak-check the dataset described by ``cfg``.
+
+    ``manifest`` skips reading (e.g. a manifest with synthetic rows from a synthesis run);
+    it is still checked and split.
+    """
+    if manifest is None:
+        label_map = load_label_map(cfg.label_map) if cfg.label_map else None
+        loaded = load_dataset(
+            cfg.path,
+            layout=cfg.layout,
+            skip_bad=cfg.skip_bad,
+            label_map=label_map,
+            classes=cfg.classes,
+            rejects_path=rejects_path,
+        )
+        df, rejects = loaded.manifest, loaded.rejects
+    else:
+        df, rejects = manifest, pd.DataFrame(columns=["image_id", "path", "row", "reason"])
+    if not (df["split"].isin(SPLITS)).all():
+        df = split_manifest(df, cfg)
+    check_manifest(df)
+    cache = build_cache(df, cfg.image_size, cfg.crop, cfg.cache_dir, progress=progress)
+    hashes = None
+    if cfg.near_duplicate_distance >= 0:
+        hashes = perceptual_hashes(cache.images[cache.rows_for(df["image_id"])])
+    leakage = check_leakage(df, hashes, max_distance=max(cfg.near_duplicate_distance, 0))
+    if leakage.near_duplicates:
+        log.warning("near-duplicate images across splits:\n%s", leakage.summary())
+    return PreparedData(df, cache, class_names(df), leakage, rejects)
+
+
+def images_for(data: PreparedData, part: pd.DataFrame) -> np.ndarray:
+    """(M, S, S, 3) uint8 images of a manifest subset, in its row order."""
+    return data.cache.load(part["image_id"])

@@ -1,0 +1,160 @@
+"""Training checkpoints without pickles: safetensors for tensors, JSON for the rest.
+
+accelerate's ``save_state`` writes the optimizer and RNG states with ``torch.save``, i.e.
+pickles, which run arbitrary code when loaded; dermkit promises never to load one. So a
+checkpoint here is a folder
+
+    step-000120/
+      model.safetensors       weights
+      ema.safetensors         EMA weights (if any)
+      optimizer.safetensors   every optimizer state tensor, keyed "<param index>.<name>"
+      rng.safetensors         torch CPU (and CUDA) generator states
+      state.json              step, epoch, best metric, optimizer scalars and param-group
+                              hyper-parameters, numpy/python RNG states, config, version
+
+written to a temporary folder and renamed, after which ``latest`` (a one-line file,
+itself replaced atomically) points to it. A run killed at any instant therefore finds
+either the previous complete checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dermkit import __version__
+
+LATEST = "latest"
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage: store independent copies.
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able scalars."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, pstate in sd["state"].items():
+        for name, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    """Inverse of ``optimizer_to_flat``: load the state into ``opt``."""
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every RNG a training step may touch: torch (CPU, CUDA), numpy, python."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    np_state = np.random.get_state()
+    meta = {
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    kind, keys, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, state, gauss_next = meta["python"]
+    random.setstate((version, tuple(state), gauss_next))
+
+
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    ema: torch.nn.Module | None = None,
+    extra: dict | None = None,
+    keep: int = 1,
+) -> Path:
+    """Write ``ckpt_dir/step-<step>/`` atomically, point ``latest`` at it, prune old ones."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step:07d}"
+    tmp = ckpt_dir / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
+    if ema is not None:
+        save_file(_contiguous(ema.state_dict()), tmp / "ema.safetensors")
+    state = {"step": step, "dermkit": __version__, **(extra or {})}
+    if optimizer is not None:
+        tensors, meta = optimizer_to_flat(optimizer)
+        save_file(_contiguous(tensors), tmp / "optimizer.safetensors")
+        state["optimizer"] = meta
+    tensors, meta = rng_state()
+    save_file(_contiguous(tensors), tmp / "rng.safetensors")
+    state["rng"] = meta
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    pointer = ckpt_dir / f".{LATEST}.tmp"
+    pointer.write_text(final.name)
+    pointer.replace(ckpt_dir / LATEST)
+    old = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and p != final)
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The folder ``latest`` points to, or None when there is no complete checkpoint."""
+    pointer = Path(ckpt_dir) / LATEST
+    if not pointer.exists():
+        return None
+    path = Path(ckpt_dir) / pointer.read_text().strip()
+    return path if (path / "state.json").exists() else None
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    ema: torch.nn.Module | None = None,
+    restore_rng: bool = True,
+) -> dict:
+    """Load a checkpoint folder into the given objects; returns its state.json dict."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    if ema is not None and (path / "ema.safetensors").exists():
+        ema.load_state_dict(load_file(path / "ema.safetensors"))
+    if optimizer is not None and "optimizer" in state:
+        optimizer_from_flat(
+            optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"]
+        )
+    if restore_rng:
+        set_rng_state(load_file(path / "rng.safetensors"), state["rng"])
+    return state

@@ -1,0 +1,145 @@
+"""``dermkit finetune``: supervised classification with the shared training loop.
+
+prepare data (split, cache, leakage check) -> backbone (random init, a local weights
+file, or a dermkit run) -> ``train_classifier`` (select on val) -> best weights ->
+predict test once -> metrics with lesion-level CIs, learning curves, report.html.
+The run folder holds ``model.safetensors`` (the selected weights) and ``config.yaml``,
+which is all that later stages (distill, exits, export) need to load the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dermkit.config import FinetuneRunConfig
+from dermkit.data.dataset import CachedImageDataset
+from dermkit.data.manifest import read_manifest
+from dermkit.data.prepare import PreparedData, prepare_data, write_split_file
+from dermkit.eval.curves import plot_learning_curves
+from dermkit.eval.metrics import evaluate_predictions
+from dermkit.eval.predictions import write_predictions
+from dermkit.eval.report import write_evaluation_report
+from dermkit.models.backbones import create_backbone
+from dermkit.runs import RunDir
+from dermkit.train.loop import load_best, predict_logits, train_classifier
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: FinetuneRunConfig, n_classes: int) -> tuple[torch.nn.Module, str]:
+    """The configured backbone with a fresh head; returns (model, weights report text)."""
+    m = cfg.model
+    model = create_backbone(
+        m.name,
+        num_classes=n_classes,
+        img_size=cfg.data.image_size,
+        drop_path_rate=m.drop_path_rate,
+        drop_rate=m.drop_rate,
+    )
+    report = "random initialisation"
+    if m.weights:
+        from dermkit.models.weights import load_pretrained
+
+        key_report = load_pretrained(model, m.weights)
+        report = f"weights from {m.weights}: {key_report}"
+        log.info("%s", report)
+    return model, report
+
+
+def load_training_data(cfg: FinetuneRunConfig, run: RunDir) -> tuple[PreparedData, np.ndarray]:
+    """Prepared data with synthetic rows appended when configured; returns (data, synth mask)."""
+    manifest = None
+    if cfg.synthetic_manifest:
+        from dermkit.data.labels import load_label_map
+        from dermkit.data.readers import load_dataset
+
+        real = load_dataset(
+            cfg.data.path,
+            layout=cfg.data.layout,
+            skip_bad=cfg.data.skip_bad,
+            label_map=load_label_map(cfg.data.label_map) if cfg.data.label_map else None,
+            classes=cfg.data.classes,
+            rejects_path=run / "rejects.csv",
+        ).manifest
+        synth = read_manifest(cfg.synthetic_manifest)
+        synth = synth[synth["synthetic"].astype(bool)]
+        manifest = pd.concat([real, synth.assign(split="")], ignore_index=True)
+    data = prepare_data(cfg.data, rejects_path=run / "rejects.csv", manifest=manifest)
+    return data, data.part("train")["synthetic"].astype(bool).to_numpy()
+
+
+def run_finetune(cfg: FinetuneRunConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Fine-tune end to end; returns the path of report.html."""
+    with RunDir(cfg.out_dir, cfg, "finetune") as run:
+        data, synthetic_mask = load_training_data(cfg, run)
+        write_split_file(data.manifest, run / "split.csv")
+        parts = {s: data.part(s) for s in ("train", "val", "test")}
+        datasets = {s: CachedImageDataset(data.cache, p, data.classes) for s, p in parts.items()}
+        torch.manual_seed(cfg.seed)
+        model, weights_report = build_model(cfg, len(data.classes))
+        summary = train_classifier(
+            cfg,
+            model,
+            datasets["train"],
+            datasets["val"],
+            run.path,
+            synthetic_mask=synthetic_mask,
+            resume=resume,
+            progress=progress,
+        )
+        from accelerate import Accelerator
+
+        model = load_best(model, run.path)
+        shutil.copyfile(run / "best.safetensors", run / "model.safetensors")
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        accelerator.state.mixed_precision = summary["precision"]
+        accelerator.native_amp = summary["precision"] != "no"
+        probs = {}
+        for s in ("val", "test"):
+            logits = predict_logits(
+                model, datasets[s], np.arange(len(datasets[s])), accelerator, tta=cfg.augment.tta
+            )
+            probs[s] = logits.softmax(1).numpy()
+            write_predictions(run / f"predictions_{s}.csv", parts[s], probs[s], data.classes)
+        y_test = datasets["test"].labels.numpy()
+        result = evaluate_predictions(
+            y_test,
+            probs["test"],
+            data.classes,
+            groups=parts["test"]["lesion_id"].to_numpy(),
+            n_boot=cfg.eval.n_boot,
+            ci=cfg.eval.ci,
+            seed=cfg.seed,
+            positive_class=cfg.eval.positive_class,
+        )
+        result["training"] = {k: v for k, v in summary.items() if k != "history"}
+        result["history"] = summary["history"]
+        curves = plot_learning_curves({cfg.model.name: summary["history"]})
+        curves.savefig(run / "learning_curves.png", dpi=110)
+        return write_evaluation_report(
+            result,
+            y_test,
+            probs["test"],
+            data.classes,
+            run.path,
+            title=f"dermkit finetune: {cfg.model.name} (test split)",
+            extra={
+                "model": cfg.model.name,
+                "initialisation": weights_report,
+                "best epoch (val macro-F1)": summary["best_epoch"],
+                "best val macro-F1": round(summary["best_val_macro_f1"], 4),
+                "epochs run": summary["epochs_run"],
+                "precision": summary["precision"],
+                "processes": summary["processes"],
+            },
+            extra_figures={
+                "learning_curves.png": "Learning curves: loss and macro-F1 per epoch (dashed: "
+                "clean train subset, solid: val) and the overfitting gap (train - val macro-F1)."
+            },
+        )

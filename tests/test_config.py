@@ -1,0 +1,44 @@
+import pytest
+
+from dermkit.config import BaselineRunConfig, ConfigError, load_config, save_config
+
+
+def test_preset_file_and_overrides_resolve_in_order(tmp_path):
+    user = tmp_path / "user.yaml"
+    user.write_text("data:\n  image_size: 40\nseed: 5\n")
+    cfg = load_config(
+        BaselineRunConfig,
+        "baseline",
+        "tiny",
+        user,
+        ["data.image_size=32", "eval.n_boot=7", "baseline.lbp_radii=[1]"],
+    )
+    assert cfg.data.image_size == 32  # override beats file
+    assert cfg.seed == 5  # file beats default
+    assert cfg.eval.n_boot == 7
+    assert cfg.baseline.lbp_radii == [1]
+    assert cfg.baseline.max_iter == 150  # from the tiny preset
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"data\.imag_size"):
+        load_config(BaselineRunConfig, "baseline", None, None, ["data.imag_size=3"])
+
+
+def test_bad_value_is_named():
+    with pytest.raises(ConfigError, match=r"data\.image_size"):
+        load_config(BaselineRunConfig, "baseline", None, None, ["data.image_size=abc"])
+
+
+def test_bad_override_syntax_and_preset():
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
+        load_config(BaselineRunConfig, "baseline", None, None, ["image_size"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(BaselineRunConfig, "baseline", "huge")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(BaselineRunConfig, "baseline", "cpu", None, ["seed=3"])
+    path = save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(BaselineRunConfig, "baseline", None, path)
+    assert again == cfg
