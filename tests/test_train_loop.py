@@ -110,7 +110,7 @@ def _finetune_args(phantom_root, cache_dir, out, *extra):
         f"data.path={phantom_root}",
         f"data.cache_dir={cache_dir}",
         f"out_dir={out}",
-        "optim.epochs=2",
+        "optim.epochs=10",
         "eval.n_boot=50",
         *extra,
     ]

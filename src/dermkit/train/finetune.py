@@ -27,7 +27,7 @@ from dermkit.eval.predictions import write_predictions
 from dermkit.eval.report import write_evaluation_report
 from dermkit.models.backbones import create_backbone
 from dermkit.runs import RunDir
-from dermkit.train.loop import load_best, predict_logits, train_classifier
+from dermkit.train.loop import load_best, make_accelerator, predict_logits, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ def run_finetune(cfg: FinetuneRunConfig, resume: bool = False, progress: bool = 
         datasets = {s: CachedImageDataset(data.cache, p, data.classes) for s, p in parts.items()}
         torch.manual_seed(cfg.seed)
         model, weights_report = build_model(cfg, len(data.classes))
+        accelerator = make_accelerator(cfg.optim.precision)
         summary = train_classifier(
             cfg,
             model,
@@ -92,14 +93,10 @@ def run_finetune(cfg: FinetuneRunConfig, resume: bool = False, progress: bool = 
             synthetic_mask=synthetic_mask,
             resume=resume,
             progress=progress,
+            accelerator=accelerator,
         )
-        from accelerate import Accelerator
-
         model = load_best(model, run.path)
         shutil.copyfile(run / "best.safetensors", run / "model.safetensors")
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        accelerator.state.mixed_precision = summary["precision"]
-        accelerator.native_amp = summary["precision"] != "no"
         probs = {}
         for s in ("val", "test"):
             logits = predict_logits(

@@ -59,6 +59,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
 
 
+def make_accelerator(precision: str = "auto") -> Accelerator:
+    """An Accelerator on CUDA when present, else CPU, with the resolved mixed precision."""
+    cpu = not torch.cuda.is_available()
+    device = torch.device("cpu" if cpu else "cuda")
+    return Accelerator(cpu=cpu, mixed_precision=resolve_precision(precision, device))
+
+
 def lr_at(step: int, total: int, warmup: int, peak: float, min_ratio: float) -> float:
     """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine down to peak*min_ratio."""
     if step < warmup:
@@ -234,11 +241,8 @@ def train_classifier(
     ``history.json`` (per-epoch train/val loss, macro-F1 and the overfitting gap).
     """
     oc, lc = cfg.optim, cfg.loss
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    precision = resolve_precision(oc.precision, accelerator.device)
-    if precision != accelerator.mixed_precision:
-        accelerator.state.mixed_precision = precision  # what accelerator.autocast() uses
-        accelerator.native_amp = precision != "no"
+    accelerator = accelerator or make_accelerator(oc.precision)
+    precision = accelerator.mixed_precision
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = oc.batch_size // (oc.grad_accum * world)
     if micro * oc.grad_accum * world != oc.batch_size:
