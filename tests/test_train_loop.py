@@ -157,3 +157,43 @@ def test_finetune_learns_and_resume_after_sigkill_is_identical(phantom_root, cac
     metrics, all_ = _metrics(run)
     assert metrics == ref_metrics
     assert all_["history"] == ref_all["history"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(phantom_root, cache_dir, tmp_path):
+    """2 gloo processes with the same global batch train the same model as 1 process.
+
+    Tolerance: weights within 1e-4 and val loss within 1e-4 after 3 epochs; the only
+    difference is the order of floating-point sums in the gradient all-reduce.
+    """
+    from safetensors.torch import load_file
+
+    args = ["optim.epochs=3", "augment.mixup_alpha=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(
+        _cli(*_finetune_args(phantom_root, cache_dir, one, *args)), check=True, env=_env()
+    )
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29500 + os.getpid() % 400),
+        "-m",
+        "dermkit.cli",
+    ]
+    subprocess.run(
+        [*torchrun, *_finetune_args(phantom_root, cache_dir, two, *args)], check=True, env=_env()
+    )
+    run_info = json.loads((two / "metrics.json").read_text())["training"]
+    assert run_info["processes"] == 2
+    w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert diff < 1e-4
+    h1 = json.loads((one / "history.json").read_text())
+    h2 = json.loads((two / "history.json").read_text())
+    for a, b in zip(h1, h2, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)

@@ -68,11 +68,13 @@ def machine_info() -> dict:
 class RunDir:
     """A stage's output folder. Use as a context manager to record wall time in run.json."""
 
-    def __init__(self, path: str | Path, config: BaseModel, stage: str):
+    def __init__(self, path: str | Path, config: BaseModel, stage: str, write: bool = True):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.stage = stage
-        save_config(config, self.path / "config.yaml")
+        self.write = write  # False on data-parallel ranks other than 0
+        if write:
+            save_config(config, self.path / "config.yaml")
         self._start = time.time()
         self.info = {
             "stage": stage,
@@ -87,7 +89,8 @@ class RunDir:
         return self.path / name
 
     def _write_info(self) -> None:
-        (self.path / "run.json").write_text(json.dumps(self.info, indent=2))
+        if self.write:
+            (self.path / "run.json").write_text(json.dumps(self.info, indent=2))
 
     def __enter__(self) -> RunDir:
         return self

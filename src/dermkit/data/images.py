@@ -104,7 +104,9 @@ def _integer_grey_to_rgb(path: Path, image: Image.Image) -> np.ndarray:
     """(H, W) 16/32-bit integer greyscale -> (H, W, 3) uint8, scaled by the bit depth."""
     values = np.asarray(image)
     if values.size and int(values.min()) < 0:
-        raise ImageDecodeError(path, f"signed integer image (mode {image.mode}) with negative values")
+        raise ImageDecodeError(
+            path, f"signed integer image (mode {image.mode}) with negative values"
+        )
     depth = _bit_depth(image, values)
     scaled = np.rint(values.astype(np.float64) * (255.0 / (2.0**depth - 1.0)))
     grey = np.clip(scaled, 0, 255).astype(np.uint8)

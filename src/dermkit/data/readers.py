@@ -161,6 +161,8 @@ class _Collector:
         self.root = root
         self.problems: list[Problem] = []
         self.bad_records: set[int] = set()
+        # Records whose label problem is already reported (e.g. a bad one-hot row).
+        self.label_reported: set[int] = set()
         self.fatal = False
 
     def record(self, idx: int, records: pd.DataFrame, reason: str) -> None:
@@ -241,6 +243,24 @@ def _read_csv(path: Path, collector: _Collector, id_column: str) -> pd.DataFrame
     return df
 
 
+def _protect_contract_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Rename CSV columns that would clash with the manifest or the reader's bookkeeping.
+
+    A CSV's own ``label``, ``path``, ``source``, ``synthetic``, ``source_label`` or
+    ``_``-prefixed column becomes ``csv_<name>``, so it is kept but never overwrites what the
+    reader sets. ``image_id``, ``lesion_id`` and ``split`` are read as what they say.
+    """
+    clashing = {*REQUIRED_COLUMNS, "source_label"} - {"image_id", "lesion_id", "split"}
+    renames = {
+        c: _CONTRACT_CLASH_PREFIX + c
+        for c in df.columns
+        if c != "_row" and (c in clashing or c.startswith("_"))
+    }
+    if renames:
+        log.warning("CSV columns renamed to keep them apart from manifest columns: %s", renames)
+    return df.rename(columns=renames)
+
+
 def _require_columns(
     df: pd.DataFrame, columns: Sequence[str], path: Path, collector: _Collector
 ) -> bool:
@@ -314,6 +334,9 @@ def _match_images(
         ignored_by_stem[path.stem].append(path.name)
     root = collector.root
     for idx, image_id in records["image_id"].items():
+        if not image_id:
+            collector.record(idx, records, "empty image_id")
+            continue
         files = by_stem.get(image_id, [])
         if len(files) == 1:
             records.at[idx, "_path"] = str(files[0])
@@ -351,7 +374,7 @@ def _probe_images(paths: Sequence[str]) -> list[tuple[str | None, str | None]]:
         return []
     workers = min(8, (os.cpu_count() or 1) + 2, len(paths))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(inspect_image, paths, chunksize=64))
+        return list(pool.map(inspect_image, paths))
 
 
 # -------------------------------------------------------------------------------- layouts
@@ -439,13 +462,14 @@ def _read_ham10000(root: Path, collector: _Collector) -> tuple[pd.DataFrame, lis
     df = _read_csv(csv_path, collector, "image_id")
     if df is None or not _require_columns(df, HAM10000_REQUIRED_COLUMNS, csv_path, collector):
         return None
+    df = _protect_contract_columns(df)
     records = _new_records(df, csv_path)
     records["label"] = records["dx"]
-    for idx in records.index[records["lesion_id"] == ""]:
-        collector.record(idx, records, "empty lesion_id")
     by_stem, ignored = _index_images(image_dir, HAM10000_IMAGE_EXTENSIONS)
     _warn_ignored(ignored, root)
     _match_images(records, by_stem, image_dir, HAM10000_IMAGE_EXTENSIONS, ignored, collector)
+    for idx in records.index[records["lesion_id"] == ""]:
+        collector.record(idx, records, "empty lesion_id")
     metadata = [c for c in df.columns if c not in ("image_id", "lesion_id", "_row")]
     return records, metadata
 
@@ -502,7 +526,9 @@ def _read_isic(
         )
     if len(metadata_csvs) > 1:
         names = [_display(p, root) for p in metadata_csvs]
-        collector.file(root, f"several ISIC metadata CSVs, expected at most one: {names}", fatal=True)
+        collector.file(
+            root, f"several ISIC metadata CSVs, expected at most one: {names}", fatal=True
+        )
     image_dir = _isic_image_dir(root, collector)
     if collector.fatal or image_dir is None:
         return None
@@ -517,22 +543,24 @@ def _read_isic(
     records = _new_records(df[[ISIC_ID_COLUMN, "_row"]], truth_path)
     records = records.rename(columns={ISIC_ID_COLUMN: "image_id"})
     records["label"] = ""
-    for idx in records.index:
-        label, reason = _one_hot_label(df.loc[idx], class_columns)
-        if reason:
-            collector.record(idx, records, reason)
-        else:
-            records.at[idx, "label"] = label
     records["lesion_id"] = records["image_id"]
-    metadata_columns: list[str] = []
-    if metadata_csvs:
-        metadata_columns = _merge_isic_metadata(records, metadata_csvs[0], collector)
-        if metadata_columns is None:
-            return None
     extensions = (".jpg", *[e for e in IMAGE_EXTENSIONS if e != ".jpg"])
     by_stem, ignored = _index_images(image_dir, extensions)
     _warn_ignored(ignored, root)
     _match_images(records, by_stem, image_dir, extensions, ignored, collector)
+    for idx in records.index:
+        label, reason = _one_hot_label(df.loc[idx], class_columns)
+        if reason:
+            collector.record(idx, records, reason)
+            collector.label_reported.add(idx)
+        else:
+            records.at[idx, "label"] = label
+    metadata_columns: list[str] = []
+    if metadata_csvs:
+        merged = _merge_isic_metadata(records, metadata_csvs[0], collector)
+        if merged is None:
+            return None
+        metadata_columns = merged
     return records, metadata_columns, [c.lower() for c in class_columns]
 
 
@@ -543,6 +571,7 @@ def _merge_isic_metadata(
     meta = _read_csv(meta_path, collector, ISIC_ID_COLUMN)
     if meta is None:
         return None
+    meta = _protect_contract_columns(meta)
     root = collector.root
     dup = meta[meta[ISIC_ID_COLUMN].duplicated(keep=False)]
     dup_rows = dup.groupby(ISIC_ID_COLUMN)["_row"].apply(list).to_dict()
@@ -596,9 +625,7 @@ def _read_folder(root: Path, collector: _Collector) -> tuple[pd.DataFrame, list[
                 ignored.append(item)
             continue
         for path in sorted(item.rglob("*")):
-            if any(_is_hidden(p) for p in path.relative_to(root).parts and [path]):
-                continue
-            if path.is_dir():
+            if path.is_dir() or any(part.startswith(".") for part in path.relative_to(root).parts):
                 continue
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 ignored.append(path)
@@ -668,8 +695,8 @@ def _check_labels(
     allowed_set = None if allowed is None else set(allowed)
     shown = None if allowed is None else ", ".join(sorted(allowed_set))
     for idx, label in records["label"].items():
-        if idx in collector.bad_records and label == "":
-            continue  # already reported (e.g. a bad one-hot row)
+        if idx in collector.label_reported:
+            continue
         if label == "":
             collector.record(idx, records, "empty label")
         elif allowed_set is not None and label not in allowed_set:
@@ -684,9 +711,7 @@ def _check_split_column(records: pd.DataFrame, collector: _Collector) -> None:
         collector.record(idx, records, f"unknown split '{records.at[idx, 'split']}'")
 
 
-def _check_images(
-    records: pd.DataFrame, collector: _Collector
-) -> dict[int, str]:
+def _check_images(records: pd.DataFrame, collector: _Collector) -> dict[int, str]:
     """Decode every found image file; returns record index -> original mode of good files."""
     found = [
         idx
@@ -709,12 +734,11 @@ def _typed_metadata(series: pd.Series) -> pd.Series:
     try:
         return pd.to_numeric(blanked)
     except (ValueError, TypeError):
-        return blanked
+        # Re-infer: pandas' own string dtype where it is the default (pandas 3), else object.
+        return pd.Series(blanked.tolist(), index=blanked.index)
 
 
-def _build_manifest(
-    records: pd.DataFrame, metadata: Sequence[str], source: str
-) -> pd.DataFrame:
+def _build_manifest(records: pd.DataFrame, metadata: Sequence[str], source: str) -> pd.DataFrame:
     """Manifest rows (contract columns + metadata) from accepted records."""
     out = pd.DataFrame(
         {
@@ -730,12 +754,8 @@ def _build_manifest(
     if "source_label" in records.columns:
         out["source_label"] = records["source_label"].astype(str)
     for column in metadata:
-        if column == "split":
-            continue
-        name = column
-        if column in REQUIRED_COLUMNS or column == "source_label":
-            name = _CONTRACT_CLASH_PREFIX + column
-        out[name] = _typed_metadata(records[column])
+        if column not in ("split", "label"):
+            out[column] = _typed_metadata(records[column])
     return new_manifest(out.reset_index(drop=True))
 
 

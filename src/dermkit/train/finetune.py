@@ -76,14 +76,18 @@ def load_training_data(cfg: FinetuneRunConfig, run: RunDir) -> tuple[PreparedDat
 
 def run_finetune(cfg: FinetuneRunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Fine-tune end to end; returns the path of report.html."""
-    with RunDir(cfg.out_dir, cfg, "finetune") as run:
-        data, synthetic_mask = load_training_data(cfg, run)
-        write_split_file(data.manifest, run / "split.csv")
+    accelerator = make_accelerator(cfg.optim.precision)
+    # Under DDP every rank runs this function; rank 0 builds the image cache first and
+    # writes every file, the others reuse its cache and only train.
+    with RunDir(cfg.out_dir, cfg, "finetune", write=accelerator.is_main_process) as run:
+        with accelerator.main_process_first():
+            data, synthetic_mask = load_training_data(cfg, run)
+        if accelerator.is_main_process:
+            write_split_file(data.manifest, run / "split.csv")
         parts = {s: data.part(s) for s in ("train", "val", "test")}
         datasets = {s: CachedImageDataset(data.cache, p, data.classes) for s, p in parts.items()}
         torch.manual_seed(cfg.seed)
         model, weights_report = build_model(cfg, len(data.classes))
-        accelerator = make_accelerator(cfg.optim.precision)
         summary = train_classifier(
             cfg,
             model,
@@ -96,13 +100,16 @@ def run_finetune(cfg: FinetuneRunConfig, resume: bool = False, progress: bool = 
             accelerator=accelerator,
         )
         model = load_best(model, run.path)
-        shutil.copyfile(run / "best.safetensors", run / "model.safetensors")
         probs = {}
         for s in ("val", "test"):
             logits = predict_logits(
                 model, datasets[s], np.arange(len(datasets[s])), accelerator, tta=cfg.augment.tta
             )
             probs[s] = logits.softmax(1).numpy()
+        if not accelerator.is_main_process:  # every rank predicted its shard; rank 0 writes
+            return run / "report.html"
+        shutil.copyfile(run / "best.safetensors", run / "model.safetensors")
+        for s in ("val", "test"):
             write_predictions(run / f"predictions_{s}.csv", parts[s], probs[s], data.classes)
         y_test = datasets["test"].labels.numpy()
         result = evaluate_predictions(
