@@ -28,6 +28,11 @@ images are not problems: they are converted at load time and counted in
 :class:`DataValidationError` naming all of them; with it the bad rows and files go to
 ``rejects`` (and ``rejects_path``) and everything else is kept.
 
+A ``split`` column in the labels CSV (DermaMNIST's official split, as written by
+``dermkit data download``) becomes the manifest's ``split``; values other than
+train/val/test/"" are problems. CSV columns named like other manifest columns (label, path,
+source, synthetic) are kept as ``csv_<name>``.
+
 Row numbers are the 1-based line numbers of the labels CSV (metadata.csv, or the ISIC
 ground-truth CSV) as an editor shows them: the header is row 1, the first data row is row 2.
 They are exact even with blank lines or quoted multi-line fields (the CSV is read with the
@@ -601,7 +606,7 @@ def _merge_isic_metadata(
                 int((~has_lesion).sum()),
                 meta_path.name,
             )
-        records.drop(columns="_meta_lesion_id", inplace=True)
+        del records["_meta_lesion_id"]
         columns.remove("lesion_id")
     if no_metadata:
         log.warning("%d images have no row in %s", no_metadata, meta_path.name)
@@ -676,6 +681,7 @@ def _apply_label_map(
         collector.record(
             idx, records, f"label '{records.at[idx, 'label']}' is not in the label map"
         )
+        collector.label_reported.add(idx)
     records = records.assign(source_label=records["label"], _rec=records.index)
     mapped = apply_label_map(records[covered & (records["label"] != "")], label_map)
     dropped = records[covered & (records["label"] != "") & ~records.index.isin(mapped["_rec"])]
@@ -804,6 +810,8 @@ def load_dataset(
         layout: "auto" (:func:`detect_layout`), "ham10000", "isic" or "folder".
         skip_bad: drop bad rows/files into ``rejects`` instead of raising.
         label_map: source label -> class (None drops the row), applied before ``classes``.
+            Rows it drops are not decoded, but CSV and file problems found before mapping
+            (missing file, duplicate id, bad one-hot row) are still reported for them.
         classes: allowed classes after mapping. Default: HAM10000_CLASSES (ham10000), the
             one-hot columns (isic), any (folder); with a label map, its non-null targets.
         source: the manifest's ``source`` value (default: the layout name).
