@@ -27,6 +27,10 @@ data_app = typer.Typer(
     help="Read, validate, split, generate and download datasets.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
+bench_app = typer.Typer(
+    help="Benchmarks behind the figures in BENCHMARKS.md.", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
 
 Preset = Annotated[str | None, typer.Option(help="config preset: tiny, cpu or gpu")]
@@ -323,6 +327,29 @@ def evaluate(
         result, y, probs, classes, out, title=f"dermkit evaluation of {predictions}"
     )
     print(report)
+
+
+@bench_app.command("pipeline")
+def bench_pipeline_cmd(
+    overrides: Overrides = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    steps: Annotated[int, typer.Option(help="batches per round")] = 10,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds (best is kept)")] = 3,
+) -> None:
+    """Training images/s of the full loop vs model-only steps on the same batches."""
+    import json
+
+    from dermkit.bench.pipeline import bench_pipeline
+    from dermkit.config import FinetuneRunConfig, load_config
+    from dermkit.runs import machine_info
+
+    try:
+        cfg = load_config(FinetuneRunConfig, "finetune", preset, config, overrides or [])
+    except _user_errors() as e:
+        _fail(str(e))
+    result = bench_pipeline(cfg, steps=steps, rounds=rounds) | {"machine": machine_info()}
+    print(json.dumps(result, indent=2))
 
 
 @app.command()

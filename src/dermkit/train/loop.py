@@ -280,7 +280,9 @@ def train_classifier(
     criterion = ClassificationLoss(
         lc.loss, counts, lc.label_smoothing, lc.weight_power, lc.focal_gamma, lc.logit_tau
     ).to(accelerator.device)
-    ema = ModelEmaV3(model, decay=oc.ema_decay) if oc.ema_decay else None
+    # EMA warm-up: the effective decay grows from 0 towards ema_decay, so early epochs are
+    # not scored with weights that are still mostly the random initialisation.
+    ema = ModelEmaV3(model, decay=oc.ema_decay, use_warmup=True) if oc.ema_decay else None
     augment = BatchAugment(
         AugmentConfig(**cfg.augment.model_dump(include=set(AugmentConfig.__dataclass_fields__)))
     )

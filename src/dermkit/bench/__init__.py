@@ -1,0 +1,1 @@
+"""Benchmarks: figures in BENCHMARKS.md come from these commands."""
