@@ -59,7 +59,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from dermkit.data.labels import HAM10000_CLASSES
+from dermkit.data.labels import HAM10000_CLASSES, HAM10000_METADATA_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +72,7 @@ CHECKSUMS_FILE = "checksums.json"
 STAMP_FILE = ".dermkit-download.json"
 USER_AGENT = "dermkit (python urllib)"
 
-HAM10000_COLUMNS: tuple[str, ...] = (
-    "lesion_id",
-    "image_id",
-    "dx",
-    "dx_type",
-    "age",
-    "sex",
-    "localization",
-)
+HAM10000_COLUMNS = HAM10000_METADATA_COLUMNS
 
 
 class DownloadError(RuntimeError):

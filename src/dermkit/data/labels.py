@@ -23,6 +23,16 @@ HAM10000_DESCRIPTIONS: dict[str, str] = {
     "nv": "melanocytic nevus",
     "vasc": "vascular lesion",
 }
+# Columns of HAM10000's metadata.csv, in its order (readers, download and phantoms share it).
+HAM10000_METADATA_COLUMNS: tuple[str, ...] = (
+    "lesion_id",
+    "image_id",
+    "dx",
+    "dx_type",
+    "age",
+    "sex",
+    "localization",
+)
 MALIGNANT_CLASSES: frozenset[str] = frozenset({"akiec", "bcc", "mel"})
 MELANOMA = "mel"
 

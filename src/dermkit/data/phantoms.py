@@ -49,18 +49,9 @@ import pandas as pd
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from dermkit.data.labels import HAM10000_CLASSES, MELANOMA
+from dermkit.data.labels import HAM10000_CLASSES, HAM10000_METADATA_COLUMNS, MELANOMA
 
-METADATA_COLUMNS: tuple[str, ...] = (
-    "lesion_id",
-    "image_id",
-    "dx",
-    "dx_type",
-    "age",
-    "sex",
-    "localization",
-    "thickness",
-)
+METADATA_COLUMNS: tuple[str, ...] = (*HAM10000_METADATA_COLUMNS, "thickness")
 
 # Dermoscopic colours (RGB, 0-255). Names follow the dermoscopy vocabulary.
 PALETTE: dict[str, tuple[int, int, int]] = {
