@@ -151,6 +151,10 @@ class FinetuneRunConfig(Strict):
         0.0, ge=0, lt=1, description="share of synthetic rows in each training batch"
     )
     synthetic_manifest: str | None = Field(None, description="manifest with synthetic rows")
+    decision_rule: Literal["none", "temperature", "temperature+class_scales"] = Field(
+        "temperature+class_scales",
+        description="post-hoc rule fitted on val logits (never test), saved as decision.json",
+    )
     checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints")
     log_every: int = Field(10, ge=1)
     train_eval_images: int = Field(

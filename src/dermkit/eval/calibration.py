@@ -13,9 +13,14 @@ point estimate and its confidence interval use the exact same bins.
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax
+from scipy.special import log_softmax, softmax
+from sklearn.metrics import f1_score
 
 # Search range for the inverse temperature 1/T (T from 0.01 to 100). The NLL is convex in
 # 1/T, so a bounded scalar search over this range finds the global minimum inside it.
@@ -139,3 +144,73 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
         nll, bounds=_LOG_INV_TEMPERATURE_BOUNDS, method="bounded", options={"xatol": 1e-6}
     )
     return float(np.exp(-result.x))
+
+
+def tune_class_scales(probs: np.ndarray, y: np.ndarray, rounds: int = 3) -> np.ndarray:
+    """Per-class multipliers (C,) on probabilities that maximise macro-F1 on (probs, y).
+
+    Coordinate ascent over a log grid; run it on validation predictions only. Rescaling
+    moves decision boundaries between rare and common classes (what a balanced loss does
+    at training time) without touching the ranking that AUROC measures.
+    """
+    c = probs.shape[1]
+    scales = np.ones(c)
+    grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 25))
+    best = f1_score(y, probs.argmax(1), average="macro", labels=np.arange(c), zero_division=0)
+    for _ in range(rounds):
+        for k in range(c):
+            for g in grid:
+                trial = scales.copy()
+                trial[k] = g
+                f1 = f1_score(
+                    y,
+                    (probs * trial).argmax(1),
+                    average="macro",
+                    labels=np.arange(c),
+                    zero_division=0,
+                )
+                if f1 > best + 1e-9:
+                    best, scales = f1, trial
+    return scales
+
+
+@dataclass
+class DecisionRule:
+    """How a trained classifier's logits become reported probabilities, fitted on val only.
+
+    ``probs = normalise(softmax(logits / temperature) * class_scales)``. The temperature
+    fixes over/under-confidence (ECE); the class scales move decision boundaries between
+    rare and common classes to maximise val macro-F1 (a balanced loss and sampler move them
+    too, usually too far: see BENCHMARKS.md). Stored as ``decision.json`` in a run folder
+    so export, distillation and serving apply the same rule.
+    """
+
+    temperature: float = 1.0
+    class_scales: list[float] | None = None
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """(N, C) logits -> (N, C) probabilities (rows sum to 1)."""
+        p = softmax(np.asarray(logits, dtype=np.float64) / self.temperature, axis=1)
+        if self.class_scales is not None:
+            p = p * np.asarray(self.class_scales)
+            p = p / p.sum(1, keepdims=True)
+        return p
+
+    @classmethod
+    def fit(cls, val_logits: np.ndarray, y_val: np.ndarray, mode: str) -> DecisionRule:
+        """Fit on val: ``mode`` is 'none', 'temperature' or 'temperature+class_scales'."""
+        if mode == "none":
+            return cls()
+        rule = cls(temperature=fit_temperature(val_logits, y_val))
+        if mode == "temperature+class_scales":
+            rule.class_scales = tune_class_scales(rule.probs(val_logits), y_val).tolist()
+        return rule
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> DecisionRule:
+        """The rule in ``path``; the identity rule when the file does not exist."""
+        path = Path(path)
+        return cls(**json.loads(path.read_text())) if path.exists() else cls()

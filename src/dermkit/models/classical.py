@@ -30,6 +30,8 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import f1_score
 from sklearn.utils.class_weight import compute_sample_weight
 
+from dermkit.eval.calibration import tune_class_scales
+
 
 def _histograms(channels: np.ndarray, ranges: list[tuple[float, float]], bins: int) -> np.ndarray:
     """Normalised per-channel histograms. channels (N, P, K) -> (N, K * bins)."""
@@ -104,34 +106,6 @@ def _features(images: np.ndarray, color_bins: int, lbp_radii: tuple[int, ...]) -
     return np.concatenate(
         [hist, centre_m, ring_m, centre_m - ring_m, *texture, grad], axis=1
     ).astype(np.float32)
-
-
-def tune_class_scales(probs: np.ndarray, y: np.ndarray, rounds: int = 3) -> np.ndarray:
-    """Per-class multipliers (C,) on probabilities that maximise macro-F1 on (probs, y).
-
-    Coordinate ascent over a log grid; run it on validation predictions only. Rescaling
-    moves decision boundaries between rare and common classes (what a balanced loss does
-    at training time) without touching the ranking that AUROC measures.
-    """
-    c = probs.shape[1]
-    scales = np.ones(c)
-    grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 25))
-    best = f1_score(y, probs.argmax(1), average="macro", labels=np.arange(c), zero_division=0)
-    for _ in range(rounds):
-        for k in range(c):
-            for g in grid:
-                trial = scales.copy()
-                trial[k] = g
-                f1 = f1_score(
-                    y,
-                    (probs * trial).argmax(1),
-                    average="macro",
-                    labels=np.arange(c),
-                    zero_division=0,
-                )
-                if f1 > best + 1e-9:
-                    best, scales = f1, trial
-    return scales
 
 
 @dataclass

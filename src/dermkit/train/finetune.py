@@ -9,18 +9,22 @@ which is all that later stages (distill, exits, export) need to load the model.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import softmax
 
 from dermkit.config import FinetuneRunConfig
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.manifest import read_manifest
 from dermkit.data.prepare import PreparedData, prepare_data, write_split_file
+from dermkit.eval.calibration import DecisionRule
 from dermkit.eval.curves import plot_learning_curves
 from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.predictions import write_predictions
@@ -100,15 +104,20 @@ def run_finetune(cfg: FinetuneRunConfig, resume: bool = False, progress: bool = 
             accelerator=accelerator,
         )
         model = load_best(model, run.path)
-        probs = {}
-        for s in ("val", "test"):
-            logits = predict_logits(
+        logits = {
+            s: predict_logits(
                 model, datasets[s], np.arange(len(datasets[s])), accelerator, tta=cfg.augment.tta
-            )
-            probs[s] = logits.softmax(1).numpy()
+            ).numpy()
+            for s in ("val", "test")
+        }
         if not accelerator.is_main_process:  # every rank predicted its shard; rank 0 writes
             return run / "report.html"
+        # Temperature and class scales are fitted on val only; test is scored once with them.
+        rule = DecisionRule.fit(logits["val"], datasets["val"].labels.numpy(), cfg.decision_rule)
+        rule.save(run / "decision.json")
+        probs = {s: rule.probs(v) for s, v in logits.items()}
         shutil.copyfile(run / "best.safetensors", run / "model.safetensors")
+        (run / "classes.json").write_text(json.dumps(data.classes))
         for s in ("val", "test"):
             write_predictions(run / f"predictions_{s}.csv", parts[s], probs[s], data.classes)
         y_test = datasets["test"].labels.numpy()
@@ -122,6 +131,16 @@ def run_finetune(cfg: FinetuneRunConfig, resume: bool = False, progress: bool = 
             seed=cfg.seed,
             positive_class=cfg.eval.positive_class,
         )
+        raw = evaluate_predictions(
+            y_test, softmax(logits["test"], axis=1), data.classes, n_boot=0, seed=cfg.seed
+        )["metrics"]
+        result["decision_rule"] = {
+            "mode": cfg.decision_rule,
+            **asdict(rule),
+            "test_without_rule": {
+                k: raw[k]["value"] for k in ("macro_f1", "balanced_accuracy", "ece") if k in raw
+            },
+        }
         result["training"] = {k: v for k, v in summary.items() if k != "history"}
         result["history"] = summary["history"]
         curves = plot_learning_curves({cfg.model.name: summary["history"]})
@@ -140,6 +159,12 @@ def run_finetune(cfg: FinetuneRunConfig, resume: bool = False, progress: bool = 
                 "best val macro-F1": round(summary["best_val_macro_f1"], 4),
                 "epochs run": summary["epochs_run"],
                 "precision": summary["precision"],
+                "decision rule (fitted on val)": f"{cfg.decision_rule}: T="
+                f"{rule.temperature:.3f}, class scales "
+                f"{[round(x, 2) for x in rule.class_scales] if rule.class_scales else 'none'}",
+                "test macro-F1 / bal. acc. without the rule": "{:.3f} / {:.3f}".format(
+                    raw["macro_f1"]["value"], raw["balanced_accuracy"]["value"]
+                ),
                 "processes": summary["processes"],
             },
             extra_figures={
