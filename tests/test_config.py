@@ -42,3 +42,14 @@ def test_saved_config_round_trips(tmp_path):
     path = save_config(cfg, tmp_path / "config.yaml")
     again = load_config(BaselineRunConfig, "baseline", None, path)
     assert again == cfg
+
+
+def test_compare_preset_fine_tunes_exactly_like_the_finetune_preset():
+    from dermkit.config import CompareRunConfig, FinetuneRunConfig
+
+    for preset in ("tiny", "cpu", "gpu"):
+        compare = load_config(CompareRunConfig, "compare", preset)
+        finetune = load_config(FinetuneRunConfig, "finetune", preset)
+        assert compare.finetune == finetune
+    compare = load_config(CompareRunConfig, "compare", "tiny", None, ["finetune.optim.epochs=9"])
+    assert compare.finetune.optim.epochs == 9

@@ -220,6 +220,12 @@ def preset_path(preset: str, stage: str) -> Path:
     return PRESET_DIR / preset / f"{stage}.yaml"
 
 
+# A stage whose config nests another stage's config starts that section from the other
+# stage's preset of the same scale, so e.g. `compare --preset cpu` fine-tunes exactly as
+# `finetune --preset cpu` does and the two presets can never drift apart.
+PRESET_SECTIONS: dict[str, dict[str, str]] = {"compare": {"finetune": "finetune"}}
+
+
 def load_config(
     schema: type[T],
     stage: str,
@@ -232,6 +238,9 @@ def load_config(
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset '{preset}', expected one of {PRESETS}")
+        for section, other_stage in PRESET_SECTIONS.get(stage, {}).items():
+            if (other := preset_path(preset, other_stage)).exists():
+                data = _merge(data, {section: _read_yaml(other)})
         path = preset_path(preset, stage)
         if path.exists():
             data = _merge(data, _read_yaml(path))

@@ -13,7 +13,9 @@ import json
 import logging
 from pathlib import Path
 
-from dermkit.config import CompareRunConfig
+import yaml
+
+from dermkit.config import CompareRunConfig, FinetuneRunConfig
 from dermkit.eval.curves import plot_learning_curves
 from dermkit.eval.report import HtmlReport, format_estimate
 from dermkit.runs import RunDir
@@ -22,6 +24,21 @@ from dermkit.train.finetune import run_finetune
 log = logging.getLogger(__name__)
 
 TABLE_METRICS = ("macro_f1", "balanced_accuracy", "macro_auroc", "mel_sens_at_spec90", "ece")
+
+
+def finished_with_config(run_dir: Path, cfg: FinetuneRunConfig) -> bool:
+    """True when ``run_dir`` holds a finished fine-tune whose resolved config equals ``cfg``.
+
+    Such a run is reused rather than repeated: adding an initialisation to a comparison
+    (say, an MAE run next to an existing random-init one) costs one fine-tune, not all.
+    """
+    if not (run_dir / "metrics.json").exists() or not (run_dir / "config.yaml").exists():
+        return False
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        return FinetuneRunConfig.model_validate(saved) == cfg
+    except (yaml.YAMLError, ValueError):
+        return False
 
 
 def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -35,7 +52,9 @@ def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = Tr
             sub.model.weights = weights
             sub.out_dir = str(run / name)
             done = run / name / "metrics.json"
-            if not (resume and done.exists()):
+            if finished_with_config(run / name, sub):
+                log.info("compare: reusing finished run '%s' (identical config)", name)
+            else:
                 log.info("compare: fine-tuning '%s' from %s", name, weights or "random init")
                 run_finetune(sub, resume=resume, progress=progress)
             results[name] = json.loads(done.read_text())

@@ -1,0 +1,62 @@
+"""`dermkit compare`: identical fine-tuning from several initialisations, side by side."""
+
+import json
+
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from dermkit.cli import app
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_compare_random_vs_local_weights_file_then_reuses_finished_runs(
+    phantom_root, cache_dir, tmp_path
+):
+    common = [f"data.path={phantom_root}", f"data.cache_dir={cache_dir}", "eval.n_boot=20"]
+    # a "pretrained" file: a short supervised run from another seed (another random init)
+    _invoke("finetune", "--preset", "tiny", *common, "seed=1", f"out_dir={tmp_path / 'pre'}")
+    weights = tmp_path / "pre" / "model.safetensors"
+    out = tmp_path / "cmp"
+    args = ["compare", "--preset", "tiny", *common, f"out_dir={out}", "optim.epochs=1"]
+    _invoke(*args, "--init", "random=random", "--init", f"pretrained={weights}")
+
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["init"] for r in rows] == ["random", "pretrained"]
+    assert rows[1]["weights"] == str(weights)
+    assert (out / "compare_curves.png").stat().st_size > 10_000
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64" in html and "pretrained/report.html" in html
+    # both arms trained under the same recipe; only the initial weights differ
+    cfgs = {
+        n: yaml.safe_load((out / n / "config.yaml").read_text()) for n in ("random", "pretrained")
+    }
+    assert cfgs["random"]["model"].pop("weights") is None
+    assert cfgs["pretrained"]["model"].pop("weights") == str(weights)
+    for c in cfgs.values():
+        del c["out_dir"]
+    assert cfgs["random"] == cfgs["pretrained"]
+    init_report = json.loads((out / "pretrained" / "metrics.json").read_text())
+    assert init_report["history"] and init_report["training"]["epochs_run"] == 1
+    # the pretrained arm really started from the file: after one epoch its weights are
+    # closer to the file's than the random arm's are
+    pre = load_file(weights)
+    a, b = (
+        load_file(out / "pretrained" / "model.safetensors"),
+        load_file(out / "random" / "model.safetensors"),
+    )
+    key = "blocks.0.attn.qkv.weight"
+    assert (a[key] - pre[key]).norm() < (b[key] - pre[key]).norm()
+
+    # re-running with one more init reuses the finished identical runs
+    stamp = (out / "random" / "metrics.json").stat().st_mtime_ns
+    _invoke(*args, "--init", "random=random", "--init", f"again={weights}")
+    assert (out / "random" / "metrics.json").stat().st_mtime_ns == stamp
+    assert len(json.loads((out / "compare.json").read_text())) == 2
