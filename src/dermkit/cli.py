@@ -295,6 +295,58 @@ def compare(
 
 
 @app.command()
+def distill(
+    overrides: Overrides = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    teacher: Annotated[
+        Path | None, typer.Option(help="teacher run folder (overrides the config's teacher)")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the last checkpoint")
+    ] = False,
+) -> None:
+    """Knowledge distillation: a small student learns a teacher run's soft targets."""
+    from dermkit.config import DistillRunConfig, load_config
+    from dermkit.train.distill import run_distill
+
+    extra = [f"teacher={teacher}"] if teacher else []
+    try:
+        cfg = load_config(DistillRunConfig, "distill", preset, config, [*(overrides or []), *extra])
+        report = run_distill(cfg, resume=resume)
+    except _user_errors() as e:
+        _fail(str(e))
+    print(report)
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="classifier run folder (finetune or distill)")],
+    out: Annotated[Path, typer.Option(help="output folder for the ONNX files and model card")],
+    int8: Annotated[
+        str | None, typer.Option(help="INT8 quantisation: dynamic, static or both")
+    ] = None,
+    parity_images: Annotated[int, typer.Option(help="val images for the parity check")] = 512,
+    calibration_images: Annotated[
+        int, typer.Option(help="val images calibrating static INT8")
+    ] = 64,
+) -> None:
+    """ONNX export (dynamic batch) + optional INT8, parity vs PyTorch and a model card."""
+    import json
+
+    from dermkit.deploy.export import export_run
+
+    if int8 not in (None, "dynamic", "static", "both"):
+        _fail(f"--int8 must be dynamic, static or both, got '{int8}'")
+    try:
+        result = export_run(run, out, int8, parity_images, calibration_images)
+    except _user_errors() as e:
+        _fail(str(e))
+    console.print(json.dumps(result["files"], indent=2), highlight=False)
+    print(out / "model_card.json")
+
+
+@app.command()
 def evaluate(
     predictions: Annotated[Path, typer.Argument(help="predictions.csv or a run folder")],
     out: Annotated[Path | None, typer.Option(help="report folder (default: beside input)")] = None,
@@ -314,6 +366,19 @@ def evaluate(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     out = out or predictions.parent / f"eval-{predictions.stem}"
+    from dermkit.eval.ordinal import TRUTH_COLUMN
+
+    if TRUTH_COLUMN in df.columns:  # an ordinal run's predictions (task.kind=ordinal)
+        from dermkit.eval.ordinal import evaluate_ordinal_predictions, metrics_table
+
+        title = f"dermkit ordinal evaluation of {predictions}"
+        result, report = evaluate_ordinal_predictions(
+            df, y, probs, classes, out, n_boot=n_boot, seed=seed, title=title
+        )
+        for row in metrics_table(result):
+            console.print(" | ".join(str(v) for v in row.values()), highlight=False)
+        print(report)
+        return
     result = evaluate_predictions(
         y,
         probs,
@@ -352,6 +417,436 @@ def bench_pipeline_cmd(
     print(json.dumps(result, indent=2))
 
 
+@bench_app.command("latency")
+def bench_latency_cmd(
+    teacher: Annotated[Path, typer.Option(help="teacher run folder")],
+    student: Annotated[Path, typer.Option(help="student run folder or `dermkit export` folder")],
+    out: Annotated[Path, typer.Option(help="folder for latency.json and latency.md")] = Path(
+        "runs/bench/latency"
+    ),
+    int8: Annotated[str, typer.Option(help="INT8 file to time: dynamic or static")] = "dynamic",
+    rounds: Annotated[int, typer.Option(help="interleaved rounds")] = 10,
+    calls: Annotated[int, typer.Option(help="batch-1 calls per model per round")] = 5,
+    threads: Annotated[int, typer.Option(help="threads for PyTorch and ONNX Runtime")] = 1,
+) -> None:
+    """Batch-1 latency and batch-32 throughput: teacher, student PyTorch/ONNX/INT8, interleaved."""
+    from dermkit.deploy.latency import bench_latency, markdown_table, write_latency
+
+    if int8 not in ("dynamic", "static"):
+        _fail(f"--int8 must be dynamic or static, got '{int8}'")
+    try:
+        result = bench_latency(
+            teacher, student, int8=int8, rounds=rounds, calls=calls, threads=threads
+        )
+    except _user_errors() as e:
+        _fail(str(e))
+    write_latency(result, out)
+    print(markdown_table(result))
+
+
+# --------------------------------------------------------------------------- pretrain (SSL)
+
+pretrain_app = typer.Typer(
+    help="Self-supervised domain pretraining (MAE on a ViT, or a convolutional VAE).",
+    no_args_is_help=True,
+)
+app.add_typer(pretrain_app, name="pretrain")
+
+
+def _weights_errors():
+    from dermkit.models.weights import WeightsError
+
+    return (*_user_errors(), WeightsError)
+
+
+@pretrain_app.command("mae")
+def pretrain_mae(
+    overrides: Overrides = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the last checkpoint")
+    ] = False,
+) -> None:
+    """Masked-autoencoder pretraining; the run folder then serves as model.weights."""
+    from dermkit.config import MaePretrainRunConfig, load_config
+    from dermkit.ssl.pretrain import run_pretrain_mae
+
+    try:
+        cfg = load_config(MaePretrainRunConfig, "pretrain_mae", preset, config, overrides or [])
+        report = run_pretrain_mae(cfg, resume=resume)
+    except _weights_errors() as e:
+        _fail(str(e))
+    print(report)
+
+
+@pretrain_app.command("vae")
+def pretrain_vae(
+    overrides: Overrides = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the last checkpoint")
+    ] = False,
+) -> None:
+    """Convolutional VAE pretraining; its encoder (vae_encoder_*) serves as model.weights."""
+    from dermkit.config import VaePretrainRunConfig, load_config
+    from dermkit.ssl.pretrain import run_pretrain_vae
+
+    try:
+        cfg = load_config(VaePretrainRunConfig, "pretrain_vae", preset, config, overrides or [])
+        report = run_pretrain_vae(cfg, resume=resume)
+    except _weights_errors() as e:
+        _fail(str(e))
+    print(report)
+
+
+@app.command()
+def probe(
+    weights: Annotated[str, typer.Option(help="encoder weights: a run folder or a file")],
+    model: Annotated[
+        str | None, typer.Option(help="backbone name (default: the run's encoder.json)")
+    ] = None,
+    overrides: Overrides = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    k: Annotated[int, typer.Option(help="neighbours of the k-NN probe")] = 20,
+) -> None:
+    """Linear-probe and k-NN macro-F1 (val and test) of any encoder's frozen features.
+
+    The data comes from the finetune config (preset, --config, data.* overrides).
+    """
+    import json
+
+    import torch
+
+    from dermkit.config import FinetuneRunConfig, load_config
+    from dermkit.data.dataset import CachedImageDataset
+    from dermkit.data.prepare import prepare_data
+    from dermkit.eval.probe import probe_encoder
+    from dermkit.models.backbones import create_backbone
+    from dermkit.models.weights import load_pretrained
+
+    try:
+        cfg = load_config(FinetuneRunConfig, "finetune", preset, config, overrides or [])
+        info = Path(weights) / "encoder.json"
+        if model is None and info.is_file():
+            model = json.loads(info.read_text())["backbone"]
+        if model is None:
+            _fail(f"--model is needed: {weights} has no encoder.json naming its backbone")
+        encoder = create_backbone(model, num_classes=0, img_size=cfg.data.image_size)
+        report = load_pretrained(encoder, weights)
+        data = prepare_data(cfg.data)
+        parts = ("train", "val", "test")
+        sets = {s: CachedImageDataset(data.cache, data.part(s), data.classes) for s in parts}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        result = probe_encoder(
+            encoder.to(device), sets["train"], sets["val"], sets["test"], k=k, seed=cfg.seed
+        )
+    except _weights_errors() as e:
+        _fail(str(e))
+    if not report.ok:
+        console.print(f"[yellow]warning:[/] incomplete weights\n{report}", highlight=False)
+    result = {"model": model, "weights": str(weights), "weights_ok": report.ok, **result}
+    print(json.dumps(result, indent=2))
+
+
+@bench_app.command("mae")
+def bench_mae_cmd(
+    overrides: Overrides = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    steps: Annotated[int, typer.Option(help="batches per round")] = 10,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds (best is kept)")] = 3,
+    attention: Annotated[
+        str, typer.Option(help="attention kernel of both models: timm (default), fused, math")
+    ] = "timm",
+) -> None:
+    """Training images/s of an MAE step vs a supervised step of the same ViT, interleaved."""
+    import json
+
+    from dermkit.bench.mae import bench_mae
+    from dermkit.config import MaePretrainRunConfig, load_config
+    from dermkit.runs import machine_info
+
+    try:
+        cfg = load_config(MaePretrainRunConfig, "pretrain_mae", preset, config, overrides or [])
+        if attention not in ("timm", "fused", "math"):
+            _fail(f"--attention must be timm, fused or math, got '{attention}'")
+        result = bench_mae(cfg, steps=steps, rounds=rounds, attention=attention)
+    except _weights_errors() as e:
+        _fail(str(e))
+    print(json.dumps(result | {"machine": machine_info()}, indent=2))
+
+
+# --------------------------------------------------------------------------- exits (issue 7)
+
+exits_app = typer.Typer(
+    help="Early exits: heads after ViT blocks, calibrated exit thresholds, benchmarks.",
+    no_args_is_help=True,
+)
+app.add_typer(exits_app, name="exits")
+
+
+def _exits_errors():
+    from dermkit.models.weights import WeightsError
+
+    return (*_user_errors(), WeightsError)
+
+
+@exits_app.command("train")
+def exits_train(
+    run: Annotated[Path, typer.Argument(help="classifier run folder (finetune or distill)")],
+    overrides: Overrides = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+) -> None:
+    """Train exit heads (frozen backbone, or jointly) of every configured head type."""
+    from dermkit.config import ExitsRunConfig, load_config
+    from dermkit.exits.train import run_exits_train
+
+    try:
+        items = [*(overrides or []), f"base_run={run}"]
+        cfg = load_config(ExitsRunConfig, "exits", preset, config, items)
+        out = run_exits_train(cfg)
+    except _exits_errors() as e:
+        _fail(str(e))
+    print(out)
+
+
+@exits_app.command("calibrate")
+def exits_calibrate(
+    exit_run: Annotated[Path, typer.Argument(help="exit run folder (dermkit exits train)")],
+    objective: Annotated[
+        str | None, typer.Option(help="f1-drop=X or compute=B (default: the run's config)")
+    ] = None,
+    protect: Annotated[
+        list[str] | None, typer.Option(help="class never answered early (repeatable)")
+    ] = None,
+    measure: Annotated[str | None, typer.Option(help="max_prob, margin or neg_entropy")] = None,
+    compute: Annotated[str | None, typer.Option(help="compute counts gflops or blocks")] = None,
+) -> None:
+    """Choose exit thresholds on val for an objective; writes policy_<head>.json."""
+    from dermkit.exits.calibrate import run_exits_calibrate
+
+    if measure not in (None, "max_prob", "margin", "neg_entropy"):
+        _fail(f"--measure must be max_prob, margin or neg_entropy, got '{measure}'")
+    if compute not in (None, "gflops", "blocks"):
+        _fail(f"--compute must be gflops or blocks, got '{compute}'")
+    try:
+        out = run_exits_calibrate(exit_run, objective, protect, measure, compute)
+    except _exits_errors() as e:
+        _fail(str(e))
+    print(out)
+
+
+@exits_app.command("bench")
+def exits_bench(
+    exit_run: Annotated[Path, typer.Argument(help="calibrated exit run folder")],
+    rounds: Annotated[int | None, typer.Option(help="interleaved wall-time rounds")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="batch size of the timing")] = None,
+    max_images: Annotated[int | None, typer.Option(help="test images timed")] = None,
+) -> None:
+    """Test accuracy vs compute per head type, exit distribution, wall time vs plain."""
+    from dermkit.exits.bench import run_exits_bench
+
+    try:
+        report = run_exits_bench(exit_run, rounds, batch_size, max_images)
+    except _exits_errors() as e:
+        _fail(str(e))
+    print(report)
+
+
+@exits_app.command("export")
+def exits_export(
+    exit_run: Annotated[Path, typer.Argument(help="calibrated exit run folder")],
+    head: Annotated[str, typer.Option(help="head type to export")],
+    out: Annotated[Path, typer.Option(help="folder for segment_*.onnx and policy.json")],
+) -> None:
+    """ONNX segments (one per exit) + the exit policy, for the onnxruntime runner."""
+    from dermkit.exits.onnx_segments import export_segments
+    from dermkit.exits.run_io import ExitRun
+
+    try:
+        run = ExitRun.open(exit_run)
+        policy = run.policy(head)
+        export_segments(run.model(head), out, run.info["img_size"])
+        policy.save(out / "policy.json", run.classes)
+    except (*_exits_errors(), ValueError) as e:
+        _fail(str(e))
+    print(out)
+
+
+# --------------------------------------------------------------------------- synth (issue 5)
+
+synth_app = typer.Typer(
+    help="Class-conditional latent diffusion: autoencoder, diffusion, sampling, quality.",
+    no_args_is_help=True,
+)
+app.add_typer(synth_app, name="synth")
+
+
+def _synth_errors():
+    from dermkit.models.weights import WeightsError
+    from dermkit.synth.encoders import EncoderError
+
+    return (*_user_errors(), WeightsError, EncoderError)
+
+
+@synth_app.command("autoencoder")
+def synth_autoencoder(
+    overrides: Overrides = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the last checkpoint")
+    ] = False,
+) -> None:
+    """Train the KL autoencoder (diffusers AutoencoderKL) on the train split's images."""
+    from dermkit.config import AutoencoderRunConfig, load_config
+    from dermkit.synth.autoencoder import train_autoencoder
+
+    try:
+        cfg = load_config(
+            AutoencoderRunConfig, "synth_autoencoder", preset, config, overrides or []
+        )
+        report = train_autoencoder(cfg, resume=resume)
+    except _synth_errors() as e:
+        _fail(str(e))
+    print(report)
+
+
+@synth_app.command("diffusion")
+def synth_diffusion(
+    overrides: Overrides = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    autoencoder: Annotated[
+        Path | None, typer.Option(help="autoencoder run folder (overrides the config)")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the last checkpoint")
+    ] = False,
+) -> None:
+    """Train the class-conditional latent diffusion UNet (DDPM, label dropout for CFG)."""
+    from dermkit.config import DiffusionRunConfig, load_config
+    from dermkit.synth.diffusion import train_diffusion
+
+    extra = [f"autoencoder={autoencoder}"] if autoencoder else []
+    try:
+        cfg = load_config(
+            DiffusionRunConfig, "synth_diffusion", preset, config, [*(overrides or []), *extra]
+        )
+        report = train_diffusion(cfg, resume=resume)
+    except _synth_errors() as e:
+        _fail(str(e))
+    print(report)
+
+
+@synth_app.command("sample")
+def synth_sample(
+    generator: Annotated[Path, typer.Argument(help="synth diffusion run folder")],
+    overrides: Overrides = None,
+    balance: Annotated[
+        str | None,
+        typer.Option(help="'uniform' (default) or a JSON file of per-class totals or shares"),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default runs/synth-samples)")
+    ] = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+) -> None:
+    """Generate a class-balanced synthetic set (resumable) and its manifest."""
+    from dermkit.config import SampleConfig, load_config
+    from dermkit.synth.sample import run_sample
+
+    extra = [f"generator={generator}"]
+    extra += [f"balance={balance}"] if balance else []
+    extra += [f"out_dir={out}"] if out else []
+    try:
+        cfg = load_config(
+            SampleConfig, "synth_sample", preset, config, [*(overrides or []), *extra]
+        )
+        manifest = run_sample(cfg)
+    except _synth_errors() as e:
+        _fail(str(e))
+    print(manifest)
+
+
+@synth_app.command("quality")
+def synth_quality(
+    overrides: Overrides = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    synthetic: Annotated[Path | None, typer.Option(help="manifest written by synth sample")] = None,
+    encoder: Annotated[
+        Path | None, typer.Option(help="dermkit run folder giving the feature space")
+    ] = None,
+) -> None:
+    """FD, KID, precision/recall (per class), TSTR vs TRTR and a memorisation check."""
+    from dermkit.config import QualityConfig, load_config
+    from dermkit.synth.quality import run_quality
+
+    extra = [f"synthetic_manifest={synthetic}"] if synthetic else []
+    extra += [f"encoder={encoder}"] if encoder else []
+    try:
+        cfg = load_config(
+            QualityConfig, "synth_quality", preset, config, [*(overrides or []), *extra]
+        )
+        report = run_quality(cfg)
+    except _synth_errors() as e:
+        _fail(str(e))
+    print(report)
+
+
+@bench_app.command("sampling")
+def bench_sampling_cmd(
+    generator: Annotated[
+        Path | None,
+        typer.Argument(help="synth diffusion run; default: an untrained UNet of the preset"),
+    ] = None,
+    preset: Preset = "cpu",
+    batch_size: Annotated[int, typer.Option(help="images per sampling batch")] = 32,
+    steps: Annotated[int, typer.Option(help="DDIM steps")] = 25,
+    guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 2.0,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds (best is kept)")] = 3,
+    n_classes: Annotated[int, typer.Option(help="classes of an untrained UNet")] = 7,
+) -> None:
+    """Images/s of batched-CFG DDIM sampling vs a two-call (cond, uncond) loop."""
+    import json
+
+    import torch
+
+    from dermkit.bench.sampling import bench_sampling
+    from dermkit.runs import machine_info
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        if generator is not None:
+            from dermkit.synth.diffusion import load_generator
+
+            gen = load_generator(generator)
+            unet, sched, shape = gen.unet, gen.scheduler_config, gen.latent_shape
+            n_classes = len(gen.classes)
+        else:
+            from dermkit.config import AutoencoderRunConfig, DiffusionRunConfig, load_config
+            from dermkit.synth.diffusion import build_unet, training_scheduler
+
+            ae = load_config(AutoencoderRunConfig, "synth_autoencoder", preset)
+            dc = load_config(DiffusionRunConfig, "synth_diffusion", preset)
+            side = ae.data.image_size // 2 ** (len(ae.model.block_out_channels) - 1)
+            shape = (ae.model.latent_channels, side, side)
+            unet = build_unet(dc.unet, shape, n_classes)
+            sched = dict(training_scheduler(dc.num_train_timesteps, dc.beta_schedule).config)
+        result = bench_sampling(
+            unet, sched, shape, n_classes, batch_size, steps, guidance, rounds, device=device
+        )
+    except (*_synth_errors(), ValueError) as e:
+        _fail(str(e))
+    print(json.dumps(result | {"machine": machine_info()}, indent=2))
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="demo output folder")] = Path("demo"),
@@ -363,6 +858,72 @@ def demo(
 
     report = run_demo(out, n_lesions=n_lesions, seed=seed)
     console.print(f"[bold green]demo finished[/]: open {report}")
+    print(report)
+
+
+# --------------------------------------------------------------------------- explain (issue 8)
+
+explain_app = typer.Typer(
+    help="What a trained run's encoder encodes and where it looks.", no_args_is_help=True
+)
+app.add_typer(explain_app, name="explain")
+RunArg = Annotated[Path, typer.Argument(help="classifier run folder (finetune or distill)")]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="dataset root, if it moved")]
+OutOpt = Annotated[Path | None, typer.Option(help="output folder (default: inside the run)")]
+
+
+@explain_app.command("features")
+def explain_features_cmd(
+    run: RunArg,
+    data: DataOpt = None,
+    out: OutOpt = None,
+    splits: Annotated[str, typer.Option(help="comma-separated splits")] = "test",
+    color_by: Annotated[
+        str | None, typer.Option(help="comma-separated manifest columns (default: the usual)")
+    ] = None,
+    max_images: Annotated[int | None, typer.Option(help="random subset size")] = None,
+    umap: Annotated[bool, typer.Option("--umap/--no-umap", help="UMAP when installed")] = True,
+    seed: int = 0,
+) -> None:
+    """PCA/UMAP of frozen penultimate features coloured by manifest columns, with numbers."""
+    from dermkit.explain.features import run_explain_features
+
+    try:
+        report = run_explain_features(
+            run,
+            out,
+            data,
+            splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
+            color_by=[c.strip() for c in color_by.split(",")] if color_by else None,
+            max_images=max_images,
+            seed=seed,
+            use_umap=umap,
+        )
+    except (*_user_errors(), ValueError) as e:
+        _fail(str(e))
+    print(report)
+
+
+@explain_app.command("saliency")
+def explain_saliency_cmd(
+    run: RunArg,
+    data: DataOpt = None,
+    out: OutOpt = None,
+    split: Annotated[str, typer.Option(help="split whose predictions are explained")] = "test",
+    per_class: Annotated[int, typer.Option(help="correct and wrong examples per class")] = 2,
+    sanity_images: Annotated[int, typer.Option(help="images in the randomisation check")] = 16,
+    random_copies: Annotated[int, typer.Option(help="randomised models averaged")] = 3,
+    seed: int = 0,
+) -> None:
+    """Grad-CAM (+ attention rollout for ViTs) overlays per class, and the sanity check."""
+    from dermkit.explain.saliency import run_explain_saliency
+
+    try:
+        report = run_explain_saliency(
+            run, out, data, split, per_class, sanity_images, seed, random_copies
+        )
+    except (*_user_errors(), ValueError) as e:
+        _fail(str(e))
     print(report)
 
 

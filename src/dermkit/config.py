@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PRESETS = ("tiny", "cpu", "gpu")
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -136,6 +136,37 @@ class AugmentSettings(Strict):
     tta: bool = Field(False, description="average predictions over flips and rotations")
 
 
+class TaskConfig(Strict):
+    """What the classifier predicts: the ``label`` column, or ordered classes of a column.
+
+    ordinal (``train/ordinal.py``): a continuous column cut at ``thresholds`` (class k holds
+    t_k < x <= t_{k+1}; e.g. thickness [0, 0.8, 1, 2]) or a categorical column whose values
+    ``order`` lists lowest first; a CORN head with K-1 outputs.
+    """
+
+    kind: Literal["classification", "ordinal"] = "classification"
+    column: str | None = Field(None, description="ordinal: the manifest column to predict")
+    thresholds: list[float] | None = Field(None, description="ordinal: increasing cut points")
+    order: list[str] | None = Field(None, description="ordinal: categorical values, lowest first")
+    drop_missing: bool = Field(False, description="ordinal: leave out rows without a value")
+
+    @model_validator(mode="after")
+    def _check_ordinal(self) -> TaskConfig:
+        if self.kind != "ordinal":
+            return self
+        if not self.column:
+            raise ValueError("task.kind=ordinal needs task.column")
+        if (self.thresholds is None) == (self.order is None):
+            raise ValueError("task.kind=ordinal needs exactly one of task.thresholds, task.order")
+        t = self.thresholds
+        if t is not None and (not t or sorted(set(t)) != list(t)):
+            raise ValueError(f"task.thresholds must be non-empty and strictly increasing: {t}")
+        o = self.order
+        if o is not None and (len(o) < 2 or len(set(o)) < len(o)):
+            raise ValueError(f"task.order needs >= 2 distinct values: {self.order}")
+        return self
+
+
 class FinetuneRunConfig(Strict):
     """``dermkit finetune``: supervised classification, evaluated on the test split."""
 
@@ -160,6 +191,7 @@ class FinetuneRunConfig(Strict):
     train_eval_images: int = Field(
         2000, ge=0, description="train images (no augmentation) scored each epoch for the gap"
     )
+    task: TaskConfig = Field(default_factory=TaskConfig, description="label or ordinal column")
 
 
 class CompareRunConfig(Strict):
@@ -173,6 +205,126 @@ class CompareRunConfig(Strict):
     )
 
 
+class MaeConfig(Strict):
+    """Masked-autoencoder settings (He et al. 2022); see ``ssl/mae.py``."""
+
+    mask_ratio: float = Field(0.75, ge=0, lt=1, description="share of patches hidden")
+    decoder_depth: int = Field(2, ge=1, description="decoder transformer blocks")
+    decoder_dim: int = Field(128, ge=8, description="decoder width (divisible by 4 and heads)")
+    decoder_heads: int = Field(4, ge=1)
+    norm_pix_loss: bool = Field(True, description="regress per-patch normalised pixels")
+
+
+class MaeOptimConfig(OptimConfig):
+    """OptimConfig with MAE's recipe as defaults (a partial ``optim:`` section keeps them).
+
+    AdamW betas (0.9, 0.95), weight decay 0.05, lr = 1.5e-4 * B / 256, cosine to 0, no
+    gradient clipping.
+    """
+
+    base_lr: float = Field(1.5e-4, gt=0, description="lr at batch 256; lr = base_lr * B / 256")
+    betas: tuple[float, float] = (0.9, 0.95)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    clip_grad: float | None = Field(None, gt=0)
+
+
+class VaeOptimConfig(OptimConfig):
+    """OptimConfig defaults for the VAE: Adam-like (0.9, 0.999), no weight decay, clipping."""
+
+    base_lr: float = Field(2e-3, gt=0, description="lr at batch 256; lr = base_lr * B / 256")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class MaePretrainRunConfig(Strict):
+    """``dermkit pretrain mae``: masked-autoencoder pretraining of a ViT encoder.
+
+    ``optim.ema_decay``, ``optim.layer_decay`` and ``optim.patience`` do not apply (errors).
+    """
+
+    seed: int = 0
+    out_dir: str = "runs/pretrain-mae"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(drop_path_rate=0.0),
+        description="the ViT encoder; weights: optional initial encoder weights",
+    )
+    mae: MaeConfig = Field(default_factory=MaeConfig)
+    optim: MaeOptimConfig = Field(default_factory=MaeOptimConfig)
+    augment: bool = Field(True, description="random flips and 90-degree rotations")
+    synthetic_ratio: float = Field(
+        0.0, ge=0, lt=1, description="share of synthetic rows in each training batch"
+    )
+    synthetic_manifest: str | None = Field(None, description="manifest with synthetic rows")
+    checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints")
+    log_every: int = Field(10, ge=1)
+    grid_every: int = Field(1, ge=1, description="epochs between reconstruction grids")
+    probe_every: int = Field(0, ge=0, description="epochs between probes; 0: only at the end")
+    probe_k: int = Field(20, ge=1, description="neighbours of the k-NN probe")
+
+
+class VaeConfig(Strict):
+    """Convolutional VAE settings; see ``ssl/vae.py``."""
+
+    beta: float = Field(1.0, ge=0, description="KL weight after warm-up")
+    kl_warmup_steps: int = Field(500, ge=0, description="linear KL warm-up; 0: none")
+    n_samples: int = Field(8, ge=0, description="prior samples shown in each grid")
+
+
+class VaePretrainRunConfig(Strict):
+    """``dermkit pretrain vae``: a convolutional VAE; its encoder becomes a backbone.
+
+    ``optim.ema_decay``, ``optim.layer_decay`` and ``optim.patience`` do not apply (errors).
+    """
+
+    seed: int = 0
+    out_dir: str = "runs/pretrain-vae"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(name="vae_encoder_64", drop_path_rate=0.0),
+        description="the encoder: a dermkit_vae_encoder variant (vae_encoder_32/_64)",
+    )
+    vae: VaeConfig = Field(default_factory=VaeConfig)
+    optim: VaeOptimConfig = Field(default_factory=VaeOptimConfig)
+    augment: bool = Field(True, description="random flips and 90-degree rotations")
+    synthetic_ratio: float = Field(
+        0.0, ge=0, lt=1, description="share of synthetic rows in each training batch"
+    )
+    synthetic_manifest: str | None = Field(None, description="manifest with synthetic rows")
+    checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints")
+    log_every: int = Field(10, ge=1)
+    grid_every: int = Field(1, ge=1, description="epochs between reconstruction grids")
+    probe_every: int = Field(0, ge=0, description="epochs between probes; 0: only at the end")
+    probe_k: int = Field(20, ge=1, description="neighbours of the k-NN probe")
+
+
+class DistillConfig(Strict):
+    """Soft-target knowledge distillation (Hinton et al. 2015), see ``train/kd.py``."""
+
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the KL term; 1-alpha on CE")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature of both models")
+    teacher_logits: Literal["online", "cached", "auto"] = Field(
+        "auto",
+        description="online: teacher on each augmented batch; cached: once on the clean "
+        "images (augmentation off only); auto: cached when augmentation is off",
+    )
+
+
+class DistillRunConfig(FinetuneRunConfig):
+    """``dermkit distill``: a student trained on a teacher run's soft targets + the labels.
+
+    Every fine-tuning field applies to the student (``model`` is the student).
+    """
+
+    out_dir: str = "runs/distill"
+    teacher: str = Field("runs/finetune", description="teacher run folder (finetune/distill)")
+    model: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(name="vit_student_patch8_64"),
+        description="the student",
+    )
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
 class DemoConfig(Strict):
     """``dermkit demo``: phantoms -> split -> every available stage -> one report."""
 
@@ -180,6 +332,250 @@ class DemoConfig(Strict):
     n_lesions: int = Field(300, ge=14)
     seed: int = 0
     image_size: int = 48
+
+
+# --------------------------------------------------------------------------- synth (issue 5)
+
+
+class SynthOptimConfig(OptimConfig):
+    """OptimConfig for the autoencoder: AdamW (0.9, 0.999), no weight decay, cosine, no EMA.
+
+    ``layer_decay``, ``patience`` and ``grad_accum`` > 1 do not apply (errors at run time).
+    """
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1, description="effective batch per optimizer step")
+    base_lr: float = Field(1e-3, gt=0, description="lr at batch 256; lr = base_lr * B / 256")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_epochs: float = Field(0.5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of weights; None off")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+
+
+class DiffusionOptimConfig(SynthOptimConfig):
+    """SynthOptimConfig with the diffusion defaults (a partial ``optim:`` keeps them): EMA on."""
+
+    base_lr: float = Field(4e-4, gt=0, description="lr at batch 256; lr = base_lr * B / 256")
+    ema_decay: float | None = Field(0.999, gt=0, lt=1, description="EMA of weights; None off")
+
+
+class AutoencoderModelConfig(Strict):
+    """diffusers AutoencoderKL: n blocks downsample by 2^(n-1) (3 blocks: 4, 4 blocks: 8)."""
+
+    block_out_channels: list[int] = Field(
+        default_factory=lambda: [64, 128, 128], min_length=1, max_length=5
+    )
+    layers_per_block: int = Field(1, ge=1)
+    latent_channels: int = Field(4, ge=1)
+    norm_num_groups: int = Field(32, ge=1, description="must divide every block's channels")
+    mid_block_attention: bool = Field(True, description="self-attention at the lowest scale")
+
+
+class AutoencoderLossConfig(Strict):
+    """Reconstruction loss: MSE (+ perceptual) + kl_weight * KL (+ optional patch adversary)."""
+
+    loss: Literal["mse", "mse+perceptual"] = "mse"
+    perceptual_weight: float = Field(0.5, ge=0)
+    perceptual_weights: str | None = Field(
+        None, description="local torchvision vgg16 (features) state dict, .safetensors/.pth"
+    )
+    perceptual_encoder: str | None = Field(
+        None, description="dermkit run folder whose encoder gives the perceptual features"
+    )
+    kl_weight: float = Field(1e-6, ge=0, description="per-pixel KL weight (LDM's 1e-6)")
+    adversarial_weight: float = Field(0.0, ge=0, description="PatchGAN hinge loss; 0 off")
+    adversarial_start_step: int = Field(0, ge=0, description="generator adv. loss from here")
+    discriminator_channels: int = Field(64, ge=4)
+    discriminator_layers: int = Field(3, ge=1)
+
+
+class AutoencoderRunConfig(Strict):
+    """``dermkit synth autoencoder``: the image <-> latent codec of latent diffusion."""
+
+    seed: int = 0
+    out_dir: str = "runs/synth-autoencoder"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: AutoencoderModelConfig = Field(default_factory=AutoencoderModelConfig)
+    loss: AutoencoderLossConfig = Field(default_factory=AutoencoderLossConfig)
+    optim: SynthOptimConfig = Field(default_factory=SynthOptimConfig)
+    max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps")
+    augment: bool = Field(True, description="random flips and 90-degree rotations")
+    checkpoint_every: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=1)
+    val_images: int = Field(512, ge=1, description="val images scored (PSNR/SSIM)")
+    eval_every: int = Field(1, ge=1, description="epochs between val PSNR/SSIM (and the last)")
+    scaling_images: int = Field(2048, ge=1, description="train images for the latent std")
+
+
+class UNetConfig(Strict):
+    """diffusers UNet2DModel on the latents (one entry per resolution level)."""
+
+    block_out_channels: list[int] = Field(
+        default_factory=lambda: [64, 128, 128], min_length=1, max_length=5
+    )
+    attention: list[bool] = Field(
+        default_factory=lambda: [False, True, True], description="self-attention per level"
+    )
+    layers_per_block: int = Field(1, ge=1)
+    attention_head_dim: int = Field(32, ge=1)
+    norm_num_groups: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class SamplerConfig(Strict):
+    """Reverse process: DDIM or DPM-Solver++ with classifier-free guidance.
+
+    eps = eps_uncond + guidance * (eps_cond - eps_uncond): 0 is unconditional, 1 plain
+    conditional, > 1 stronger class adherence.
+    """
+
+    sampler: Literal["ddim", "dpm_solver"] = "ddim"
+    steps: int = Field(25, ge=1)
+    guidance: float = Field(2.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+
+
+class DiffusionRunConfig(Strict):
+    """``dermkit synth diffusion``: class-conditional DDPM on autoencoder latents."""
+
+    seed: int = 0
+    out_dir: str = "runs/synth-diffusion"
+    data: DataConfig = Field(default_factory=DataConfig)
+    autoencoder: str | None = Field(
+        "runs/synth-autoencoder", description="autoencoder run folder; null: pixel space"
+    )
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    unconditional: bool = Field(False, description="always the null class (ablation)")
+    label_dropout: float = Field(0.1, ge=0, le=1, description="p of the null class (CFG)")
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(
+        "scaled_linear",
+        description="scaled_linear: LDM's betas 0.00085-0.012; squaredcos_cap_v2 ends at "
+        "alpha_bar ~ 1e-9, which few-step DDIM from t = T amplifies",
+    )
+    dihedral_views: Literal[1, 2, 4, 8] = Field(
+        8, description="flip/rot90 views of each train image encoded once as latents"
+    )
+    optim: DiffusionOptimConfig = Field(default_factory=DiffusionOptimConfig)
+    max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps")
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(20, ge=1)
+    preview: SamplerConfig = Field(default_factory=SamplerConfig)
+    preview_per_class: int = Field(8, ge=0, description="samples per class in the run's grid")
+
+
+class SampleConfig(Strict):
+    """``dermkit synth sample``: a class-balanced synthetic set as PNGs + a manifest."""
+
+    generator: str = Field("runs/synth-diffusion", description="diffusion run folder")
+    out_dir: str = "runs/synth-samples"
+    balance: str = Field("uniform", description="'uniform' or a JSON of per-class totals/shares")
+    seed: int = 0
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    grid_per_class: int = Field(16, ge=0)
+
+
+class TstrConfig(Strict):
+    """Train-on-synthetic/test-on-real vs train-on-real/test-on-real, at a small budget."""
+
+    method: Literal["classical", "finetune", "none"] = "classical"
+    baseline: BaselineConfig = Field(
+        default_factory=lambda: BaselineConfig(max_iter=150, lbp_radii=[1, 2])
+    )
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="resnet18_64"))
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=5))
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+
+class QualityConfig(Strict):
+    """``dermkit synth quality``: fidelity, diversity, usefulness and memorisation."""
+
+    seed: int = 0
+    out_dir: str = "runs/synth-quality"
+    data: DataConfig = Field(default_factory=DataConfig)
+    synthetic_manifest: str = Field(
+        "runs/synth-samples/manifest.csv", description="manifest written by synth sample"
+    )
+    features: Literal["encoder", "inception", "classical"] = Field(
+        "encoder", description="feature space: dermkit encoder, local Inception, colour/texture"
+    )
+    encoder: str | None = Field(None, description="dermkit run folder (features=encoder)")
+    inception_weights: str | None = Field(None, description="torchvision inception_v3 file")
+    max_images: int = Field(5000, ge=10, description="real/synthetic images compared, at random")
+    kid_subset_size: int = Field(1000, ge=2)
+    kid_subsets: int = Field(50, ge=1)
+    pr_k: int = Field(3, ge=1, description="k of the k-NN manifolds (precision/recall)")
+    memorisation_space: Literal["feature", "pixel", "both"] = "both"
+    memorisation_percentile: float = Field(1.0, gt=0, lt=100)
+    tstr: TstrConfig = Field(default_factory=TstrConfig)
+    eval: EvalConfig = Field(default_factory=lambda: EvalConfig(n_boot=200))
+
+
+# --------------------------------------------------------------------------- exits (issue 7)
+
+
+class ExitsConfig(Strict):
+    """Early-exit heads, how they are trained, and the exit policy (see ``exits/``)."""
+
+    head_types: list[Literal["linear", "mlp", "attention", "ssm"]] = Field(
+        default_factory=lambda: ["linear", "mlp", "attention", "ssm"],
+        description="one early-exit model per head type; exits bench compares them",
+    )
+    exit_blocks: list[int] | None = Field(
+        None, description="blocks computed before each early exit; null: a few in the latter half"
+    )
+    mode: Literal["frozen", "joint"] = Field(
+        "frozen", description="frozen: train the exit heads only; joint: heads and backbone"
+    )
+    exit_loss_weights: list[float] | None = Field(
+        None, description="joint: loss weight per exit, final included; null: equal"
+    )
+    distill_alpha: float = Field(
+        0.0, ge=0, le=1, description="self-distillation: weight of the final exit's soft targets"
+    )
+    distill_temperature: float = Field(2.0, gt=0)
+    mlp_hidden: int = Field(256, ge=1)
+    attention_heads: int = Field(4, ge=1)
+    ssm_d_model: int = Field(64, ge=4)
+    ssm_layers: int = Field(1, ge=1, le=4)
+    ssm_d_state: int = Field(8, ge=1)
+    ssm_expand: int = Field(2, ge=1)
+    ssm_grid_pool: int = Field(2, ge=1, description="average-pool the patch grid before the scan")
+    measure: Literal["max_prob", "margin", "neg_entropy"] = "max_prob"
+    objective: str = Field(
+        "f1-drop=0.01",
+        pattern=r"^(f1-drop|compute)=[0-9.eE+-]+$",
+        description="f1-drop=X: least compute within X macro-F1 of the final exit (val); "
+        "compute=B: best macro-F1 at mean compute <= B (fraction of the plain model)",
+    )
+    compute: Literal["gflops", "blocks"] = Field("gflops", description="what compute counts")
+    protect: list[str] = Field(default_factory=list, description="classes never answered early")
+    grid: int = Field(50, ge=2, description="threshold quantiles tried per exit")
+    bench_batch_size: int = Field(64, ge=1)
+    bench_rounds: int = Field(3, ge=1, description="interleaved wall-time rounds")
+    bench_max_images: int | None = Field(None, ge=1, description="test images timed; null: all")
+
+
+class ExitsRunConfig(Strict):
+    """``dermkit exits train``: exit heads on a trained classifier run (finetune/distill).
+
+    ``loss`` and ``augment`` default to the base run's; ``optim.grad_accum``,
+    ``layer_decay``, ``ema_decay`` and ``patience`` do not apply (errors).
+    """
+
+    seed: int = 0
+    out_dir: str = "runs/exits"
+    base_run: str = Field("runs/finetune", description="classifier run folder")
+    data_path: str | None = Field(None, description="dataset root, if moved since the base run")
+    cache_dir: str | None = Field(None, description="image cache root (default: the base run's)")
+    exits: ExitsConfig = Field(default_factory=ExitsConfig)
+    optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(epochs=5, base_lr=1e-3, warmup_epochs=0.5)
+    )
+    loss: LossConfig | None = Field(None, description="null: the base run's")
+    augment: AugmentSettings | None = Field(None, description="null: the base run's")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 T = TypeVar("T", bound=BaseModel)

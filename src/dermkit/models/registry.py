@@ -16,6 +16,8 @@ timm checkpoints key for key.
 | vit_student_patch8_64 | cpu    | vit_tiny_patch16_224 | width 128, 6 blocks, 2 heads, patch 8  |
 | resnet18_64           | cpu    | resnet18             | stem max-pool removed (see below)      |
 | vit_huge_patch14_224  | gpu    | vit_huge_patch14_224 | timm's ViT-H/14 (632 M parameters)     |
+| vae_encoder_32        | tiny   | dermkit_vae_encoder  | VAE encoder, widths 16-32, latent 16   |
+| vae_encoder_64        | cpu    | dermkit_vae_encoder  | VAE encoder, widths 32-128, latent 64  |
 
 Resolutions are the design points; ViT variants accept any ``img_size`` divisible by the
 patch size (the factory passes it through).
@@ -124,6 +126,24 @@ _VARIANTS: dict[str, BackboneVariant] = {
         preset="gpu",
         doc="The gpu preset's MAE teacher: timm's ViT-H/14 (width 1280, 32 blocks, "
         "16 heads, patch 14) at 224 px, as in the MAE paper.",
+    ),
+    # The encoder of `dermkit pretrain vae` (dermkit.models.vae_encoder registers the
+    # architecture with timm); features are the pooled posterior mean.
+    "vae_encoder_32": BackboneVariant(
+        timm_name="dermkit_vae_encoder",
+        kwargs={"widths": (16, 32), "latent_channels": 16},
+        img_size=32,
+        preset="tiny",
+        doc="The tiny preset's VAE encoder: two stride-2 stages (16, 32 channels) to an "
+        "8x8x16 posterior mean at 32 px.",
+    ),
+    "vae_encoder_64": BackboneVariant(
+        timm_name="dermkit_vae_encoder",
+        kwargs={"widths": (32, 64, 128), "latent_channels": 64},
+        img_size=64,
+        preset="cpu",
+        doc="The cpu preset's VAE encoder: three stride-2 stages (32, 64, 128 channels) to "
+        "an 8x8x64 posterior mean at 64 px; 0.5 M parameters.",
     ),
 }
 

@@ -80,6 +80,10 @@ def load_training_data(cfg: FinetuneRunConfig, run: RunDir) -> tuple[PreparedDat
 
 def run_finetune(cfg: FinetuneRunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Fine-tune end to end; returns the path of report.html."""
+    if cfg.task.kind == "ordinal":  # ordered classes of a column, CORN head
+        from dermkit.train.ordinal_finetune import run_ordinal_finetune
+
+        return run_ordinal_finetune(cfg, resume=resume, progress=progress)
     accelerator = make_accelerator(cfg.optim.precision)
     # Under DDP every rank runs this function; rank 0 builds the image cache first and
     # writes every file, the others reuse its cache and only train.

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -153,7 +154,8 @@ def predict_logits(
             else:
                 logits = model(x).float()
         out.append(logits)
-    n_classes = len(dataset.class_names)
+    # outputs per row: the head's width (K-1 for an ordinal CORN head), else one per class
+    n_classes = getattr(model, "num_classes", None) or len(dataset.class_names)
     local = torch.cat(out) if out else torch.zeros(0, n_classes, device=accelerator.device)
     if world == 1:
         return local.cpu()
@@ -163,16 +165,35 @@ def predict_logits(
     return torch.cat([gathered[r, : len(s)] for r, s in enumerate(shards)]).cpu()
 
 
-def score(logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Loss, macro-F1 and balanced accuracy of logits (N, C) against labels (N,)."""
-    pred = logits.argmax(1).numpy()
+def score(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    to_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict:
+    """Loss, macro-F1 and balanced accuracy of logits (N, C) against labels (N,).
+
+    ``to_probs(logits) -> class probabilities (N, K)`` marks a non-softmax head (ordinal
+    CORN): predictions and the loss (NLL) use its probabilities, and the quadratic weighted
+    kappa ``qwk`` is added, which then selects the best epoch.
+    """
+    probs = to_probs(logits) if to_probs is not None else None
+    pred = (logits if probs is None else probs).argmax(1).numpy()
     y = labels.numpy()
     present = np.unique(y)
-    return {
-        "loss": float(F.cross_entropy(logits, labels)),
+    if probs is None:
+        loss = F.cross_entropy(logits, labels)
+    else:
+        loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels)
+    out = {
+        "loss": float(loss),
         "macro_f1": float(f1_score(y, pred, average="macro", labels=present, zero_division=0)),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
     }
+    if probs is not None:
+        from dermkit.eval.ordinal import quadratic_kappa
+
+        out["qwk"] = float(np.nan_to_num(quadratic_kappa(y, pred, probs.shape[1]), nan=0.0))
+    return out
 
 
 class MetricsLog:
@@ -233,8 +254,16 @@ def train_classifier(
     resume: bool = False,
     accelerator: Accelerator | None = None,
     progress: bool = True,
+    criterion: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    to_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """Train ``model`` on ``train_ds``, select on ``val_ds``; returns a summary dict.
+
+    ``criterion(logits (b, C), targets (b,) or (b, C), images (b, 3, S, S)) -> loss``
+    replaces the configured ``ClassificationLoss`` when given; it sees the augmented,
+    normalised micro-batch, so distillation can score the teacher on the same images.
+    ``to_probs(logits) -> (b, K)`` is for heads whose outputs are not softmax logits (the
+    ordinal CORN head): val/train scoring uses it and the best epoch is the best val QWK.
 
     Writes into ``run_dir``: ``checkpoints/`` (resumable), ``best.safetensors`` (weights of
     the best val macro-F1 epoch, EMA weights when EMA is on), ``log.jsonl`` and
@@ -277,7 +306,7 @@ def train_classifier(
         betas=oc.betas,
         layer_decay=oc.layer_decay,
     )
-    criterion = ClassificationLoss(
+    class_loss = ClassificationLoss(
         lc.loss, counts, lc.label_smoothing, lc.weight_power, lc.focal_gamma, lc.logit_tau
     ).to(accelerator.device)
     # EMA warm-up: the effective decay grows from 0 towards ema_decay, so early epochs are
@@ -349,7 +378,9 @@ def train_classifier(
                 sync = m == oc.grad_accum - 1
                 ctx = accelerator.no_sync(model) if not sync else nullcontext()
                 with ctx, accelerator.autocast():
-                    loss = criterion(model(x), y) / oc.grad_accum
+                    logits = model(x)
+                    loss = criterion(logits, y, x) if criterion else class_loss(logits, y)
+                    loss = loss / oc.grad_accum
                     accelerator.backward(loss)
                 step_loss += loss.item()
             if oc.clip_grad:
@@ -390,6 +421,7 @@ def train_classifier(
                     accelerator,
                     run_dir,
                     metrics_log,
+                    to_probs=to_probs,
                 )
             if state.step % cfg.checkpoint_every == 0 or end_of_epoch:
                 if accelerator.is_main_process:
@@ -435,15 +467,19 @@ def _end_epoch(
     accelerator,
     run_dir,
     metrics_log,
+    to_probs=None,
 ) -> None:
     """Score val and a clean train subset, keep the best weights, decide early stopping."""
     val = score(
-        predict_logits(eval_model, val_ds, val_idx, accelerator, tta=cfg.augment.tta), val_ds.labels
+        predict_logits(eval_model, val_ds, val_idx, accelerator, tta=cfg.augment.tta),
+        val_ds.labels,
+        to_probs,
     )
     train = (
         score(
             predict_logits(eval_model, train_ds, train_eval_idx, accelerator),
             train_ds.labels[train_eval_idx],
+            to_probs,
         )
         if len(train_eval_idx)
         else {}
@@ -461,8 +497,9 @@ def _end_epoch(
         row["gap_loss"] = val["loss"] - train["loss"]
     state.history.append(row)
     metrics_log.write(row)
-    if val["macro_f1"] > state.best_metric:
-        state.best_metric, state.best_epoch, state.bad_epochs = val["macro_f1"], epoch, 0
+    selected = val.get("qwk", val["macro_f1"])  # qwk: ordinal heads (see ``score``)
+    if selected > state.best_metric:
+        state.best_metric, state.best_epoch, state.bad_epochs = selected, epoch, 0
         if accelerator.is_main_process:
             tmp = run_dir / ".best.safetensors.tmp"
             save_file(
@@ -475,9 +512,11 @@ def _end_epoch(
         if cfg.optim.patience and state.bad_epochs >= cfg.optim.patience:
             state.stopped_early = True
     log.info(
-        "epoch %d: val macro-F1 %.3f (best %.3f @ %d)",
+        "epoch %d: val macro-F1 %.3f, selected on %s %.3f (best %.3f @ %d)",
         epoch,
         val["macro_f1"],
+        "qwk" if "qwk" in val else "macro-F1",
+        selected,
         state.best_metric,
         state.best_epoch,
     )

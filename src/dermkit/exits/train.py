@@ -1,0 +1,347 @@
+"""``dermkit exits train``: exit heads on a trained classifier run.
+
+base run (finetune/distill) -> its data and exact split -> one ``EarlyExitViT`` per head
+type -> train -> select the epoch with the best val macro-F1 averaged over the exits ->
+every exit's val/test logits, GFLOPs per exit -> exit-run folder (see ``run_io.py``).
+
+Two modes:
+
+* ``frozen``: the backbone is fixed and only the heads learn. All head types share one
+  backbone, so each batch runs the blocks once (under ``no_grad``) and every head type
+  trains on the same tokens; the final exit (the backbone's head) is unchanged.
+* ``joint``: each head type gets its own copy of the backbone, trained with the heads on
+  a weighted sum of every exit's loss (the final exit included).
+
+With ``distill_alpha`` > 0 the early exits also learn the final exit's softened outputs
+(self-distillation, ``dermkit.train.kd.KDLoss``); the final exit always learns the labels.
+
+The loop is single-process (``make_accelerator`` picks the device and mixed precision);
+each step is reseeded from (seed, step), as in ``train/loop.py``, so a run is repeatable.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import create_optimizer_v2
+
+from dermkit.config import ConfigError, ExitsRunConfig
+from dermkit.data.dataset import CachedImageDataset
+from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize, to_float
+from dermkit.exits.infer import exit_gflops
+from dermkit.exits.model import EarlyExitViT
+from dermkit.exits.policy import macro_f1
+from dermkit.exits.run_io import (
+    INFO,
+    base_data,
+    check_classes,
+    head_kwargs,
+    logits_file,
+    save_logits,
+    weights_file,
+)
+from dermkit.models.runs_io import load_run_model
+from dermkit.runs import RunDir
+from dermkit.train.kd import KDLoss
+from dermkit.train.loop import lr_at, make_accelerator, plan_epoch, seed_step
+from dermkit.train.losses import ClassificationLoss, sampling_weights
+
+log = logging.getLogger(__name__)
+
+
+def _check_optim(cfg: ExitsRunConfig) -> None:
+    oc = cfg.optim
+    unused = {
+        "grad_accum": oc.grad_accum != 1,
+        "layer_decay": oc.layer_decay is not None,
+        "ema_decay": oc.ema_decay is not None,
+        "patience": oc.patience != 0,
+    }
+    bad = [k for k, v in unused.items() if v]
+    if bad:
+        raise ConfigError(f"optim.{', optim.'.join(bad)} do(es) not apply to exits train")
+
+
+def build_exit_models(
+    backbone: torch.nn.Module, cfg: ExitsRunConfig, n_classes: int
+) -> dict[str, EarlyExitViT]:
+    """One EarlyExitViT per head type: a shared backbone (frozen) or a copy each (joint)."""
+    e = cfg.exits
+    models = {}
+    for head_type in e.head_types:
+        bb = backbone if e.mode == "frozen" else copy.deepcopy(backbone)
+        models[head_type] = EarlyExitViT(bb, e.exit_blocks, head_type, n_classes, head_kwargs(cfg))
+    if e.mode == "frozen":
+        backbone.requires_grad_(False)
+    return models
+
+
+def _trainable(model: EarlyExitViT, mode: str) -> torch.nn.Module:
+    return model.heads if mode == "frozen" else model
+
+
+@torch.no_grad()
+def _shared_tokens(model: EarlyExitViT, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Frozen backbone: tokens after each exit depth (E - 1 of them) and the final logits."""
+    tokens, h = [], model.embed(x)
+    for j in range(model.n_exits):
+        h = model.run_blocks(h, *model.block_range(j))
+        tokens.append(h)
+    return tokens[:-1], model.exit_logits(h, model.n_exits - 1)
+
+
+@torch.no_grad()
+def exit_logits_all(
+    models: dict[str, EarlyExitViT],
+    ds: CachedImageDataset,
+    device: torch.device,
+    shared_backbone: bool,
+    batch_size: int = 256,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> dict[str, np.ndarray]:
+    """Every exit's logits for every row of ``ds``: {head type: (E, N, C) float32}.
+
+    ``autocast`` makes a fresh mixed-precision context per batch (``accelerator.autocast``).
+    """
+    out: dict[str, list] = {h: [] for h in models}
+    for m in models.values():
+        m.eval()
+    for i in range(0, len(ds), batch_size):
+        x, _ = ds.__getitems__(np.arange(i, min(i + batch_size, len(ds))))
+        x = to_float(x.to(device))
+        with autocast():
+            if shared_backbone:
+                first = next(iter(models.values()))
+                tokens, final = _shared_tokens(first, x)
+                for h, m in models.items():
+                    lg = [m.heads[j](t) for j, t in enumerate(tokens)] + [final]
+                    out[h].append(torch.stack(lg).float().cpu())
+            else:
+                for h, m in models.items():
+                    out[h].append(torch.stack(m.forward_all(x)).float().cpu())
+    return {h: torch.cat(v, dim=1).numpy() for h, v in out.items()}
+
+
+def _val_scores(logits: np.ndarray, y: np.ndarray) -> list[float]:
+    """Macro-F1 of each exit's logits (E, N, C) against y (N,)."""
+    return [macro_f1(y, lg.argmax(1), lg.shape[1]) for lg in logits]
+
+
+def train_exit_models(
+    models: dict[str, EarlyExitViT],
+    cfg: ExitsRunConfig,
+    train_ds: CachedImageDataset,
+    val_ds: CachedImageDataset,
+    loss_cfg,
+    augment_cfg,
+    accelerator,
+    progress: bool = True,
+) -> tuple[list[dict], dict[str, int]]:
+    """Train the exit models in place (best val epoch restored); returns (history, best epochs)."""
+    oc, e = cfg.optim, cfg.exits
+    device = accelerator.device
+    frozen = e.mode == "frozen"
+    n_classes = len(train_ds.class_names)
+    for m in models.values():
+        m.to(device)
+    counts = train_ds.class_counts()
+    weights = sampling_weights(train_ds.labels, loss_cfg.sampler, n_classes)
+    weights = None if weights is None else weights.numpy()
+    hard = ClassificationLoss(
+        loss_cfg.loss,
+        counts,
+        loss_cfg.label_smoothing,
+        loss_cfg.weight_power,
+        loss_cfg.focal_gamma,
+        loss_cfg.logit_tau,
+    ).to(device)
+    kd = KDLoss(e.distill_alpha, e.distill_temperature, hard_loss=hard)
+    first = next(iter(models.values()))
+    n_exits = first.n_exits
+    exit_w = np.asarray(e.exit_loss_weights or [1.0] * n_exits, dtype=float)
+    if len(exit_w) != n_exits:
+        raise ConfigError(f"exits.exit_loss_weights has {len(exit_w)} entries for {n_exits} exits")
+    exit_w = exit_w / exit_w.sum()
+
+    peak_lr = oc.base_lr * oc.batch_size / 256
+    optimizers = {
+        h: create_optimizer_v2(
+            _trainable(m, e.mode), "adamw", lr=peak_lr, weight_decay=oc.weight_decay, betas=oc.betas
+        )
+        for h, m in models.items()
+    }
+    augment = BatchAugment(
+        AugmentConfig(**augment_cfg.model_dump(include=set(AugmentConfig.__dataclass_fields__)))
+    )
+    real, none = np.arange(len(train_ds)), np.zeros(0, dtype=np.int64)
+    steps_per_epoch = plan_epoch(real, none, oc.batch_size, cfg.seed, 0, weights).shape[0]
+    total = oc.epochs * steps_per_epoch
+    warmup = round(oc.warmup_epochs * steps_per_epoch)
+    y_val = val_ds.labels.numpy()
+    history: list[dict] = []
+    best = {h: (-1.0, -1, None) for h in models}  # (score, epoch, state)
+    step = 0
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=False)
+        bar.start()
+        task = bar.add_task("exit heads", total=total)
+    try:
+        for epoch in range(oc.epochs):
+            for m in models.values():
+                m.train()
+                if frozen:
+                    m.backbone.eval()  # no dropout / drop-path in the fixed backbone
+            sums = dict.fromkeys(models, 0.0)
+            batches = plan_epoch(real, none, oc.batch_size, cfg.seed, epoch, weights)
+            for idx in batches:
+                lr = lr_at(step, total, warmup, peak_lr, oc.min_lr_ratio)
+                gen = seed_step(cfg.seed, step)
+                x, y = train_ds.__getitems__(idx)
+                x = x.to(device).float().div_(255.0)
+                x = normalize(augment.apply(x, augment.sample(len(x), gen)))
+                y = y.to(device)
+                with accelerator.autocast():
+                    if frozen:
+                        tokens, final = _shared_tokens(first, x)
+                for h, m in models.items():
+                    with accelerator.autocast():
+                        if frozen:
+                            losses = [kd(m.heads[j](t), final, y) for j, t in enumerate(tokens)]
+                            loss = torch.stack(losses).mean()
+                        else:
+                            outs = m.forward_all(x)
+                            teacher = outs[-1].detach()
+                            losses = [kd(o, teacher, y) for o in outs[:-1]] + [hard(outs[-1], y)]
+                            loss = sum(float(w) * lo for w, lo in zip(exit_w, losses))
+                    opt = optimizers[h]
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if oc.clip_grad:
+                        torch.nn.utils.clip_grad_norm_(
+                            _trainable(m, e.mode).parameters(), oc.clip_grad
+                        )
+                    opt.step()
+                    sums[h] += float(loss.detach())
+                step += 1
+                if bar is not None:
+                    bar.update(task, advance=1)
+            val = exit_logits_all(models, val_ds, device, frozen, autocast=accelerator.autocast)
+            row = {"epoch": epoch, "step": step, "lr": lr}
+            for h, m in models.items():
+                scores = _val_scores(val[h], y_val)
+                mean = float(np.mean(scores))
+                row[h] = {
+                    "train_loss": sums[h] / len(batches),
+                    "val_macro_f1": scores,
+                    "val_mean_macro_f1": mean,
+                }
+                if mean > best[h][0]:
+                    state = {k: v.detach().cpu().clone() for k, v in _state(m, e.mode).items()}
+                    best[h] = (mean, epoch, state)
+            history.append(row)
+            log.info(
+                "epoch %d: %s",
+                epoch,
+                {h: round(row[h]["val_mean_macro_f1"], 4) for h in models},
+            )
+    finally:
+        if bar is not None:
+            bar.stop()
+    for h, m in models.items():
+        m.load_state_dict(best[h][2], strict=False)
+    return history, {h: b[1] for h, b in best.items()}
+
+
+def _state(model: EarlyExitViT, mode: str) -> dict[str, torch.Tensor]:
+    """What an exit run saves: the heads (frozen; prefixed as in the model) or everything."""
+    state = model.state_dict()
+    return {k: v for k, v in state.items() if mode == "joint" or k.startswith("heads.")}
+
+
+def run_exits_train(cfg: ExitsRunConfig, progress: bool = True) -> Path:
+    """Train exit heads on ``cfg.base_run``; returns the exit-run folder."""
+    from safetensors.torch import save_file
+
+    _check_optim(cfg)
+    base_dir = Path(cfg.base_run)
+    backbone, base_cfg, classes = load_run_model(base_dir)
+    if not isinstance(backbone, VisionTransformer):
+        raise ConfigError(
+            f"{base_dir}: early exits need a ViT backbone; {base_cfg.model.name} is a "
+            f"{type(backbone).__name__}"
+        )
+    img_size = base_cfg.data.image_size
+    accelerator = make_accelerator(cfg.optim.precision)
+    with RunDir(cfg.out_dir, cfg, "exits") as run:
+        data = base_data(base_dir, base_cfg, cfg.data_path, cfg.cache_dir)
+        check_classes(data, classes, base_dir)
+        parts = {s: data.part(s) for s in ("train", "val", "test")}
+        ds = {s: CachedImageDataset(data.cache, p, data.classes) for s, p in parts.items()}
+        torch.manual_seed(cfg.seed)
+        protect_unknown = sorted(set(cfg.exits.protect) - set(classes))
+        if protect_unknown:
+            raise ConfigError(f"exits.protect: unknown classes {protect_unknown} (have {classes})")
+        models = build_exit_models(backbone, cfg, len(classes))
+        history, best_epoch = train_exit_models(
+            models,
+            cfg,
+            ds["train"],
+            ds["val"],
+            cfg.loss or base_cfg.loss,
+            cfg.augment or base_cfg.augment,
+            accelerator,
+            progress=progress,
+        )
+        frozen = cfg.exits.mode == "frozen"
+        device = accelerator.device
+        # Saved logits are computed in fp32, as deployed inference runs: thresholds are
+        # calibrated on them and must mean the same at inference time.
+        logits = {s: exit_logits_all(models, ds[s], device, frozen) for s in ("val", "test")}
+        flops = {}
+        for h, m in models.items():
+            m.cpu().eval()
+            save_file(_state(m, cfg.exits.mode), weights_file(run.path, h))
+            save_logits(
+                logits_file(run.path, h),
+                {
+                    "val": logits["val"][h],
+                    "test": logits["test"][h],
+                    "val_labels": ds["val"].labels.numpy(),
+                    "test_labels": ds["test"].labels.numpy(),
+                },
+            )
+            flops[h] = exit_gflops(m, img_size)
+        first = next(iter(models.values()))
+        info = {
+            "base_run": str(base_dir.resolve()),
+            "backbone": base_cfg.model.name,
+            "img_size": img_size,
+            "classes": classes,
+            "mode": cfg.exits.mode,
+            "exit_blocks": list(first.exit_blocks),
+            "exit_depths": list(first.exit_depths),
+            "head_types": list(models),
+            "heads": head_kwargs(cfg),
+            "head_params": {h: m.describe()["head_params"] for h, m in models.items()},
+            "best_epoch": best_epoch,
+            "gflops": flops,
+            "val_macro_f1": {
+                h: _val_scores(logits["val"][h], ds["val"].labels.numpy()) for h in models
+            },
+        }
+        (run / INFO).write_text(json.dumps(info, indent=2))
+        (run / "history.json").write_text(json.dumps(history, indent=2))
+        return run.path

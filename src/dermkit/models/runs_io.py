@@ -1,0 +1,114 @@
+"""Load a trained classifier from its run folder: the hand-off to distill, exits, export, serve.
+
+A classifier run folder (``dermkit finetune`` or ``dermkit distill``) holds everything
+needed to rebuild its model: ``config.yaml`` (the fully resolved run config, whose
+``model.name`` and ``data.image_size`` fix the architecture), ``model.safetensors`` (the
+selected weights, loaded strictly: a key that does not fit is an error, never a silently
+random layer) and the class order. The class order is read from ``classes.json`` when the
+run wrote one, else from ``metrics.json`` (``classes``), else from the ``prob_<class>``
+columns of ``predictions_test.csv``: all three are written in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from dermkit.config import ConfigError, DistillRunConfig, FinetuneRunConfig
+from dermkit.models.backbones import create_backbone
+
+# Stage (run.json "stage") -> the schema its config.yaml follows. Every schema describes a
+# single classifier trained by the supervised loop, so all share FinetuneRunConfig's fields.
+RUN_SCHEMAS: dict[str, type[FinetuneRunConfig]] = {
+    "finetune": FinetuneRunConfig,
+    "distill": DistillRunConfig,
+}
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: a classifier run folder needs config.yaml, {WEIGHTS_FILE} and "
+            "classes.json (or metrics.json / predictions_test.csv); is this a finished run?"
+        )
+    return path
+
+
+def read_run_config(run_dir: str | Path) -> FinetuneRunConfig:
+    """The run's config.yaml validated by its stage's schema (from run.json, else by trying)."""
+    run_dir = Path(run_dir)
+    path = _require(run_dir / "config.yaml")
+    data = yaml.safe_load(path.read_text()) or {}
+    stage = None
+    if (run_dir / "run.json").exists():
+        stage = json.loads((run_dir / "run.json").read_text()).get("stage")
+    schemas = [RUN_SCHEMAS[stage]] if stage in RUN_SCHEMAS else list(RUN_SCHEMAS.values())
+    errors = []
+    for schema in schemas:
+        try:
+            return schema.model_validate(data)
+        except ValidationError as e:
+            errors.append(f"as {schema.__name__}: {e.errors()[0]['loc']} {e.errors()[0]['msg']}")
+    raise ConfigError(f"{path}: not a classifier run config ({'; '.join(errors)})")
+
+
+def read_run_classes(run_dir: str | Path) -> list[str]:
+    """Class names in logit order: classes.json, else metrics.json, else predictions_test.csv."""
+    run_dir = Path(run_dir)
+    classes = None
+    if (run_dir / "classes.json").exists():
+        classes = json.loads((run_dir / "classes.json").read_text())
+    elif (run_dir / "metrics.json").exists():
+        classes = json.loads((run_dir / "metrics.json").read_text()).get("classes")
+    elif (run_dir / "predictions_test.csv").exists():
+        from dermkit.eval.predictions import PROB_PREFIX
+
+        header = (run_dir / "predictions_test.csv").open().readline().strip().split(",")
+        classes = [c[len(PROB_PREFIX) :] for c in header if c.startswith(PROB_PREFIX)]
+    else:
+        _require(run_dir / "classes.json")  # raises, naming the preferred file
+    if not classes or not all(isinstance(c, str) for c in classes):
+        raise ConfigError(f"{run_dir}: could not read the class list (got {classes!r})")
+    return list(classes)
+
+
+def build_run_model(cfg: FinetuneRunConfig, n_classes: int) -> torch.nn.Module:
+    """The run's architecture with a ``n_classes`` head, randomly initialised."""
+    return create_backbone(
+        cfg.model.name,
+        num_classes=n_classes,
+        img_size=cfg.data.image_size,
+        drop_path_rate=cfg.model.drop_path_rate,
+        drop_rate=cfg.model.drop_rate,
+    )
+
+
+def load_run_model(
+    run_dir: str | Path,
+) -> tuple[torch.nn.Module, FinetuneRunConfig, list[str]]:
+    """(model in eval mode on CPU, run config, class names) of a classifier run folder.
+
+    The model maps normalised float images (B, 3, S, S), S = ``cfg.data.image_size``, to
+    logits (B, len(classes)).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+    cfg = read_run_config(run_dir)
+    classes = read_run_classes(run_dir)
+    weights = _require(run_dir / WEIGHTS_FILE)
+    model = build_run_model(cfg, len(classes))
+    try:
+        model.load_state_dict(load_file(weights))
+    except RuntimeError as e:  # missing/unexpected keys or shape mismatches
+        raise ConfigError(
+            f"{weights} does not fit {cfg.model.name} with {len(classes)} classes at "
+            f"{cfg.data.image_size} px: {e}"
+        ) from e
+    return model.eval(), cfg, classes

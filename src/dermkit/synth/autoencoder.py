@@ -1,0 +1,441 @@
+"""``dermkit synth autoencoder``: the KL autoencoder that latent diffusion runs in.
+
+Model: diffusers ``AutoencoderKL`` (Rombach et al. 2022). ``n`` encoder blocks downsample
+by ``2^(n-1)``: at 64 px, 3 blocks give 16x16x4 latents (factor 4), 4 blocks 8x8x4
+(factor 8). Loss per batch x in [-1, 1] (B, 3, S, S), z ~ q(z|x), x' = D(z):
+
+    mse(x', x) + perceptual_weight * P(x', x) + kl_weight * KL(q(z|x) || N(0, I)) / (3 S^2)
+    (+ adversarial_weight * -mean(D_patch(x')) from ``adversarial_start_step``)
+
+``P`` is a perceptual distance in a local VGG-16 or a dermkit encoder's feature space
+(``perceptual.py``); the KL is divided by the pixel count so that ``kl_weight`` has LDM's
+meaning (their reconstruction term is a per-image sum). The optional patch discriminator
+is trained alongside with the hinge loss (``discriminator.py``).
+
+The run folder holds ``autoencoder.safetensors``: the weights, with the diffusers config
+and the latent scaling factor (1 / std of training latents, so the diffusion model sees
+unit-variance latents) in its metadata; nothing else is needed to load it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from dermkit.config import AutoencoderModelConfig, AutoencoderRunConfig, ConfigError
+from dermkit.data.dataset import CachedImageDataset
+from dermkit.data.prepare import prepare_data
+from dermkit.eval.report import HtmlReport
+from dermkit.models.weights import save_weights
+from dermkit.runs import RunDir
+from dermkit.synth.discriminator import (
+    PatchDiscriminator,
+    generator_adversarial_loss,
+    hinge_discriminator_loss,
+)
+from dermkit.synth.images import apply_dihedral, save_grid, to_signed, to_uint8
+from dermkit.synth.training import (
+    TrainLog,
+    check_optim,
+    epoch_batches,
+    plan_budget,
+    progress_bar,
+    rank_slice,
+    write_json,
+)
+from dermkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dermkit.train.loop import lr_at, make_accelerator, seed_step
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "autoencoder.safetensors"
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def downsample_factor(model: AutoencoderModelConfig) -> int:
+    """Image side / latent side: 2^(number of blocks - 1)."""
+    return 2 ** (len(model.block_out_channels) - 1)
+
+
+def check_autoencoder_config(cfg: AutoencoderRunConfig) -> None:
+    """Cross-field checks pydantic cannot express per field; errors name the fields."""
+    m, loss = cfg.model, cfg.loss
+    bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
+    if bad:
+        raise ConfigError(
+            f"model.block_out_channels {m.block_out_channels}: {bad} not divisible by "
+            f"model.norm_num_groups={m.norm_num_groups}"
+        )
+    if cfg.data.image_size % downsample_factor(m):
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} is not divisible by the downsampling "
+            f"factor {downsample_factor(m)} of {len(m.block_out_channels)} blocks"
+        )
+    if loss.loss == "mse+perceptual" and not (loss.perceptual_weights or loss.perceptual_encoder):
+        raise ConfigError(
+            "loss.loss=mse+perceptual needs loss.perceptual_encoder (a dermkit run folder) or "
+            "loss.perceptual_weights (a local torchvision vgg16 features file)"
+        )
+    if loss.perceptual_weights and loss.perceptual_encoder:
+        raise ConfigError("set only one of loss.perceptual_weights and loss.perceptual_encoder")
+    check_optim(cfg.optim)
+
+
+def build_autoencoder(model: AutoencoderModelConfig, image_size: int) -> AutoencoderKL:
+    """A randomly initialised AutoencoderKL: (B, 3, S, S) <-> (B, C, S / f, S / f)."""
+    n = len(model.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(model.block_out_channels),
+        layers_per_block=model.layers_per_block,
+        latent_channels=model.latent_channels,
+        norm_num_groups=model.norm_num_groups,
+        sample_size=image_size,
+        mid_block_add_attention=model.mid_block_attention,
+    )
+
+
+class AutoencoderPass(nn.Module):
+    """One training pass as a module (so DDP can wrap it): x (B, 3, S, S) in [-1, 1] ->
+    (reconstruction (B, 3, S, S), KL per image (B,)). z is sampled from the posterior with
+    the global torch RNG, which the loop reseeds every step."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        return recon, posterior.kl()
+
+
+# ----------------------------------------------------------------------------- codec
+
+
+class LatentCodec:
+    """Images <-> the scaled latents a diffusion model is trained on.
+
+    With an autoencoder: z = scaling_factor * E(x); without (``vae=None``): pixel space,
+    z = x in [-1, 1]. ``latent_shape`` is (C, h, w).
+    """
+
+    def __init__(self, vae: AutoencoderKL | None, scaling_factor: float, image_size: int):
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.scaling_factor = float(scaling_factor)
+        self.image_size = int(image_size)
+        if vae is None:
+            self.latent_shape = (3, image_size, image_size)
+        else:
+            f = 2 ** (len(vae.config.block_out_channels) - 1)
+            self.latent_shape = (vae.config.latent_channels, image_size // f, image_size // f)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device if self.vae is not None else torch.device("cpu")
+
+    def to(self, device) -> LatentCodec:
+        if self.vae is not None:
+            self.vae.to(device)
+        return self
+
+    @torch.no_grad()
+    def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, 3, S, S) -> scaled posterior mean and std, each (B, C, h, w)."""
+        x = to_signed(images.to(self.device))
+        if self.vae is None:
+            return x, torch.zeros_like(x)
+        post = self.vae.encode(x).latent_dist
+        return post.mean * self.scaling_factor, post.std * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) -> uint8 images (B, 3, S, S)."""
+        if self.vae is None:
+            return to_uint8(z)
+        return to_uint8(self.vae.decode(z.to(self.device) / self.scaling_factor).sample)
+
+
+def save_autoencoder(vae: AutoencoderKL, scaling_factor: float, path: str | Path) -> Path:
+    """Weights + diffusers config + scaling factor in one .safetensors file."""
+    vae.register_to_config(scaling_factor=float(scaling_factor))
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    return save_weights(
+        vae,
+        path,
+        metadata={
+            "dermkit_kind": "autoencoder_kl",
+            "diffusers_config": json.dumps(config),
+            "scaling_factor": repr(float(scaling_factor)),
+            "image_size": str(vae.config.sample_size),
+        },
+    )
+
+
+def load_codec(source: str | Path | None, image_size: int | None = None) -> LatentCodec:
+    """The codec of an autoencoder run folder or its weights file; None: pixel space
+    (then ``image_size`` is required)."""
+    if source is None:
+        if image_size is None:
+            raise ValueError("a pixel-space codec needs image_size")
+        return LatentCodec(None, 1.0, image_size)
+    path = Path(source)
+    path = path / WEIGHTS_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"autoencoder weights not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("dermkit_kind") != "autoencoder_kl":
+        raise ConfigError(f"{path}: not a dermkit autoencoder (metadata dermkit_kind)")
+    vae = AutoencoderKL.from_config(json.loads(meta["diffusers_config"]))
+    vae.load_state_dict(load_file(path))
+    return LatentCodec(vae, float(meta["scaling_factor"]), int(meta["image_size"]))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 128
+) -> tuple[dict, torch.Tensor]:
+    """PSNR (dB) and SSIM of posterior-mean reconstructions of uint8 images (N, 3, S, S).
+
+    Returns ({psnr, ssim, mse}, reconstructions uint8 (N, 3, S, S)).
+    """
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    vae.eval()
+    device = next(vae.parameters()).device
+    recon = []
+    for i in range(0, len(images), batch_size):
+        x = to_signed(images[i : i + batch_size].to(device))
+        recon.append(to_uint8(vae.decode(vae.encode(x).latent_dist.mode()).sample).cpu())
+    recon = torch.cat(recon)
+    a = images.permute(0, 2, 3, 1).numpy()
+    b = recon.permute(0, 2, 3, 1).numpy()
+    psnr = [peak_signal_noise_ratio(x, y, data_range=255) for x, y in zip(a, b)]
+    ssim = [structural_similarity(x, y, channel_axis=-1, data_range=255) for x, y in zip(a, b)]
+    mse = float(((a.astype(np.float32) - b) ** 2).mean())
+    finite = [p for p in psnr if np.isfinite(p)]  # identical images have infinite PSNR
+    return {
+        "psnr": float(np.mean(finite)) if finite else float("inf"),
+        "ssim": float(np.mean(ssim)),
+        "mse": mse,
+    }, recon
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 128) -> float:
+    """1 / std of posterior samples z ~ q(z|x) over uint8 images (N, 3, S, S) (as LDM)."""
+    vae.eval()
+    device = next(vae.parameters()).device
+    z = [
+        vae.encode(to_signed(images[i : i + batch_size].to(device))).latent_dist.sample().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    return float(1.0 / torch.cat(z).float().std().clamp_min(1e-8))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_autoencoder(
+    cfg: AutoencoderRunConfig, resume: bool = False, progress: bool = True
+) -> Path:
+    """Train the autoencoder end to end; returns the path of report.html."""
+    check_autoencoder_config(cfg)
+    oc, lc = cfg.optim, cfg.loss
+    accelerator = make_accelerator(oc.precision)
+    main = accelerator.is_main_process
+    device = accelerator.device
+    with RunDir(cfg.out_dir, cfg, "synth_autoencoder", write=main) as run:
+        # --- data: the TRAIN split's cached images; val for PSNR/SSIM
+        with accelerator.main_process_first():
+            data = prepare_data(cfg.data, rejects_path=run / "rejects.csv")
+        train_ds = CachedImageDataset(data.cache, data.part("train"), data.classes)
+        val_part = data.part("val")
+        if len(val_part) == 0:
+            raise ConfigError("data: the val split is empty (needed for PSNR/SSIM)")
+        val_ds = CachedImageDataset(data.cache, val_part, data.classes)
+        rng = np.random.default_rng(cfg.seed)
+        val_idx = np.sort(rng.permutation(len(val_ds))[: cfg.val_images])
+        val_images = val_ds.__getitems__(val_idx)[0]
+
+        # --- model, losses, optimizer, EMA
+        torch.manual_seed(cfg.seed)
+        vae = build_autoencoder(cfg.model, cfg.data.image_size)
+        disc = None
+        if lc.adversarial_weight > 0:
+            disc = PatchDiscriminator(lc.discriminator_channels, lc.discriminator_layers)
+        modules = nn.ModuleDict({"autoencoder": vae, **({"discriminator": disc} if disc else {})})
+        perceptual = None
+        if lc.loss == "mse+perceptual":
+            from dermkit.synth.perceptual import PerceptualLoss
+
+            perceptual = PerceptualLoss(lc.perceptual_weights, lc.perceptual_encoder).to(device)
+        budget = plan_budget(len(train_ds), oc, cfg.max_steps)
+        optimizer = torch.optim.AdamW(
+            modules.parameters(), lr=budget.peak_lr, betas=oc.betas, weight_decay=oc.weight_decay
+        )
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(vae, decay=oc.ema_decay, use_warmup=True) if oc.ema_decay else None
+
+        # --- resume
+        ckpt_dir = run / "checkpoints"
+        step, history = 0, []
+        if resume and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+            saved = load_checkpoint(ckpt, modules, optimizer, ema.module if ema else None)
+            step, history = saved["step"], saved["history"]
+            log.info("resumed from %s (step %d)", ckpt, step)
+        train_log = TrainLog(run / "log.jsonl", main, history)
+        train_log.truncate_after(step)
+        ae_pass = AutoencoderPass(vae)
+        ae_pass, optimizer = accelerator.prepare(ae_pass, optimizer)
+        disc_ddp = accelerator.prepare(disc) if disc is not None else None
+        lo, hi = rank_slice(accelerator, oc.batch_size)
+        bar, task = progress_bar(progress and main, budget.total, step, "autoencoder")
+
+        # --- the loop
+        while step < budget.total:
+            epoch = step // budget.steps_per_epoch
+            batches = epoch_batches(len(train_ds), oc.batch_size, cfg.seed, epoch)
+            ae_pass.train()
+            for b in range(step % budget.steps_per_epoch, budget.steps_per_epoch):
+                gen = seed_step(cfg.seed, step)
+                lr = lr_at(step, budget.total, budget.warmup, budget.peak_lr, oc.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                views = torch.randint(0, 8, (oc.batch_size,), generator=gen)[lo:hi]
+                x = to_signed(train_ds.__getitems__(batches[b][lo:hi])[0].to(device))
+                if cfg.augment:
+                    x = apply_dihedral(x, views)
+                adversarial = disc is not None and step >= lc.adversarial_start_step
+                with accelerator.autocast():
+                    recon, kl = ae_pass(x)
+                    rec = F.mse_loss(recon.float(), x)
+                    kl_term = kl.float().mean() / x[0].numel()
+                    loss = rec + lc.kl_weight * kl_term
+                    terms = {"mse": rec.item(), "kl": kl_term.item()}
+                    if perceptual is not None:
+                        p = perceptual(recon.float(), x)
+                        loss = loss + lc.perceptual_weight * p
+                        terms["perceptual"] = p.item()
+                    if adversarial:
+                        disc.requires_grad_(False)  # the generator term must not train D
+                        g_adv = generator_adversarial_loss(disc(recon))
+                        disc.requires_grad_(True)
+                        loss = loss + lc.adversarial_weight * g_adv
+                        terms["g_adv"] = g_adv.item()
+                accelerator.backward(loss)
+                if adversarial:
+                    with accelerator.autocast():
+                        logits = disc_ddp(torch.cat([x, recon.detach()]))
+                        d_loss = hinge_discriminator_loss(*logits.float().chunk(2))
+                    accelerator.backward(d_loss)
+                    terms["d_loss"] = d_loss.item()
+                if oc.clip_grad:
+                    accelerator.clip_grad_norm_(modules.parameters(), oc.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(vae, step=step)
+                step += 1
+                train_log.count(oc.batch_size)
+                if bar is not None:
+                    bar.update(task, advance=1, description=f"autoencoder mse {rec.item():.4f}")
+                if step % cfg.log_every == 0:
+                    train_log.write(
+                        {"kind": "train", "step": step, "epoch": epoch, "lr": lr, **terms}
+                    )
+                last = step == budget.total
+                end_of_epoch = b == budget.steps_per_epoch - 1 or last
+                if main and end_of_epoch and ((epoch + 1) % cfg.eval_every == 0 or last):
+                    scores, _ = reconstruction_metrics(ema.module if ema else vae, val_images)
+                    row = {"kind": "epoch", "step": step, "epoch": epoch, **scores}
+                    train_log.history.append(row)
+                    train_log.write(row)
+                    log.info(
+                        "epoch %d: val PSNR %.2f SSIM %.3f", epoch, scores["psnr"], scores["ssim"]
+                    )
+                    ae_pass.train()
+                if main and (step % cfg.checkpoint_every == 0 or last):
+                    save_checkpoint(
+                        ckpt_dir,
+                        step,
+                        modules,
+                        optimizer,
+                        ema.module if ema else None,
+                        extra={"history": train_log.history, "epoch": epoch},
+                    )
+                accelerator.wait_for_everyone()
+                if step >= budget.total:
+                    break
+        if bar is not None:
+            bar.stop()
+        if not main:
+            return run / "report.html"
+
+        # --- final weights, latent scale, metrics, report
+        final = ema.module if ema is not None else vae
+        n_scale = min(cfg.scaling_images, len(train_ds))
+        scale_idx = np.sort(rng.permutation(len(train_ds))[:n_scale])
+        scaling = latent_scaling_factor(final, train_ds.__getitems__(scale_idx)[0])
+        save_autoencoder(final.float().cpu(), scaling, run / WEIGHTS_FILE)
+        final.to(device)
+        scores, recon = reconstruction_metrics(final, val_images)
+        n_grid = min(16, len(val_images))
+        pairs = torch.stack([val_images[:n_grid], recon[:n_grid]], 1).flatten(0, 1)
+        save_grid(pairs, run / "reconstructions.png", nrow=8)
+        metrics = {
+            "val": scores,
+            "val_images": len(val_images),
+            "scaling_factor": scaling,
+            "latent_shape": list(load_codec(run / WEIGHTS_FILE).latent_shape),
+            "downsample_factor": downsample_factor(cfg.model),
+            "params": sum(p.numel() for p in vae.parameters()),
+            "steps": step,
+            "loss": lc.loss,
+            "perceptual_source": lc.perceptual_weights or lc.perceptual_encoder,
+            "history": train_log.history,
+        }
+        write_json(metrics, run / "metrics.json")
+        return _write_report(run.path, cfg, metrics)
+
+
+def _write_report(run_dir: Path, cfg: AutoencoderRunConfig, metrics: dict) -> Path:
+    report = HtmlReport("dermkit synth autoencoder: reconstruction on the val split")
+    report.add_table(
+        [
+            {"quantity": "val PSNR (dB)", "value": metrics["val"]["psnr"]},
+            {"quantity": "val SSIM", "value": metrics["val"]["ssim"]},
+            {"quantity": "latent shape (C, h, w)", "value": str(tuple(metrics["latent_shape"]))},
+            {"quantity": "latent scaling factor", "value": metrics["scaling_factor"]},
+            {"quantity": "loss", "value": metrics["loss"]},
+            {"quantity": "parameters", "value": metrics["params"]},
+            {"quantity": "optimizer steps", "value": metrics["steps"]},
+        ],
+        caption=f"{metrics['val_images']} val images, posterior-mean reconstructions",
+    )
+    report.add_table(metrics["history"], caption="Per epoch (val)")
+    report.add_figure(
+        run_dir / "reconstructions.png",
+        caption="Pairs: original (left) and reconstruction (right), val split",
+    )
+    report.add_link("metrics.json", "metrics.json")
+    return report.write(run_dir / "report.html")

@@ -1,0 +1,529 @@
+"""``dermkit synth diffusion``: class-conditional latent diffusion with classifier-free guidance.
+
+Training (DDPM, Ho et al. 2020; epsilon prediction; Rombach et al. 2022 in latent space):
+every train image is encoded once, in ``dihedral_views`` flips/rotations, to the scaled
+posterior mean and std of the autoencoder; a step draws z = mean + std * e, a timestep t
+and noise n, and regresses n from the noised z with a diffusers ``UNet2DModel`` whose
+class embedding has ``n_classes + 1`` rows. The last row is the *null class*: with
+probability ``label_dropout`` a label is replaced by it (Ho & Salimans 2022), so one
+network learns both eps(z, t, c) and eps(z, t, null). ``unconditional: true`` always uses
+the null class (the ablation). EMA weights (timm ``ModelEmaV3``) are what is saved.
+
+Sampling (DDIM, Song et al. 2021, or DPM-Solver++, Lu et al. 2022) uses
+
+    eps = eps_uncond + g * (eps_cond - eps_uncond)
+
+g = 0 is unconditional sampling (the null class only: exactly eps_uncond, one UNet call),
+g = 1 plain conditional sampling, g > 1 stronger adherence to the class. Both halves come
+from ONE batched UNet call on [x; x] with labels [c; null] (``guided_eps``): half the
+kernel launches and weight reads of the two-call loop of a plain pipeline
+(``dermkit bench sampling`` measures it).
+
+The run folder holds ``unet.safetensors`` (EMA weights; diffusers config in the metadata),
+a copy of ``autoencoder.safetensors``, and ``generator.json`` (classes, train counts,
+scheduler, latent shape): loading a generator needs only that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from dermkit.config import ConfigError, DiffusionRunConfig, SamplerConfig, UNetConfig
+from dermkit.data.dataset import CachedImageDataset
+from dermkit.data.prepare import prepare_data
+from dermkit.eval.report import HtmlReport
+from dermkit.models.weights import save_weights
+from dermkit.runs import RunDir
+from dermkit.synth.autoencoder import WEIGHTS_FILE as AUTOENCODER_FILE
+from dermkit.synth.autoencoder import LatentCodec, load_codec
+from dermkit.synth.images import dihedral, save_grid
+from dermkit.synth.training import (
+    TrainLog,
+    check_optim,
+    epoch_batches,
+    plan_budget,
+    progress_bar,
+    rank_slice,
+    write_json,
+)
+from dermkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dermkit.train.loop import lr_at, make_accelerator, seed_step
+
+log = logging.getLogger(__name__)
+
+UNET_FILE = "unet.safetensors"
+GENERATOR_FILE = "generator.json"
+# LDM's betas for the scaled_linear schedule (diffusers' defaults suit the pixel-space ones).
+SCALED_LINEAR_BETAS = {"beta_start": 0.00085, "beta_end": 0.012}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def check_unet_config(u: UNetConfig, latent_side: int, section: str = "unet") -> None:
+    """Cross-field checks of the UNet; errors name the fields."""
+    n = len(u.block_out_channels)
+    if len(u.attention) != n:
+        raise ConfigError(
+            f"{section}.attention has {len(u.attention)} entries, "
+            f"{section}.block_out_channels {n}: give one per level"
+        )
+    bad = [c for c in u.block_out_channels if c % u.norm_num_groups]
+    if bad:
+        raise ConfigError(
+            f"{section}.block_out_channels {u.block_out_channels}: {bad} not divisible by "
+            f"{section}.norm_num_groups={u.norm_num_groups}"
+        )
+    if latent_side % 2 ** (n - 1):
+        raise ConfigError(
+            f"{section}.block_out_channels: {n} levels halve the {latent_side}x{latent_side} "
+            f"latents {n - 1} times; the side must be divisible by {2 ** (n - 1)}"
+        )
+
+
+def build_unet(u: UNetConfig, latent_shape: tuple[int, int, int], n_classes: int) -> UNet2DModel:
+    """eps-predicting UNet: (B, C, h, w), t (B,), labels (B,) in [0, n_classes] -> (B, C, h, w).
+
+    Label ``n_classes`` is the null class of classifier-free guidance.
+    """
+    c, h, _ = latent_shape
+    return UNet2DModel(
+        sample_size=h,
+        in_channels=c,
+        out_channels=c,
+        block_out_channels=tuple(u.block_out_channels),
+        layers_per_block=u.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in u.attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in u.attention[::-1]),
+        attention_head_dim=u.attention_head_dim,
+        norm_num_groups=u.norm_num_groups,
+        dropout=u.dropout,
+        num_class_embeds=n_classes + 1,
+    )
+
+
+def training_scheduler(num_train_timesteps: int, beta_schedule: str) -> DDPMScheduler:
+    """The forward process q(z_t | z_0); latents are not clipped (they are not in [-1, 1])."""
+    extra = SCALED_LINEAR_BETAS if beta_schedule == "scaled_linear" else {}
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        prediction_type="epsilon",
+        clip_sample=False,
+        **extra,
+    )
+
+
+def make_sampler(kind: str, scheduler_config: dict, steps: int):
+    """A fresh DDIM or DPM-Solver++ (2nd order) scheduler with ``steps`` timesteps.
+
+    Fresh per call because multistep solvers keep state between steps. "trailing" spacing
+    starts at t = T - 1, which matters with few steps (Lin et al. 2024).
+    """
+    if kind == "ddim":
+        sched = DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing")
+    elif kind == "dpm_solver":
+        sched = DPMSolverMultistepScheduler.from_config(
+            scheduler_config,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            timestep_spacing="trailing",
+        )
+    else:
+        raise ConfigError(f"sampler.sampler: unknown sampler {kind!r} (ddim or dpm_solver)")
+    sched.set_timesteps(steps)
+    return sched
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def guided_eps(
+    unet: UNet2DModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor,
+    guidance: float,
+    null_label: int,
+) -> torch.Tensor:
+    """Classifier-free guided noise estimate (B, C, h, w) from ONE UNet call.
+
+    Rows whose label is the null class get eps_uncond exactly; guidance 0 (or an all-null
+    batch) runs only the unconditional half, guidance 1 on an all-conditional batch only
+    the conditional half. Otherwise [x; x] with labels [c; null] go through the UNet
+    together and eps = eps_u + g * (eps_c - eps_u).
+    """
+    null = torch.full_like(labels, null_label)
+    conditional = labels != null_label
+    if guidance == 0 or not bool(conditional.any()):
+        return unet(x, t, class_labels=null).sample
+    if guidance == 1 and bool(conditional.all()):
+        return unet(x, t, class_labels=labels).sample
+    out = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample
+    eps_c, eps_u = out.chunk(2)
+    eps = eps_u + guidance * (eps_c - eps_u)
+    return torch.where(conditional.view(-1, 1, 1, 1), eps, eps_u)
+
+
+@torch.no_grad()
+def sample_latents(
+    unet: UNet2DModel,
+    scheduler,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    guidance: float,
+    null_label: int,
+) -> torch.Tensor:
+    """Run the reverse process from ``noise`` (B, C, h, w) to latents z_0 (B, C, h, w).
+
+    Deterministic given the noise (DDIM with eta 0, DPM-Solver++), so an image is a
+    function of its own initial noise only, not of the batch it was drawn in.
+    """
+    x = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = guided_eps(unet, scheduler.scale_model_input(x, t), t, labels, guidance, null_label)
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
+@dataclass
+class Generator:
+    """A trained class-conditional generator loaded from its run folder."""
+
+    unet: UNet2DModel
+    codec: LatentCodec
+    classes: list[str]
+    train_counts: dict[str, int]
+    scheduler_config: dict
+    unconditional: bool
+    run: Path
+
+    @property
+    def null_label(self) -> int:
+        return len(self.classes)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.codec.latent_shape)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device) -> Generator:
+        self.unet.to(device)
+        self.codec.to(device)
+        return self
+
+    def labels_for(self, names: list[str | None]) -> torch.Tensor:
+        """Class names (None: the null class) -> label indices (B,) long."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        unknown = sorted({n for n in names if n is not None and n not in index})
+        if unknown:
+            raise ConfigError(f"classes {unknown} are not among the generator's {self.classes}")
+        return torch.tensor([self.null_label if n is None else index[n] for n in names])
+
+    @torch.no_grad()
+    def sample(
+        self,
+        noise: torch.Tensor,
+        labels: torch.Tensor | None,
+        guidance: float,
+        sampler: str = "ddim",
+        steps: int = 25,
+    ) -> torch.Tensor:
+        """uint8 images (B, 3, S, S) from initial noise (B, C, h, w) and labels (B,).
+
+        ``labels=None`` (or an unconditional generator) samples the null class.
+        """
+        self.unet.eval()
+        b = noise.shape[0]
+        if labels is None or self.unconditional:
+            labels = torch.full((b,), self.null_label, dtype=torch.long)
+        sched = make_sampler(sampler, self.scheduler_config, steps)
+        z = sample_latents(
+            self.unet,
+            sched,
+            noise.to(self.device),
+            labels.to(self.device),
+            guidance,
+            self.null_label,
+        )
+        return self.codec.decode(z).cpu()
+
+
+def save_unet(unet: UNet2DModel, path: str | Path) -> Path:
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    return save_weights(
+        unet, path, metadata={"dermkit_kind": "unet2d", "diffusers_config": json.dumps(config)}
+    )
+
+
+def load_unet(path: str | Path) -> UNet2DModel:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"UNet weights not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("dermkit_kind") != "unet2d":
+        raise ConfigError(f"{path}: not a dermkit UNet (metadata dermkit_kind)")
+    unet = UNet2DModel.from_config(json.loads(meta["diffusers_config"]))
+    unet.load_state_dict(load_file(path))
+    return unet.eval().requires_grad_(False)
+
+
+def load_generator(run: str | Path, device: str | torch.device = "cpu") -> Generator:
+    """Load a ``dermkit synth diffusion`` run folder."""
+    run = Path(run)
+    meta_path = run / GENERATOR_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} not found: is {run} a synth diffusion run?")
+    meta = json.loads(meta_path.read_text())
+    codec = load_codec(
+        run / AUTOENCODER_FILE if meta["autoencoder"] else None, image_size=meta["image_size"]
+    )
+    return Generator(
+        unet=load_unet(run / UNET_FILE),
+        codec=codec,
+        classes=list(meta["classes"]),
+        train_counts={k: int(v) for k, v in meta["train_counts"].items()},
+        scheduler_config=meta["scheduler"],
+        unconditional=bool(meta["unconditional"]),
+        run=run.resolve(),
+    ).to(device)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@torch.no_grad()
+def encode_views(
+    codec: LatentCodec, ds: CachedImageDataset, views: int, batch_size: int = 128
+) -> torch.Tensor:
+    """Scaled posterior mean and std of every image in ``views`` dihedral views.
+
+    Returns (N, views, 2C, h, w) float16 (mean channels first); half precision halves the
+    memory of a whole training set of latents, and is far finer than the posterior std.
+    """
+    out = []
+    for i in range(0, len(ds), batch_size):
+        images = ds.__getitems__(np.arange(i, min(i + batch_size, len(ds))))[0]
+        per_view = []
+        for k in range(views):
+            mean, std = codec.moments(dihedral(images, k))
+            per_view.append(torch.cat([mean, std], 1).half().cpu())
+        out.append(torch.stack(per_view, 1))
+    return torch.cat(out)
+
+
+def train_diffusion(cfg: DiffusionRunConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train the latent diffusion model end to end; returns the path of report.html."""
+    check_optim(cfg.optim)
+    oc = cfg.optim
+    accelerator = make_accelerator(oc.precision)
+    main, device = accelerator.is_main_process, accelerator.device
+    with RunDir(cfg.out_dir, cfg, "synth_diffusion", write=main) as run:
+        # --- data and latents
+        with accelerator.main_process_first():
+            data = prepare_data(cfg.data, rejects_path=run / "rejects.csv")
+        train_part = data.part("train")
+        ds = CachedImageDataset(data.cache, train_part, data.classes)
+        codec = load_codec(cfg.autoencoder, image_size=cfg.data.image_size).to(device)
+        if codec.image_size != cfg.data.image_size:
+            raise ConfigError(
+                f"data.image_size={cfg.data.image_size} differs from the autoencoder's "
+                f"{codec.image_size} px ({cfg.autoencoder})"
+            )
+        check_unet_config(cfg.unet, codec.latent_shape[1])
+        latents = encode_views(codec, ds, cfg.dihedral_views)  # (N, V, 2C, h, w)
+        c = codec.latent_shape[0]
+        labels_all = ds.labels
+        n_classes, null = len(data.classes), len(data.classes)
+
+        # --- model, noise schedule, optimizer, EMA
+        torch.manual_seed(cfg.seed)
+        unet = build_unet(cfg.unet, codec.latent_shape, n_classes)
+        noise_sched = training_scheduler(cfg.num_train_timesteps, cfg.beta_schedule)
+        budget = plan_budget(len(ds), oc, cfg.max_steps)
+        optimizer = torch.optim.AdamW(
+            unet.parameters(), lr=budget.peak_lr, betas=oc.betas, weight_decay=oc.weight_decay
+        )
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(unet, decay=oc.ema_decay, use_warmup=True) if oc.ema_decay else None
+
+        # --- resume
+        ckpt_dir = run / "checkpoints"
+        step, history = 0, []
+        if resume and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+            saved = load_checkpoint(ckpt, unet, optimizer, ema.module if ema else None)
+            step, history = saved["step"], saved["history"]
+            log.info("resumed from %s (step %d)", ckpt, step)
+        train_log = TrainLog(run / "log.jsonl", main, history)
+        train_log.truncate_after(step)
+        model, optimizer = accelerator.prepare(unet, optimizer)
+        lo, hi = rank_slice(accelerator, oc.batch_size)
+        bar, task = progress_bar(progress and main, budget.total, step, "diffusion")
+        epoch_loss: list[float] = []
+
+        # --- the loop
+        while step < budget.total:
+            epoch = step // budget.steps_per_epoch
+            batches = epoch_batches(len(ds), oc.batch_size, cfg.seed, epoch)
+            model.train()
+            for b in range(step % budget.steps_per_epoch, budget.steps_per_epoch):
+                gen = seed_step(cfg.seed, step)
+                lr = lr_at(step, budget.total, budget.warmup, budget.peak_lr, oc.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                # Every random draw is made for the whole global batch, then sliced, so
+                # N processes train on exactly what one process would.
+                bsz = oc.batch_size
+                view = torch.randint(0, cfg.dihedral_views, (bsz,), generator=gen)[lo:hi]
+                t = torch.randint(0, cfg.num_train_timesteps, (bsz,), generator=gen)[lo:hi]
+                drop = torch.rand(bsz, generator=gen)[lo:hi] < cfg.label_dropout
+                e_post = torch.randn((bsz, *codec.latent_shape), generator=gen)[lo:hi]
+                noise = torch.randn((bsz, *codec.latent_shape), generator=gen)[lo:hi]
+                idx = torch.from_numpy(batches[b][lo:hi])
+                moments = latents[idx, view].float()
+                z0 = moments[:, :c] + moments[:, c:] * e_post
+                y = labels_all[idx].clone()
+                y[drop] = null
+                if cfg.unconditional:
+                    y[:] = null
+                z0, noise, t, y = (v.to(device) for v in (z0, noise, t, y))
+                zt = noise_sched.add_noise(z0, noise, t)  # q(z_t | z_0)
+                with accelerator.autocast():
+                    pred = model(zt, t, class_labels=y).sample
+                    loss = F.mse_loss(pred.float(), noise)
+                accelerator.backward(loss)
+                if oc.clip_grad:
+                    accelerator.clip_grad_norm_(model.parameters(), oc.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(unet, step=step)
+                step += 1
+                epoch_loss.append(loss.item())
+                train_log.count(bsz)
+                if bar is not None:
+                    bar.update(task, advance=1, description=f"diffusion loss {loss.item():.4f}")
+                if step % cfg.log_every == 0:
+                    train_log.write(
+                        {
+                            "kind": "train",
+                            "step": step,
+                            "epoch": epoch,
+                            "lr": lr,
+                            "loss": loss.item(),
+                        }
+                    )
+                end_of_epoch = b == budget.steps_per_epoch - 1 or step == budget.total
+                if end_of_epoch:
+                    row = {"kind": "epoch", "step": step, "epoch": epoch}
+                    row["train_loss"] = float(np.mean(epoch_loss)) if epoch_loss else None
+                    train_log.history.append(row)
+                    train_log.write(row)
+                    epoch_loss = []
+                if main and (step % cfg.checkpoint_every == 0 or step == budget.total):
+                    save_checkpoint(
+                        ckpt_dir,
+                        step,
+                        unet,
+                        optimizer,
+                        ema.module if ema else None,
+                        extra={"history": train_log.history, "epoch": epoch},
+                    )
+                accelerator.wait_for_everyone()
+                if step >= budget.total:
+                    break
+        if bar is not None:
+            bar.stop()
+        if not main:
+            return run / "report.html"
+
+        # --- save the generator, preview grid, report
+        final = (ema.module if ema is not None else unet).eval()
+        save_unet(final.float().cpu(), run / UNET_FILE)
+        if cfg.autoencoder is not None:
+            src = Path(cfg.autoencoder)
+            src = src / AUTOENCODER_FILE if src.is_dir() else src
+            if src.resolve() != (run / AUTOENCODER_FILE).resolve():
+                shutil.copyfile(src, run / AUTOENCODER_FILE)
+        counts = train_part["label"].value_counts()
+        meta = {
+            "classes": data.classes,
+            "train_counts": {k: int(counts.get(k, 0)) for k in data.classes},
+            "null_label": null,
+            "unconditional": cfg.unconditional,
+            "label_dropout": cfg.label_dropout,
+            "image_size": cfg.data.image_size,
+            "latent_shape": list(codec.latent_shape),
+            "autoencoder": str(cfg.autoencoder) if cfg.autoencoder else None,
+            "scheduler": {k: v for k, v in dict(noise_sched.config).items() if k[0] != "_"},
+            "steps": step,
+        }
+        write_json(meta, run / GENERATOR_FILE)
+        figure = None
+        if cfg.preview_per_class:
+            generator = load_generator(run.path, device=device)
+            figure = preview_grid(
+                generator, cfg.preview, cfg.preview_per_class, cfg.seed, run / "samples.png"
+            )
+        metrics = {
+            "steps": step,
+            "final_train_loss": train_log.history[-1]["train_loss"] if train_log.history else None,
+            "params": sum(p.numel() for p in unet.parameters()),
+            "latent_shape": list(codec.latent_shape),
+            "train_images": len(ds),
+            "dihedral_views": cfg.dihedral_views,
+            "history": train_log.history,
+        }
+        write_json(metrics, run / "metrics.json")
+        report = HtmlReport("dermkit synth diffusion: class-conditional latent diffusion")
+        report.add_table(
+            [{"quantity": k, "value": v} for k, v in metrics.items() if k != "history"],
+            caption="Training",
+        )
+        report.add_table(train_log.history, caption="Per epoch")
+        if figure is not None:
+            p = cfg.preview
+            report.add_figure(
+                figure,
+                caption=f"One row per class ({', '.join(data.classes)}): {p.sampler}, "
+                f"{p.steps} steps, guidance {p.guidance}",
+            )
+        report.add_link("metrics.json", "metrics.json")
+        return report.write(run / "report.html")
+
+
+def preview_grid(
+    generator: Generator, sampler: SamplerConfig, per_class: int, seed: int, path: Path
+) -> Path:
+    """A grid with one row of ``per_class`` samples per class."""
+    g = torch.Generator().manual_seed(seed)
+    names = [c for c in generator.classes for _ in range(per_class)]
+    noise = torch.randn((len(names), *generator.latent_shape), generator=g)
+    images = []
+    for i in range(0, len(names), sampler.batch_size):
+        images.append(
+            generator.sample(
+                noise[i : i + sampler.batch_size],
+                generator.labels_for(names[i : i + sampler.batch_size]),
+                sampler.guidance,
+                sampler.sampler,
+                sampler.steps,
+            )
+        )
+    return save_grid(torch.cat(images), path, nrow=per_class)

@@ -1,0 +1,404 @@
+"""``dermkit distill``: train a small student on a teacher run's soft targets and the labels.
+
+teacher run folder (``load_run_model``) -> same data preparation as fine-tuning (synthetic
+rows via ``synthetic_ratio`` too) -> the supervised loop ``train_classifier`` with a
+criterion that adds the KD term (``train/kd.py``) -> best student on val -> test once ->
+teacher and student metrics side by side (same test images, same bootstrap seed).
+
+Teacher logits come from one of two places (``distill.teacher_logits``):
+
+* ``online``: the teacher scores every augmented training micro-batch, so the soft
+  target always matches the image the student sees (costs one teacher forward per step).
+* ``cached``: the teacher scores the clean cached training images once; the logits are
+  stored in the run folder as ``teacher_logits_<key>.safetensors``, keyed by the teacher's
+  weights and the image ids, and reused by resumed runs. Valid only when augmentation is
+  off (the student would otherwise learn the clean image's target for an augmented view).
+* ``auto``: cached when augmentation is off, else online; the choice and its reason are
+  logged and written into the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dermkit.config import AugmentSettings, ConfigError, DistillRunConfig
+from dermkit.data.dataset import CachedImageDataset
+from dermkit.data.prepare import write_split_file
+from dermkit.eval.calibration import DecisionRule
+from dermkit.eval.curves import plot_learning_curves
+from dermkit.eval.metrics import evaluate_predictions
+from dermkit.eval.predictions import write_predictions
+from dermkit.eval.report import format_estimate, write_evaluation_report
+from dermkit.models.runs_io import WEIGHTS_FILE, load_run_model
+from dermkit.runs import RunDir
+from dermkit.train.finetune import build_model, load_training_data
+from dermkit.train.kd import KDLoss
+from dermkit.train.loop import load_best, make_accelerator, predict_logits, train_classifier
+from dermkit.train.losses import ClassificationLoss
+
+log = logging.getLogger(__name__)
+
+# Augmentation settings that change pixels; tta only affects evaluation.
+_PIXEL_AUGMENTS = (
+    "flip",
+    "rot90",
+    "max_rotate_deg",
+    "max_scale",
+    "max_translate",
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "mixup_alpha",
+    "cutmix_alpha",
+)
+
+
+def augmentation_is_off(augment: AugmentSettings) -> bool:
+    """True when training batches are the clean cached images (no flip, affine, colour, mix)."""
+    return not any(getattr(augment, name) for name in _PIXEL_AUGMENTS)
+
+
+def resolve_teacher_logits(cfg: DistillRunConfig) -> tuple[str, str]:
+    """('online' | 'cached', reason) for ``distill.teacher_logits``; 'cached' needs no aug."""
+    mode, off = cfg.distill.teacher_logits, augmentation_is_off(cfg.augment)
+    on = [n for n in _PIXEL_AUGMENTS if getattr(cfg.augment, n)]
+    if mode == "cached" and not off:
+        raise ConfigError(
+            "distill.teacher_logits=cached needs augmentation off, but augment has "
+            f"{', '.join(on)} on: use online (or auto), or switch those off"
+        )
+    if mode == "auto":
+        mode = "cached" if off else "online"
+        reason = (
+            "auto: augmentation is off, so the clean images' teacher logits are exact"
+            if off
+            else f"auto: augmentation is on ({', '.join(on)}), the teacher scores each batch"
+        )
+    else:
+        reason = f"set by distill.teacher_logits={mode}"
+    return mode, reason
+
+
+class ResizeInput(nn.Module):
+    """Feed a model trained at another resolution: (B, 3, S, S) -> resize -> model.
+
+    Bilinear resizing of normalised images equals resizing then normalising (both linear),
+    so a 224 px teacher can score the batches of a student trained at 112 px.
+    """
+
+    def __init__(self, model: nn.Module, size: int):
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        return self.model(x)
+
+
+class _IndexRecorder:
+    """A training dataset that remembers the rows of the last batch it served.
+
+    Why: the loop's criterion receives images, not row indices. Cached teacher logits are
+    used only without augmentation, where the loop gathers a micro-batch and immediately
+    computes its loss, so the last rows served are the rows of the images being scored.
+    """
+
+    def __init__(self, dataset: CachedImageDataset):
+        self.dataset = dataset
+        self.last_rows: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        return getattr(self.dataset, name)
+
+    def __getitems__(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        self.last_rows = np.asarray(indices)
+        return self.dataset.__getitems__(indices)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_teacher_logits(
+    teacher: nn.Module,
+    teacher_dir: Path,
+    dataset: CachedImageDataset,
+    run_dir: Path,
+    accelerator,
+) -> tuple[torch.Tensor, Path]:
+    """Teacher logits (N, C) of every clean training image, computed once and stored.
+
+    The file name carries a hash of (teacher weights, image ids), so a changed teacher or
+    data never reuses stale logits, and a resumed run skips the teacher pass.
+    """
+    weights_sha = _sha256(teacher_dir / WEIGHTS_FILE)
+    ids = [str(i) for i in dataset.image_ids]
+    key = hashlib.sha256((weights_sha + "\n" + "\n".join(ids)).encode()).hexdigest()[:16]
+    path = run_dir / f"teacher_logits_{key}.safetensors"
+    if path.exists():
+        with safe_open(str(path), "pt") as f:
+            if json.loads(f.metadata()["image_ids"]) == ids:
+                log.info("teacher logits: reusing %s", path)
+                return f.get_tensor("logits"), path
+    logits = predict_logits(teacher, dataset, np.arange(len(dataset)), accelerator)
+    if accelerator.is_main_process:
+        metadata = {
+            "teacher_run": str(teacher_dir.resolve()),
+            "teacher_weights_sha256": weights_sha,
+            "image_ids": json.dumps(ids),
+        }
+        save_file({"logits": logits.contiguous()}, str(path), metadata=metadata)
+    log.info("teacher logits: %d images scored once, stored in %s", len(ids), path)
+    return logits, path
+
+
+def check_teacher_split(teacher_dir: Path, manifest: pd.DataFrame) -> None:
+    """Refuse a teacher that trained on lesions this run validates or tests on."""
+    split_file = teacher_dir / "split.csv"
+    if not split_file.exists():
+        log.warning("%s missing: cannot check the teacher's training lesions", split_file)
+        return
+    teacher = pd.read_csv(split_file, dtype=str)
+    taught = set(teacher.loc[teacher["split"] == "train", "lesion_id"])
+    held_out = manifest[manifest["split"].isin(["val", "test"])]
+    leaked = sorted(set(held_out["lesion_id"].astype(str)) & taught)
+    if leaked:
+        raise ConfigError(
+            f"the teacher ({split_file}) trained on {len(leaked)} lesions in this run's val/test "
+            f"split, e.g. {leaked[:5]}: distil on the teacher's split "
+            f"(data.split_file={split_file})"
+        )
+
+
+def _num(value: float | None) -> float:
+    return np.nan if value is None else float(value)
+
+
+def plot_teacher_vs_student(teacher: dict, student: dict, labels: tuple[str, str]) -> Figure:
+    """Headline metrics of two evaluate_predictions results with their CIs, side by side."""
+    names = [n for n, e in student["metrics"].items() if e["value"] is not None]
+    fig = Figure(figsize=(7.5, 0.45 * len(names) + 1.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for k, (result, label) in enumerate(((teacher, labels[0]), (student, labels[1]))):
+        y = np.arange(len(names)) + (0.15 if k else -0.15)
+        vals, lo, hi = (
+            np.array([_num(result["metrics"][n][key]) for n in names])
+            for key in ("value", "ci_low", "ci_high")
+        )
+        err = np.nan_to_num(np.stack([vals - lo, hi - vals]), nan=0.0)
+        ax.errorbar(vals, y, xerr=err, fmt="o", color=f"C{k}", capsize=3, label=label)
+    ax.set_yticks(np.arange(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("test value (bars: bootstrap CI over lesions)")
+    ax.legend(loc="best")
+    return fig
+
+
+def _logits(model, datasets: dict, accelerator, tta: bool) -> dict[str, np.ndarray]:
+    """Logits (N_split, C) of ``model`` for each named dataset."""
+    return {
+        s: predict_logits(model, ds, np.arange(len(ds)), accelerator, tta=tta).numpy()
+        for s, ds in datasets.items()
+    }
+
+
+def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Distil end to end; returns the path of report.html."""
+    teacher_dir = Path(cfg.teacher)
+    teacher_model, teacher_cfg, teacher_classes = load_run_model(teacher_dir)
+    mode, reason = resolve_teacher_logits(cfg)
+    log.info("teacher logits: %s (%s)", mode, reason)
+    accelerator = make_accelerator(cfg.optim.precision)
+    device = accelerator.device
+    with RunDir(cfg.out_dir, cfg, "distill", write=accelerator.is_main_process) as run:
+        with accelerator.main_process_first():
+            data, synthetic_mask = load_training_data(cfg, run)
+        if list(data.classes) != list(teacher_classes):
+            raise ConfigError(
+                f"classes differ: teacher {teacher_dir} has {teacher_classes}, this run's data "
+                f"has {data.classes}"
+            )
+        check_teacher_split(teacher_dir, data.manifest)
+        if accelerator.is_main_process:
+            write_split_file(data.manifest, run / "split.csv")
+        parts = {s: data.part(s) for s in ("train", "val", "test")}
+        datasets = {s: CachedImageDataset(data.cache, p, data.classes) for s, p in parts.items()}
+
+        teacher = ResizeInput(teacher_model, teacher_cfg.data.image_size).to(device).eval()
+        teacher.requires_grad_(False)
+        torch.manual_seed(cfg.seed)
+        student, weights_report = build_model(cfg, len(data.classes))
+
+        train_ds = datasets["train"]
+        real = ~np.asarray(synthetic_mask)
+        counts = torch.bincount(train_ds.labels[real], minlength=len(data.classes))
+        lc = cfg.loss
+        hard = ClassificationLoss(
+            lc.loss, counts, lc.label_smoothing, lc.weight_power, lc.focal_gamma, lc.logit_tau
+        ).to(device)
+        kd = KDLoss(cfg.distill.alpha, cfg.distill.temperature, hard_loss=hard)
+        cache_file = None
+        if mode == "cached":
+            table, cache_file = cached_teacher_logits(
+                teacher, teacher_dir, train_ds, run.path, accelerator
+            )
+            table = table.to(device)
+            recorder = _IndexRecorder(train_ds)
+            checked = []
+
+            def criterion(logits, targets, images):
+                rows = recorder.last_rows
+                if rows is None or len(rows) != len(images):
+                    raise RuntimeError("cached teacher logits: batch rows unknown")
+                soft = table[torch.as_tensor(rows, device=device)]
+                if not checked:  # once: the recorded rows really are these images
+                    with torch.no_grad():
+                        live = teacher(images).float()
+                    tol = 0.05 * (1 + float(live.abs().max()))
+                    if float((live - soft).abs().max()) > tol:
+                        raise RuntimeError("cached teacher logits do not match the batch")
+                    checked.append(True)
+                return kd(logits, soft, targets)
+
+            train_source = recorder
+        else:
+
+            def criterion(logits, targets, images):
+                with torch.no_grad():
+                    soft = teacher(images)
+                return kd(logits, soft, targets)
+
+            train_source = train_ds
+
+        summary = train_classifier(
+            cfg,
+            student,
+            train_source,
+            datasets["val"],
+            run.path,
+            synthetic_mask=synthetic_mask,
+            resume=resume,
+            progress=progress,
+            accelerator=accelerator,
+            criterion=criterion,
+        )
+        student = load_best(student, run.path)
+        eval_sets = {s: datasets[s] for s in ("val", "test")}
+        logits = _logits(student, eval_sets, accelerator, cfg.augment.tta)
+        # As in fine-tuning: the decision rule is fitted on val only; the teacher keeps its own.
+        rule = DecisionRule.fit(logits["val"], datasets["val"].labels.numpy(), cfg.decision_rule)
+        probs = {s: rule.probs(v) for s, v in logits.items()}
+        teacher_rule = DecisionRule.load(teacher_dir / "decision.json")
+        teacher_logits = _logits(teacher, eval_sets, accelerator, teacher_cfg.augment.tta)
+        teacher_probs = {s: teacher_rule.probs(v) for s, v in teacher_logits.items()}
+        if not accelerator.is_main_process:
+            return run / "report.html"
+        rule.save(run / "decision.json")
+        shutil.copyfile(run / "best.safetensors", run / WEIGHTS_FILE)
+        (run / "classes.json").write_text(json.dumps(data.classes))
+        for s in ("val", "test"):
+            write_predictions(run / f"predictions_{s}.csv", parts[s], probs[s], data.classes)
+        y_test = datasets["test"].labels.numpy()
+        groups = parts["test"]["lesion_id"].to_numpy()
+        ev = cfg.eval
+
+        def evaluate(p):  # same images, lesions and bootstrap seed for both models
+            return evaluate_predictions(
+                y_test,
+                p,
+                data.classes,
+                groups=groups,
+                n_boot=ev.n_boot,
+                ci=ev.ci,
+                seed=cfg.seed,
+                positive_class=ev.positive_class,
+            )
+
+        result, teacher_result = evaluate(probs["test"]), evaluate(teacher_probs["test"])
+        from dermkit.deploy.latency import model_cost
+
+        cost = {
+            "teacher": model_cost(teacher_model, teacher_cfg.data.image_size),
+            "student": model_cost(student, cfg.data.image_size),
+        }
+        result["distillation"] = {
+            "teacher_run": str(teacher_dir),
+            "teacher_model": teacher_cfg.model.name,
+            "student_model": cfg.model.name,
+            "alpha": cfg.distill.alpha,
+            "temperature": cfg.distill.temperature,
+            "teacher_logits": mode,
+            "teacher_logits_reason": reason,
+            "teacher_logits_file": cache_file.name if cache_file else None,
+            "cost": cost,
+            "teacher_metrics": teacher_result["metrics"],
+        }
+        result["training"] = {k: v for k, v in summary.items() if k != "history"}
+        result["history"] = summary["history"]
+        plot_learning_curves({cfg.model.name: summary["history"]}).savefig(
+            run / "learning_curves.png", dpi=110
+        )
+        labels = (f"teacher {teacher_cfg.model.name}", f"student {cfg.model.name}")
+        plot_teacher_vs_student(teacher_result, result, labels).savefig(
+            run / "teacher_vs_student.png", dpi=110
+        )
+        side_by_side = {
+            f"{name}: teacher | student": f"{format_estimate(teacher_result['metrics'][name])} | "
+            f"{format_estimate(entry)}"
+            for name, entry in result["metrics"].items()
+        }
+        return write_evaluation_report(
+            result,
+            y_test,
+            probs["test"],
+            data.classes,
+            run.path,
+            title=f"dermkit distill: {teacher_cfg.model.name} -> {cfg.model.name} (test split)",
+            extra={
+                "teacher run": str(teacher_dir),
+                "teacher logits": f"{mode} ({reason})",
+                "alpha / temperature": f"{cfg.distill.alpha} / {cfg.distill.temperature}",
+                "params teacher | student": f"{cost['teacher']['params']:,} | "
+                f"{cost['student']['params']:,}",
+                "GFLOPs per image teacher | student": f"{cost['teacher']['gflops']:.4g} | "
+                f"{cost['student']['gflops']:.4g}",
+                **side_by_side,
+                "student initialisation": weights_report,
+                "best epoch (val macro-F1)": summary["best_epoch"],
+                "best val macro-F1": round(summary["best_val_macro_f1"], 4),
+                "epochs run": summary["epochs_run"],
+                "decision rule (fitted on val)": f"{cfg.decision_rule}: T={rule.temperature:.3f}",
+                "precision": summary["precision"],
+                "processes": summary["processes"],
+            },
+            extra_figures={
+                "teacher_vs_student.png": "Teacher vs student on the same test images: headline "
+                "metrics with lesion-level bootstrap CIs (same bootstrap draws for both).",
+                "learning_curves.png": "Student learning curves: loss and macro-F1 per epoch "
+                "(dashed: clean train subset, solid: val).",
+            },
+        )

@@ -1,0 +1,254 @@
+"""Ordinal targets and the CORN head: ordered classes from a metadata column.
+
+Some targets are ordered: melanoma thickness (Breslow depth: in situ < 0.8 mm < 1 mm <
+2 mm < thicker), or age in decades as HAM10000's stand-in. A plain softmax head treats
+"1-2 mm" as unrelated to "0.8-1 mm"; an ordinal head knows the order and a mistake by one
+class costs less than a mistake by three.
+
+**Classes.** :class:`OrdinalTask` turns a manifest column into class codes 0..K-1, either
+from a categorical column with an explicit order (lowest first) or from a continuous column
+cut at increasing thresholds t_1 < ... < t_{K-1}: class k holds t_k < x <= t_{k+1}
+(right-closed bins), so thresholds ``[0, 0.8, 1, 2]`` give in situ (x <= 0), (0, 0.8],
+(0.8, 1], (1, 2] and > 2 mm. A missing value is an error naming the column and the rows.
+
+**CORN** (Shi, Cao & Raschka 2021, "Deep neural networks for rank-consistent ordinal
+regression based on conditional training"): the head has K-1 outputs; output k is the
+logit of the *conditional* probability P(y > k | y > k-1), trained only on the rows with
+y > k-1 (``coral_pytorch.losses.corn_loss``). The unconditional cumulative probabilities
+are products, P(y > k) = prod_{j <= k} sigmoid(logit_j), hence non-increasing in k by
+construction (rank consistency without weight sharing). Class probabilities are their
+differences and sum to 1; the expected class is sum_k P(y > k).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dermkit.config import ConfigError, TaskConfig
+
+# Column added to a relabelled manifest: the original diagnosis, kept for colouring/analysis.
+DIAGNOSIS_COLUMN = "diagnosis"
+
+
+class OrdinalLabelError(ValueError):
+    """The ordinal column cannot be turned into classes; the message names the column/rows."""
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"
+
+
+def threshold_class_names(thresholds: list[float]) -> list[str]:
+    """Readable names of the K = len(thresholds) + 1 right-closed bins.
+
+    ``[0, 0.8, 1, 2]`` -> ``["<=0", "0-0.8", "0.8-1", "1-2", ">2"]``.
+    """
+    t = list(thresholds)
+    inner = [f"{_fmt(a)}-{_fmt(b)}" for a, b in itertools.pairwise(t)]
+    return [f"<={_fmt(t[0])}", *inner, f">{_fmt(t[-1])}"]
+
+
+def _missing_rows(df: pd.DataFrame, mask: np.ndarray, column: str) -> str:
+    rows = np.flatnonzero(mask)
+    ids = df["image_id"].to_numpy()[rows[:5]].tolist() if "image_id" in df else []
+    return (
+        f"column '{column}' has no usable value in {len(rows)} rows (positions "
+        f"{rows[:10].tolist()}{', ...' if len(rows) > 10 else ''}; image_id {ids})"
+    )
+
+
+def cut_thresholds(
+    values: pd.Series | np.ndarray, thresholds: list[float], column: str
+) -> np.ndarray:
+    """Class codes (N,) int64 of continuous ``values`` cut at increasing ``thresholds``.
+
+    Class k holds t_k < x <= t_{k+1} (t_0 = -inf, t_K = +inf): the number of thresholds
+    strictly below x. NaN (or a non-number) is an :class:`OrdinalLabelError` naming the
+    column and rows.
+    """
+    t = np.asarray(thresholds, dtype=np.float64)
+    if t.ndim != 1 or len(t) == 0 or np.any(np.diff(t) <= 0) or not np.all(np.isfinite(t)):
+        raise OrdinalLabelError(
+            f"thresholds for '{column}' must be finite and strictly increasing, got {thresholds}"
+        )
+    x = pd.to_numeric(pd.Series(np.asarray(values)), errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        frame = values.to_frame() if isinstance(values, pd.Series) else pd.DataFrame()
+        raise OrdinalLabelError(_missing_rows(frame.reset_index(drop=True), bad, column))
+    return np.searchsorted(t, x, side="left").astype(np.int64)
+
+
+@dataclass
+class OrdinalTask:
+    """Ordered classes of one manifest column (see module docstring).
+
+    Attributes:
+        column: the manifest column.
+        class_names: K names, lowest class first.
+        thresholds: cut points of a continuous column (K-1), or None.
+        order: the K values of a categorical column, lowest first, or None.
+        centres: (K,) a representative value per class (the training median of the column
+            in that class; class index for a categorical column): the expected value of the
+            target is sum_k P(k) * centres[k].
+    """
+
+    column: str
+    class_names: list[str]
+    thresholds: list[float] | None = None
+    order: list[str] | None = None
+    centres: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, task: TaskConfig) -> OrdinalTask:
+        if task.kind != "ordinal" or not task.column:
+            raise ConfigError("task: an ordinal task needs task.kind=ordinal and task.column")
+        if task.thresholds:
+            names = threshold_class_names(task.thresholds)
+            return cls(task.column, names, thresholds=list(task.thresholds))
+        if task.order:
+            return cls(
+                task.column, [str(v) for v in task.order], order=[str(v) for v in task.order]
+            )
+        raise ConfigError("task: an ordinal task needs task.thresholds or task.order")
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def continuous(self) -> bool:
+        return self.thresholds is not None
+
+    def _column(self, df: pd.DataFrame) -> pd.Series:
+        if self.column not in df.columns:
+            raise OrdinalLabelError(
+                f"task.column '{self.column}' is not a manifest column; have {list(df.columns)}"
+            )
+        return df[self.column].reset_index(drop=True)
+
+    def missing(self, df: pd.DataFrame) -> np.ndarray:
+        """(N,) bool: rows whose value cannot be classed (NaN, or not in ``order``)."""
+        col = self._column(df)
+        if self.continuous:
+            return ~np.isfinite(pd.to_numeric(col, errors="coerce").to_numpy(np.float64))
+        return ~col.astype(str).isin(self.order).to_numpy() | col.isna().to_numpy()
+
+    def codes(self, df: pd.DataFrame) -> np.ndarray:
+        """(N,) int64 class codes of the manifest rows; a row without a value is an error."""
+        col = self._column(df)
+        if self.continuous:
+            frame = df.reset_index(drop=True)
+            bad = self.missing(df)
+            if bad.any():
+                raise OrdinalLabelError(_missing_rows(frame, bad, self.column))
+            return cut_thresholds(col, self.thresholds, self.column)
+        bad = self.missing(df)
+        if bad.any():
+            raise OrdinalLabelError(
+                _missing_rows(df.reset_index(drop=True), bad, self.column)
+                + f"; allowed values, lowest first: {self.order}"
+            )
+        index = {v: i for i, v in enumerate(self.order)}
+        return col.astype(str).map(index).to_numpy(np.int64)
+
+    def truth(self, df: pd.DataFrame) -> np.ndarray:
+        """(N,) float: the continuous value (class index for a categorical column)."""
+        if self.continuous:
+            return pd.to_numeric(self._column(df), errors="coerce").to_numpy(np.float64)
+        return self.codes(df).astype(np.float64)
+
+    def fit_centres(self, train: pd.DataFrame) -> OrdinalTask:
+        """Set ``centres`` from the training rows: median value per class.
+
+        A class without training rows falls back to its bin's midpoint (or its finite edge).
+        """
+        codes, values = self.codes(train), self.truth(train)
+        centres = []
+        for k in range(self.n_classes):
+            v = values[codes == k]
+            if len(v):
+                centres.append(float(np.median(v)))
+            elif self.continuous:
+                # the bin's midpoint; the open-ended first/last bins use their finite edge
+                t = self.thresholds
+                lo, hi = (t[k - 1] if k > 0 else t[0]), (t[k] if k < len(t) else t[-1])
+                centres.append(float((lo + hi) / 2))
+            else:
+                centres.append(float(k))
+        self.centres = centres
+        return self
+
+    def relabel(self, df: pd.DataFrame) -> pd.DataFrame:
+        """The rows with ``label`` replaced by the ordinal class name (diagnosis kept)."""
+        names = np.asarray(self.class_names)[self.codes(df)]
+        return df.assign(**{DIAGNOSIS_COLUMN: df["label"].to_numpy(), "label": names})
+
+    def to_dict(self) -> dict:
+        return {
+            "column": self.column,
+            "class_names": self.class_names,
+            "thresholds": self.thresholds,
+            "order": self.order,
+            "centres": self.centres,
+        }
+
+
+# ----------------------------------------------------------------------------- CORN
+
+
+def corn_cumulative(logits: torch.Tensor) -> torch.Tensor:
+    """Conditional logits (B, K-1) -> cumulative P(y > k), (B, K-1), non-increasing in k.
+
+    Computed as exp(cumsum(logsigmoid)) so a long chain of small probabilities does not
+    underflow before the product is formed.
+    """
+    return torch.exp(torch.cumsum(torch.nn.functional.logsigmoid(logits.float()), dim=-1))
+
+
+def corn_class_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Conditional logits (B, K-1) -> class probabilities (B, K), rows sum to 1.
+
+    P(y = 0) = 1 - P(y > 0), P(y = k) = P(y > k-1) - P(y > k), P(y = K-1) = P(y > K-2);
+    every term is >= 0 because the cumulative probabilities never increase.
+    """
+    cum = corn_cumulative(logits)
+    ones = torch.ones_like(cum[..., :1])
+    zeros = torch.zeros_like(cum[..., :1])
+    upper = torch.cat([ones, cum], dim=-1)
+    lower = torch.cat([cum, zeros], dim=-1)
+    return (upper - lower).clamp_min(0.0)
+
+
+def corn_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CORN loss of conditional logits (B, K-1) for class codes (B,), a scalar.
+
+    The maintained implementation of the paper's authors (``coral_pytorch``).
+    """
+    from coral_pytorch.losses import corn_loss as _corn_loss
+
+    return _corn_loss(logits.float(), labels, num_classes=logits.shape[-1] + 1)
+
+
+def corn_criterion(
+    logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor
+) -> torch.Tensor:
+    """``train_classifier`` criterion signature: (logits (b, K-1), labels (b,), images) -> loss."""
+    if labels.ndim != 1:
+        raise ValueError("the CORN loss needs hard class codes (b,); mixup/cutmix do not apply")
+    return corn_loss(logits, labels)
+
+
+def expected_class(probs: np.ndarray) -> np.ndarray:
+    """(N, K) class probabilities -> (N,) expected class index sum_k k P(k) = sum_k P(y > k)."""
+    return np.asarray(probs, np.float64) @ np.arange(probs.shape[1], dtype=np.float64)
+
+
+def expected_value(probs: np.ndarray, centres: list[float]) -> np.ndarray:
+    """(N, K) class probabilities -> (N,) expected target value sum_k P(k) * centres[k]."""
+    return np.asarray(probs, np.float64) @ np.asarray(centres, np.float64)
