@@ -177,3 +177,19 @@ def test_plots_return_figures_with_expected_content(predictions):
     assert all(group.errorbar is not None for group in bar_groups)
     heights = [patch.get_height() for patch in bar_groups[2]]
     assert heights == pytest.approx([result["per_class"][c]["f1"] for c in CLASSES])
+
+
+def test_link_into_report_adds_one_relative_link_below_the_run(tmp_path):
+    from dermkit.eval.report import HtmlReport, link_into_report
+
+    run_report = HtmlReport("run").add_paragraph("body").write(tmp_path / "report.html")
+    stage_report = HtmlReport("explain").write(tmp_path / "explain" / "report.html")
+    assert link_into_report(run_report, stage_report, "explain: feature maps")
+    assert not link_into_report(run_report, stage_report, "explain: feature maps")  # once
+    page = run_report.read_text()
+    assert page.count('href="explain/report.html"') == 1
+    assert page.index("explain: feature maps") < page.index("</body>")
+    # a report outside the run folder, or a run without a report, is left alone
+    outside = HtmlReport("x").write(tmp_path.parent / f"{tmp_path.name}-other" / "r.html")
+    assert not link_into_report(run_report, outside, "elsewhere")
+    assert not link_into_report(tmp_path / "missing" / "report.html", stage_report, "x")

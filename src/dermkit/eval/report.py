@@ -233,6 +233,31 @@ def ci_method_note(result: dict) -> str:
     )
 
 
+def link_into_report(report_path: str | Path, target: str | Path, text: str) -> bool:
+    """Add a link to ``target`` at the end of an existing report.html; True when added.
+
+    A later stage (explain features/saliency) writes its own report next to a finished
+    run; linking it from the run's report keeps one entry point per run. The link is
+    relative, added once (a re-run does not duplicate it), and nothing happens when the
+    report does not exist or ``target`` is not below the report's folder.
+    """
+    report_path, target = Path(report_path), Path(target)
+    if not report_path.is_file():
+        return False
+    try:
+        href = target.resolve().relative_to(report_path.parent.resolve()).as_posix()
+    except ValueError:
+        return False
+    page = report_path.read_text(encoding="utf-8")
+    link = f'<p><a href="{html.escape(href, quote=True)}">{html.escape(text)}</a></p>'
+    if link in page or "</body>" not in page:
+        return False
+    tmp = report_path.with_suffix(".html.tmp")
+    tmp.write_text(page.replace("</body>", link + "\n</body>", 1), encoding="utf-8")
+    tmp.replace(report_path)
+    return True
+
+
 def write_evaluation_report(
     result: dict,
     y_true: np.ndarray,

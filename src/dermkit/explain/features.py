@@ -36,6 +36,7 @@ from scipy.stats import spearmanr
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import to_float
 from dermkit.eval.plots import _new_figure, save_figure
+from dermkit.eval.report import link_into_report
 
 log = logging.getLogger(__name__)
 
@@ -416,4 +417,5 @@ def run_explain_features(
         seed=seed,
         use_umap=use_umap,
     )
+    link_into_report(run.path / "report.html", out / "report.html", "explain: feature maps")
     return out / "report.html"

@@ -45,6 +45,7 @@ from torch import nn
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import to_float
 from dermkit.eval.plots import _new_figure, save_figure
+from dermkit.eval.report import link_into_report
 
 log = logging.getLogger(__name__)
 
@@ -408,4 +409,6 @@ def run_explain_saliency(
     metrics = {"split": split, "methods": methods, "sanity_rank_correlation": stats}
     (out / "saliency_metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=2))
     report.add_link("saliency_metrics.json", "saliency_metrics.json")
-    return report.write(out / "report.html")
+    path = report.write(out / "report.html")
+    link_into_report(run.path / "report.html", path, "explain: saliency maps")
+    return path

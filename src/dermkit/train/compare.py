@@ -41,15 +41,29 @@ def finished_with_config(run_dir: Path, cfg: FinetuneRunConfig) -> bool:
         return False
 
 
+def pretrain_backbone(weights: str | None) -> str | None:
+    """The backbone a pretraining run folder's encoder.json names, else None."""
+    info = Path(weights) / "encoder.json" if weights else None
+    if info is None or not info.is_file():
+        return None
+    return json.loads(info.read_text()).get("backbone")
+
+
 def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Fine-tune once per initialisation, then write the comparison report; returns its path."""
     if not cfg.inits:
         raise ValueError("compare needs at least one entry under 'inits'")
     with RunDir(cfg.out_dir, cfg, "compare") as run:
-        results = {}
+        results, models = {}, {}
         for name, weights in cfg.inits.items():
             sub = cfg.finetune.model_copy(deep=True)
             sub.model.weights = weights
+            # A pretraining run names its backbone (encoder.json): the VAE arm is a CNN
+            # encoder beside ViT arms, so the arm's architecture follows its weights.
+            backbone = pretrain_backbone(weights)
+            if backbone and backbone != sub.model.name:
+                log.info("compare: '%s' uses its encoder's backbone %s", name, backbone)
+                sub.model.name = backbone
             sub.out_dir = str(run / name)
             done = run / name / "metrics.json"
             if finished_with_config(run / name, sub):
@@ -58,6 +72,7 @@ def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = Tr
                 log.info("compare: fine-tuning '%s' from %s", name, weights or "random init")
                 run_finetune(sub, resume=resume, progress=progress)
             results[name] = json.loads(done.read_text())
+            models[name] = sub.model.name
         histories = {n: r["history"] for n, r in results.items()}
         plot_learning_curves(histories).savefig(run / "compare_curves.png", dpi=110)
         rows = []
@@ -67,6 +82,7 @@ def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = Tr
             rows.append(
                 {
                     "init": name,
+                    "model": models[name],
                     "weights": cfg.inits[name] or "random",
                     **{k: format_estimate(m[k]) for k in TABLE_METRICS if k in m},
                     "best val macro-F1": best.get("val_macro_f1"),
@@ -77,7 +93,8 @@ def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = Tr
         (run / "compare.json").write_text(json.dumps(rows, indent=2))
         report = HtmlReport("dermkit compare: initialisations under identical fine-tuning")
         report.add_paragraph(
-            f"Model {cfg.finetune.model.name}, {cfg.finetune.optim.epochs} epochs, seed "
+            f"Model {cfg.finetune.model.name} (unless a pretraining run names another "
+            f"backbone), {cfg.finetune.optim.epochs} epochs, seed "
             f"{cfg.finetune.seed}, image size {cfg.finetune.data.image_size}; only the "
             "initial weights differ. Test metrics with 95% lesion-level bootstrap CIs; the "
             "gap is clean-train minus val macro-F1 (larger = more overfitting)."
