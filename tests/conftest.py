@@ -35,3 +35,36 @@ def phantom_root(tmp_path_factory) -> Path:
 def cache_dir(tmp_path_factory) -> Path:
     """A session-wide image cache folder (never the user's ~/.cache)."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_run(phantom_root, cache_dir, tmp_path_factory) -> Path:
+    """A finished tiny fine-tune run on the phantoms (4-block ViT, 32 px, 2 epochs, no CIs)."""
+    from dermkit.config import FinetuneRunConfig, load_config
+    from dermkit.train.finetune import run_finetune
+
+    out = tmp_path_factory.mktemp("tiny-finetune")
+    cfg = load_config(
+        FinetuneRunConfig,
+        "finetune",
+        "tiny",
+        overrides=[
+            f"data.path={phantom_root}",
+            f"data.cache_dir={cache_dir}",
+            f"out_dir={out}",
+            "eval.n_boot=0",
+            "train_eval_images=0",
+        ],
+    )
+    run_finetune(cfg, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_classifier_run, tmp_path_factory) -> Path:
+    """``dermkit export`` (FP32 ONNX + model card) of the tiny run: what ``serve`` serves."""
+    from dermkit.deploy.export import export_run
+
+    out = tmp_path_factory.mktemp("tiny-export")
+    export_run(tiny_classifier_run, out, int8=None, n_parity=64, n_calibration=0)
+    return out

@@ -229,6 +229,74 @@ def test_cached_teacher_logits_are_refused_with_augmentation(
     assert not (tmp_path / "bad").exists()
 
 
+ORDINAL_TASK = ["task.kind=ordinal", "task.column=thickness", "task.thresholds=[0, 0.8, 1, 2]"]
+
+
+def _unwrapped(output: str) -> str:
+    """The CLI's error message with the console's line wrapping turned back into spaces."""
+    return " ".join(output.split())
+
+
+def test_distill_refuses_an_ordinal_student_task(phantom_root, cache_dir, tmp_path):
+    # soft-target KD over softmax logits is wrong for a CORN head: refused before any work
+    teacher = tmp_path / "teacher"
+    args = _distill_args(teacher, phantom_root, cache_dir, tmp_path / "out", *ORDINAL_TASK)
+    bad = runner.invoke(app, args)
+    assert bad.exit_code == 2, bad.output
+    text = _unwrapped(bad.output)
+    assert "task.kind=ordinal" in text and "supports task.kind=classification only" in text
+    assert str(teacher) in text.replace(" ", "")
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_refuses_an_ordinal_teacher_run(phantom_root, cache_dir, tmp_path):
+    """A teacher trained with task.kind=ordinal (CORN head, K-1 outputs) is refused by name,
+    before its weights are loaded (which would otherwise fail with a shape mismatch)."""
+    from dermkit.config import FinetuneRunConfig, load_config, save_config
+
+    teacher = tmp_path / "ordinal_teacher"
+    cfg = load_config(FinetuneRunConfig, "finetune", "tiny", overrides=ORDINAL_TASK)
+    save_config(cfg, teacher / "config.yaml")
+    (teacher / "run.json").write_text(json.dumps({"stage": "finetune"}))
+    (teacher / "classes.json").write_text(json.dumps(["<=0", "0-0.8", "0.8-1", "1-2", ">2"]))
+    model = create_backbone(cfg.model.name, num_classes=4, img_size=cfg.data.image_size)
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), teacher / "model.safetensors")  # K-1 = 4 CORN outputs
+
+    bad = runner.invoke(app, _distill_args(teacher, phantom_root, cache_dir, tmp_path / "out"))
+    assert bad.exit_code == 2, bad.output
+    text = _unwrapped(bad.output)
+    assert "task.kind=ordinal" in text and str(teacher) in text.replace(" ", "")
+    assert "needs a task.kind=classification teacher" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_refuses_a_teacher_with_other_classes(
+    teacher_run, phantom_root, cache_dir, tmp_path
+):
+    """Student data mapped to benign/malignant vs a 7-class teacher: a clear error naming the
+    teacher run, both class lists and the fields to check."""
+    import yaml
+
+    malignant = {"mel", "bcc", "akiec"}
+    teacher_classes = json.loads((teacher_run / "classes.json").read_text())
+    label_map = tmp_path / "binary.yaml"
+    label_map.write_text(
+        yaml.safe_dump({c: "malignant" if c in malignant else "benign" for c in teacher_classes})
+    )
+    args = _distill_args(
+        teacher_run, phantom_root, cache_dir, tmp_path / "out", f"data.label_map={label_map}"
+    )
+    bad = runner.invoke(app, args)
+    assert bad.exit_code == 2, bad.output
+    text = _unwrapped(bad.output)
+    assert "classes differ" in text and str(teacher_run) in text.replace(" ", "")
+    assert "['benign', 'malignant']" in text and str(teacher_classes) in text
+    assert "data.label_map" in text
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_cached_teacher_logits_train_the_same_student_as_online(
     teacher_run, phantom_root, cache_dir, tmp_path

@@ -501,3 +501,90 @@ def test_joint_mode_trains_the_backbone_too(base_run, cache_dir):
     run = ExitRun.open(out)
     model = run.model("linear")
     assert torch.equal(model.backbone.blocks[0].attn.qkv.weight, saved[key])
+
+
+def _exits_train_cmd(base_run, cache_dir, out, *extra):
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "dermkit.cli",
+        "exits",
+        "train",
+        str(base_run),
+        "--preset",
+        "tiny",
+        f"cache_dir={cache_dir}",
+        f"out_dir={out}",
+        "optim.epochs=4",
+        "exits.head_types=[linear, ssm]",
+        "exits.distill_alpha=0.5",
+        "checkpoint_every=3",  # ~4 steps per epoch: mid-epoch checkpoints too
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_exits_train_resume_after_sigkill_is_identical(base_run, cache_dir, tmp_path):
+    """Killed with SIGKILL after a mid-run checkpoint and resumed with --resume, an exits
+    run ends with bit-identical head weights, logits, history and exits.json."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from safetensors.torch import load_file
+
+    from dermkit.cli import app
+    from dermkit.train.checkpoint import latest_checkpoint
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    ref = tmp_path / "ref"
+    subprocess.run(_exits_train_cmd(base_run, cache_dir, ref), check=True, env=env)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_exits_train_cmd(base_run, cache_dir, run), env=env)
+    deadline, killed_at = time.time() + 300, None
+    while time.time() < deadline:
+        ckpt = latest_checkpoint(run / "checkpoints")
+        if ckpt is not None:
+            killed_at = int(ckpt.name.split("-")[1])
+            break
+        if proc.poll() is not None:
+            pytest.fail("exits training finished before it could be killed")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed_at is not None
+    assert not (run / "exits.json").exists()  # it really died before the end
+    state = json.loads((latest_checkpoint(run / "checkpoints") / "state.json").read_text())
+    total_steps = json.loads((ref / "history.json").read_text())[-1]["step"]
+    assert 0 < state["step"] < total_steps  # the resumed run has steps left to do
+    resumed = subprocess.run(
+        [*_exits_train_cmd(base_run, cache_dir, run), "--resume"],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert f"(step {state['step']})" in resumed.stderr  # continued, not restarted
+
+    info, ref_info = (json.loads((d / "exits.json").read_text()) for d in (run, ref))
+    assert info == ref_info
+    assert json.loads((run / "history.json").read_text()) == json.loads(
+        (ref / "history.json").read_text()
+    )
+    for head in ref_info["head_types"]:
+        for name in (f"weights_{head}.safetensors", f"logits_{head}.safetensors"):
+            a, b = load_file(run / name), load_file(ref / name)
+            assert a.keys() == b.keys()
+            assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    # a checkpoint of other head types is refused with a message naming the field
+    res = CliRunner().invoke(
+        app,
+        [*_exits_train_cmd(base_run, cache_dir, run)[3:], "--resume", "exits.head_types=[linear]"],
+    )
+    assert res.exit_code == 2
+    assert "exits.head_types" in res.output

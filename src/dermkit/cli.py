@@ -353,12 +353,54 @@ def evaluate(
     n_boot: int = 1000,
     seed: int = 0,
     positive_class: str = "mel",
+    data: Annotated[
+        Path | None, typer.Option(help="external dataset: run the model of the RUN folder on it")
+    ] = None,
+    label_map: Annotated[
+        Path | None, typer.Option(help="with --data: YAML/JSON dataset label -> run class/null")
+    ] = None,
+    layout: Annotated[str, typer.Option(help="with --data: auto, ham10000, isic, folder")] = "auto",
+    skip_bad: Annotated[bool, typer.Option(help="with --data: drop unreadable rows/files")] = False,
+    cache_dir: Annotated[Path | None, typer.Option(help="with --data: image cache root")] = None,
 ) -> None:
-    """Metrics with lesion-level bootstrap CIs and an HTML report from a predictions file."""
+    """Metrics with lesion-level bootstrap CIs and an HTML report from a predictions file.
+
+    With --data (and --label-map) the run folder's model is evaluated on another dataset.
+    """
     from dermkit.eval.metrics import evaluate_predictions
     from dermkit.eval.predictions import read_predictions
     from dermkit.eval.report import write_evaluation_report
 
+    if data is not None:
+        from dermkit.eval.external import evaluate_external
+
+        try:
+            done = evaluate_external(
+                predictions,
+                data,
+                label_map,
+                out,
+                layout=layout,
+                skip_bad=skip_bad,
+                cache_dir=cache_dir,
+                n_boot=n_boot,
+                seed=seed,
+                positive_class=positive_class,
+                progress=True,
+            )
+        except _user_errors() as e:
+            _fail(str(e))
+        ext = done["result"]["external"]
+        console.print(
+            f"scored {ext['images_scored']} images, classes {ext['scored_classes']}; model "
+            f"classes not in the data: {ext['model_classes_not_in_data'] or 'none'}; dropped "
+            f"by the label map: {ext['source_labels_dropped'] or 'none'}",
+            highlight=False,
+        )
+        print(done["report"])
+        return
+    if label_map is not None:
+        _fail("--label-map needs --data (external evaluation of a run folder)")
     if predictions.is_dir():
         predictions = predictions / "predictions_test.csv"
     try:
@@ -600,6 +642,9 @@ def exits_train(
     overrides: Overrides = None,
     preset: Preset = None,
     config: ConfigFile = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the last checkpoint")
+    ] = False,
 ) -> None:
     """Train exit heads (frozen backbone, or jointly) of every configured head type."""
     from dermkit.config import ExitsRunConfig, load_config
@@ -608,7 +653,7 @@ def exits_train(
     try:
         items = [*(overrides or []), f"base_run={run}"]
         cfg = load_config(ExitsRunConfig, "exits", preset, config, items)
-        out = run_exits_train(cfg)
+        out = run_exits_train(cfg, resume=resume)
     except _exits_errors() as e:
         _fail(str(e))
     print(out)

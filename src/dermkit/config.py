@@ -313,7 +313,8 @@ class DistillConfig(Strict):
 class DistillRunConfig(FinetuneRunConfig):
     """``dermkit distill``: a student trained on a teacher run's soft targets + the labels.
 
-    Every fine-tuning field applies to the student (``model`` is the student).
+    Every fine-tuning field applies to the student (``model`` is the student), except that
+    ``task.kind`` must be ``classification`` for both models (checked by ``run_distill``).
     """
 
     out_dir: str = "runs/distill"
@@ -576,6 +577,9 @@ class ExitsRunConfig(Strict):
     loss: LossConfig | None = Field(None, description="null: the base run's")
     augment: AugmentSettings | None = Field(None, description="null: the base run's")
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint_every: int = Field(
+        200, ge=1, description="optimizer steps between checkpoints (and every epoch end)"
+    )
 
 
 T = TypeVar("T", bound=BaseModel)

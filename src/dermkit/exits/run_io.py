@@ -3,9 +3,10 @@
 An exit run holds ``config.yaml`` (``ExitsRunConfig``), ``exits.json`` (base run, classes,
 exit depths, head settings, GFLOPs per exit), ``weights_<head>.safetensors`` (the exit
 heads; in joint mode the whole model), ``logits_<head>.safetensors`` (every exit's val and
-test logits, (E, N, C), with the labels) and ``history.json``; calibrate adds
-``policy_<head>.json`` and ``calibration.json``. The base classifier is rebuilt from its
-own run folder with :func:`dermkit.models.runs_io.load_run_model`.
+test logits, (E, N, C), with the labels), ``history.json`` and ``checkpoints/`` (for
+``--resume``); calibrate adds ``policy_<head>.json`` and ``calibration.json``. The base
+classifier is rebuilt from its own run folder with
+:func:`dermkit.models.runs_io.load_run_model`.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ With ``distill_alpha`` > 0 the early exits also learn the final exit's softened 
 
 The loop is single-process (``make_accelerator`` picks the device and mixed precision);
 each step is reseeded from (seed, step), as in ``train/loop.py``, so a run is repeatable.
+It checkpoints into ``checkpoints/`` with ``train/checkpoint.py`` (safetensors + JSON, no
+pickles) every ``checkpoint_every`` steps and at each epoch end; ``--resume`` continues
+a killed run from the latest one and ends with the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +54,12 @@ from dermkit.exits.run_io import (
 )
 from dermkit.models.runs_io import load_run_model
 from dermkit.runs import RunDir
+from dermkit.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_checkpoint_tensors,
+    save_checkpoint,
+)
 from dermkit.train.kd import KDLoss
 from dermkit.train.loop import lr_at, make_accelerator, plan_epoch, seed_step
 from dermkit.train.losses import ClassificationLoss, sampling_weights
@@ -135,6 +145,41 @@ def _val_scores(logits: np.ndarray, y: np.ndarray) -> list[float]:
     return [macro_f1(y, lg.argmax(1), lg.shape[1]) for lg in logits]
 
 
+@dataclass
+class ExitsTrainState:
+    """Everything besides tensors that a resumed exits run must know (JSON in the checkpoint).
+
+    The best weights so far, one state per head type, travel as checkpoint tensors.
+    """
+
+    step: int = 0
+    epoch_loss_sums: dict[str, float] = field(default_factory=dict)  # current epoch so far
+    best_score: dict[str, float] = field(default_factory=dict)  # mean val macro-F1 over exits
+    best_epoch: dict[str, int] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def _resume(
+    ckpt: Path, bundle: torch.nn.ModuleDict, optimizers: dict[str, torch.optim.Optimizer]
+) -> tuple[ExitsTrainState, dict[str, dict[str, torch.Tensor]]]:
+    """Load a checkpoint into the trainable modules {head type: module} and optimizers.
+
+    Returns (state, best weights so far {head type: state dict}).
+    """
+    try:
+        saved = load_checkpoint(ckpt, bundle, optimizers)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(
+            f"{ckpt} does not fit this run (changed exits.head_types, exits.exit_blocks, "
+            f"exits.mode or head sizes?); use a new out_dir or drop --resume: {e}"
+        ) from e
+    best: dict[str, dict[str, torch.Tensor]] = {h: {} for h in bundle}
+    for key, value in load_checkpoint_tensors(ckpt).items():
+        head, name = key.split("/", 1)
+        best[head][name] = value
+    return ExitsTrainState(**saved["train_state"]), best
+
+
 def train_exit_models(
     models: dict[str, EarlyExitViT],
     cfg: ExitsRunConfig,
@@ -144,8 +189,18 @@ def train_exit_models(
     augment_cfg,
     accelerator,
     progress: bool = True,
+    run_dir: Path | None = None,
+    resume: bool = False,
 ) -> tuple[list[dict], dict[str, int]]:
-    """Train the exit models in place (best val epoch restored); returns (history, best epochs)."""
+    """Train the exit models in place (best val epoch restored); returns (history, best epochs).
+
+    With ``run_dir``, a checkpoint (trainable weights, one AdamW state per head type, the
+    best weights so far, history and the epoch's running loss sums) is written to
+    ``run_dir/checkpoints`` every ``cfg.checkpoint_every`` steps and at each epoch end;
+    ``resume`` continues from the latest one. The batch plan is a function of (seed,
+    epoch) and each step reseeds from (seed, step), so a resumed run replays exactly what
+    the uninterrupted run did.
+    """
     oc, e = cfg.optim, cfg.exits
     device = accelerator.device
     frozen = e.mode == "frozen"
@@ -186,28 +241,37 @@ def train_exit_models(
     total = oc.epochs * steps_per_epoch
     warmup = round(oc.warmup_epochs * steps_per_epoch)
     y_val = val_ds.labels.numpy()
-    history: list[dict] = []
-    best = {h: (-1.0, -1, None) for h in models}  # (score, epoch, state)
-    step = 0
+
+    # --- resume: what a checkpoint holds is the trainable part of each head type's model
+    bundle = torch.nn.ModuleDict({h: _trainable(m, e.mode) for h, m in models.items()})
+    ckpt_dir = None if run_dir is None else Path(run_dir) / "checkpoints"
+    state = ExitsTrainState()
+    best_state: dict[str, dict[str, torch.Tensor]] = {h: {} for h in models}
+    if resume and ckpt_dir is not None and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+        state, best_state = _resume(ckpt, bundle, optimizers)
+        log.info("resumed from %s (step %d)", ckpt, state.step)
+
     bar = None
-    if progress:
+    if progress and state.step < total:
         from rich.progress import Progress
 
         bar = Progress(transient=False)
         bar.start()
-        task = bar.add_task("exit heads", total=total)
+        task = bar.add_task("exit heads", total=total, completed=state.step)
     try:
-        for epoch in range(oc.epochs):
+        while state.step < total:
+            epoch = state.step // steps_per_epoch
             for m in models.values():
                 m.train()
                 if frozen:
                     m.backbone.eval()  # no dropout / drop-path in the fixed backbone
-            sums = dict.fromkeys(models, 0.0)
             batches = plan_epoch(real, none, oc.batch_size, cfg.seed, epoch, weights)
-            for idx in batches:
-                lr = lr_at(step, total, warmup, peak_lr, oc.min_lr_ratio)
-                gen = seed_step(cfg.seed, step)
-                x, y = train_ds.__getitems__(idx)
+            if state.step % steps_per_epoch == 0:
+                state.epoch_loss_sums = dict.fromkeys(models, 0.0)
+            for b in range(state.step % steps_per_epoch, steps_per_epoch):
+                lr = lr_at(state.step, total, warmup, peak_lr, oc.min_lr_ratio)
+                gen = seed_step(cfg.seed, state.step)
+                x, y = train_ds.__getitems__(batches[b])
                 x = x.to(device).float().div_(255.0)
                 x = normalize(augment.apply(x, augment.sample(len(x), gen)))
                 y = y.to(device)
@@ -234,35 +298,72 @@ def train_exit_models(
                             _trainable(m, e.mode).parameters(), oc.clip_grad
                         )
                     opt.step()
-                    sums[h] += float(loss.detach())
-                step += 1
+                    state.epoch_loss_sums[h] += float(loss.detach())
+                state.step += 1
                 if bar is not None:
                     bar.update(task, advance=1)
-            val = exit_logits_all(models, val_ds, device, frozen, autocast=accelerator.autocast)
-            row = {"epoch": epoch, "step": step, "lr": lr}
-            for h, m in models.items():
-                scores = _val_scores(val[h], y_val)
-                mean = float(np.mean(scores))
-                row[h] = {
-                    "train_loss": sums[h] / len(batches),
-                    "val_macro_f1": scores,
-                    "val_mean_macro_f1": mean,
-                }
-                if mean > best[h][0]:
-                    state = {k: v.detach().cpu().clone() for k, v in _state(m, e.mode).items()}
-                    best[h] = (mean, epoch, state)
-            history.append(row)
-            log.info(
-                "epoch %d: %s",
-                epoch,
-                {h: round(row[h]["val_mean_macro_f1"], 4) for h in models},
-            )
+                end_of_epoch = b == steps_per_epoch - 1
+                if end_of_epoch:
+                    _end_epoch(
+                        models,
+                        state,
+                        best_state,
+                        epoch,
+                        lr,
+                        steps_per_epoch,
+                        val_ds,
+                        y_val,
+                        accelerator,
+                        e.mode,
+                    )
+                if ckpt_dir and (state.step % cfg.checkpoint_every == 0 or end_of_epoch):
+                    save_checkpoint(
+                        ckpt_dir,
+                        state.step,
+                        bundle,
+                        optimizers,
+                        extra={"train_state": asdict(state), "epoch": epoch},
+                        tensors={
+                            f"{h}/{k}": v for h in best_state for k, v in best_state[h].items()
+                        },
+                    )
     finally:
         if bar is not None:
             bar.stop()
     for h, m in models.items():
-        m.load_state_dict(best[h][2], strict=False)
-    return history, {h: b[1] for h, b in best.items()}
+        m.load_state_dict(best_state[h], strict=False)
+    return state.history, {h: state.best_epoch[h] for h in models}
+
+
+def _end_epoch(
+    models: dict[str, EarlyExitViT],
+    state: ExitsTrainState,
+    best_state: dict[str, dict[str, torch.Tensor]],
+    epoch: int,
+    lr: float,
+    steps_per_epoch: int,
+    val_ds: CachedImageDataset,
+    y_val: np.ndarray,
+    accelerator,
+    mode: str,
+) -> None:
+    """Score every exit on val, log the epoch's row, keep each head type's best weights."""
+    frozen = mode == "frozen"
+    val = exit_logits_all(models, val_ds, accelerator.device, frozen, autocast=accelerator.autocast)
+    row = {"epoch": epoch, "step": state.step, "lr": lr}
+    for h, m in models.items():
+        scores = _val_scores(val[h], y_val)
+        mean = float(np.mean(scores))
+        row[h] = {
+            "train_loss": state.epoch_loss_sums[h] / steps_per_epoch,
+            "val_macro_f1": scores,
+            "val_mean_macro_f1": mean,
+        }
+        if mean > state.best_score.get(h, -1.0):
+            state.best_score[h], state.best_epoch[h] = mean, epoch
+            best_state[h] = {k: v.detach().cpu().clone() for k, v in _state(m, mode).items()}
+    state.history.append(row)
+    log.info("epoch %d: %s", epoch, {h: round(row[h]["val_mean_macro_f1"], 4) for h in models})
 
 
 def _state(model: EarlyExitViT, mode: str) -> dict[str, torch.Tensor]:
@@ -271,8 +372,11 @@ def _state(model: EarlyExitViT, mode: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if mode == "joint" or k.startswith("heads.")}
 
 
-def run_exits_train(cfg: ExitsRunConfig, progress: bool = True) -> Path:
-    """Train exit heads on ``cfg.base_run``; returns the exit-run folder."""
+def run_exits_train(cfg: ExitsRunConfig, progress: bool = True, resume: bool = False) -> Path:
+    """Train exit heads on ``cfg.base_run``; returns the exit-run folder.
+
+    ``resume``: continue from ``out_dir/checkpoints`` (see ``train_exit_models``).
+    """
     from safetensors.torch import save_file
 
     _check_optim(cfg)
@@ -304,6 +408,8 @@ def run_exits_train(cfg: ExitsRunConfig, progress: bool = True) -> Path:
             cfg.augment or base_cfg.augment,
             accelerator,
             progress=progress,
+            run_dir=run.path,
+            resume=resume,
         )
         frozen = cfg.exits.mode == "frozen"
         device = accelerator.device

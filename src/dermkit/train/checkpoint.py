@@ -8,6 +8,8 @@ checkpoint here is a folder
       model.safetensors       weights
       ema.safetensors         EMA weights (if any)
       optimizer.safetensors   every optimizer state tensor, keyed "<param index>.<name>"
+                              (several named optimizers: optimizer-<name>.safetensors)
+      tensors.safetensors     other tensors the loop keeps (e.g. best weights so far)
       rng.safetensors         torch CPU (and CUDA) generator states
       state.json              step, epoch, best metric, optimizer scalars and param-group
                               hyper-parameters, numpy/python RNG states, config, version
@@ -32,6 +34,11 @@ from safetensors.torch import load_file, save_file
 from dermkit import __version__
 
 LATEST = "latest"
+TENSORS_FILE = "tensors.safetensors"
+
+
+def _optimizer_file(name: str) -> str:
+    return f"optimizer-{name}.safetensors"
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -94,12 +101,18 @@ def save_checkpoint(
     ckpt_dir: str | Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None = None,
     ema: torch.nn.Module | None = None,
     extra: dict | None = None,
     keep: int = 1,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``ckpt_dir/step-<step>/`` atomically, point ``latest`` at it, prune old ones."""
+    """Write ``ckpt_dir/step-<step>/`` atomically, point ``latest`` at it, prune old ones.
+
+    ``optimizer`` may be a dict {name: optimizer} for a loop that steps several (one per
+    exit-head type); ``tensors`` are stored as they are (read back with
+    ``load_checkpoint_tensors``).
+    """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:07d}"
@@ -110,12 +123,20 @@ def save_checkpoint(
     if ema is not None:
         save_file(_contiguous(ema.state_dict()), tmp / "ema.safetensors")
     state = {"step": step, "dermkit": __version__, **(extra or {})}
-    if optimizer is not None:
-        tensors, meta = optimizer_to_flat(optimizer)
-        save_file(_contiguous(tensors), tmp / "optimizer.safetensors")
+    if isinstance(optimizer, dict):
+        state["optimizers"] = {}
+        for name, opt in optimizer.items():
+            flat, meta = optimizer_to_flat(opt)
+            save_file(_contiguous(flat), tmp / _optimizer_file(name))
+            state["optimizers"][name] = meta
+    elif optimizer is not None:
+        flat, meta = optimizer_to_flat(optimizer)
+        save_file(_contiguous(flat), tmp / "optimizer.safetensors")
         state["optimizer"] = meta
-    tensors, meta = rng_state()
-    save_file(_contiguous(tensors), tmp / "rng.safetensors")
+    if tensors:
+        save_file(_contiguous(tensors), tmp / TENSORS_FILE)
+    rng, meta = rng_state()
+    save_file(_contiguous(rng), tmp / "rng.safetensors")
     state["rng"] = meta
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
@@ -141,7 +162,7 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
 def load_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None = None,
     ema: torch.nn.Module | None = None,
     restore_rng: bool = True,
 ) -> dict:
@@ -151,10 +172,24 @@ def load_checkpoint(
     model.load_state_dict(load_file(path / "model.safetensors"))
     if ema is not None and (path / "ema.safetensors").exists():
         ema.load_state_dict(load_file(path / "ema.safetensors"))
-    if optimizer is not None and "optimizer" in state:
+    if isinstance(optimizer, dict):
+        saved = state.get("optimizers", {})
+        if set(saved) != set(optimizer):
+            raise ValueError(
+                f"{path}: holds optimizers {sorted(saved)}, this run has {sorted(optimizer)}"
+            )
+        for name, opt in optimizer.items():
+            optimizer_from_flat(opt, load_file(path / _optimizer_file(name)), saved[name])
+    elif optimizer is not None and "optimizer" in state:
         optimizer_from_flat(
             optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"]
         )
     if restore_rng:
         set_rng_state(load_file(path / "rng.safetensors"), state["rng"])
     return state
+
+
+def load_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``tensors`` a checkpoint folder was saved with ({} when none)."""
+    file = Path(path) / TENSORS_FILE
+    return load_file(file) if file.exists() else {}

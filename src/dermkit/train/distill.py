@@ -43,7 +43,7 @@ from dermkit.eval.curves import plot_learning_curves
 from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.predictions import write_predictions
 from dermkit.eval.report import format_estimate, write_evaluation_report
-from dermkit.models.runs_io import WEIGHTS_FILE, load_run_model
+from dermkit.models.runs_io import WEIGHTS_FILE, load_run_model, read_run_config
 from dermkit.runs import RunDir
 from dermkit.train.finetune import build_model, load_training_data
 from dermkit.train.kd import KDLoss
@@ -193,6 +193,30 @@ def check_teacher_split(teacher_dir: Path, manifest: pd.DataFrame) -> None:
         )
 
 
+def check_classification_task(cfg: DistillRunConfig, teacher_dir: Path) -> None:
+    """Refuse ordinal tasks, for the student (``cfg.task``) and for the teacher run.
+
+    Soft-target KD matches the two models' softmax distributions over the classes. A CORN
+    ordinal head's K-1 outputs are conditional binary logits (P(y > k | y > k-1)), not a
+    softmax over K classes, so KD on them would train the wrong thing without any error.
+    """
+    if cfg.task.kind != "classification":
+        raise ConfigError(
+            f"task.kind={cfg.task.kind}: dermkit distill supports task.kind=classification "
+            f"only (soft-target KD compares softmax logits; an ordinal CORN head has none); "
+            f"teacher run {teacher_dir}"
+        )
+    if not teacher_dir.is_dir():
+        raise FileNotFoundError(f"teacher run folder {teacher_dir} does not exist")
+    teacher_kind = read_run_config(teacher_dir).task.kind
+    if teacher_kind != "classification":
+        raise ConfigError(
+            f"teacher run {teacher_dir} has task.kind={teacher_kind} "
+            f"({teacher_dir / 'config.yaml'}): dermkit distill needs a task.kind=classification "
+            "teacher (soft-target KD compares softmax logits; an ordinal CORN head has none)"
+        )
+
+
 def _num(value: float | None) -> float:
     return np.nan if value is None else float(value)
 
@@ -209,7 +233,9 @@ def plot_teacher_vs_student(teacher: dict, student: dict, labels: tuple[str, str
             np.array([_num(result["metrics"][n][key]) for n in names])
             for key in ("value", "ci_low", "ci_high")
         )
-        err = np.nan_to_num(np.stack([vals - lo, hi - vals]), nan=0.0)
+        # A percentile CI need not contain the point estimate (ECE's bootstrap is biased
+        # upwards), and errorbar refuses negative lengths: such a side gets no bar.
+        err = np.clip(np.nan_to_num(np.stack([vals - lo, hi - vals]), nan=0.0), 0.0, None)
         ax.errorbar(vals, y, xerr=err, fmt="o", color=f"C{k}", capsize=3, label=label)
     ax.set_yticks(np.arange(len(names)), names)
     ax.invert_yaxis()
@@ -229,6 +255,7 @@ def _logits(model, datasets: dict, accelerator, tta: bool) -> dict[str, np.ndarr
 def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Distil end to end; returns the path of report.html."""
     teacher_dir = Path(cfg.teacher)
+    check_classification_task(cfg, teacher_dir)
     teacher_model, teacher_cfg, teacher_classes = load_run_model(teacher_dir)
     mode, reason = resolve_teacher_logits(cfg)
     log.info("teacher logits: %s (%s)", mode, reason)
@@ -240,7 +267,8 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
         if list(data.classes) != list(teacher_classes):
             raise ConfigError(
                 f"classes differ: teacher {teacher_dir} has {teacher_classes}, this run's data "
-                f"has {data.classes}"
+                f"has {data.classes}; soft targets need the same classes in the same order "
+                "(check data.path, data.classes and data.label_map against the teacher's)"
             )
         check_teacher_split(teacher_dir, data.manifest)
         if accelerator.is_main_process:
