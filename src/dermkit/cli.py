@@ -486,6 +486,77 @@ def bench_latency_cmd(
     print(markdown_table(result))
 
 
+# --------------------------------------------------------------------------- serve (issue 10)
+
+
+@app.command()
+def serve(
+    run: Annotated[Path, typer.Argument(help="export folder, or a run folder (exported once)")],
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="DERMKIT_API_KEY", help="require X-API-Key on /predict")
+    ] = None,
+    exits: Annotated[Path | None, typer.Option(help="`dermkit exits export` folder")] = None,
+    int8: Annotated[str | None, typer.Option(help="serve the dynamic or static INT8 file")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="largest image upload (MB)")] = 10.0,
+    timeout: Annotated[float, typer.Option(help="whole-request timeout (s)")] = 30.0,
+    workers: Annotated[int | None, typer.Option(help="concurrent inferences")] = None,
+) -> None:
+    """FastAPI server + web page: /predict, /health, /model-card, in-browser inference."""
+    import uvicorn
+
+    from dermkit.deploy.inference import ModelFolderError
+    from dermkit.deploy.server import create_app, resolve_model_dir
+
+    files = {
+        None: "model.onnx",
+        "dynamic": "model.int8-dynamic.onnx",
+        "static": "model.int8-static.onnx",
+    }
+    if int8 not in files:
+        _fail(f"--int8 must be dynamic or static, got '{int8}'")
+    try:
+        app_ = create_app(
+            resolve_model_dir(run),
+            api_key=api_key,
+            max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+            request_timeout_s=timeout,
+            workers=workers,
+            exits_dir=exits,
+            model_file=files[int8],
+        )
+    except (*_user_errors(), ModelFolderError) as e:
+        _fail(str(e))
+    console.print(f"serving on http://{host}:{port}/ (API docs: /docs)", highlight=False)
+    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_keep_alive=5)
+
+
+@bench_app.command("serve")
+def bench_serve_cmd(
+    run: Annotated[Path, typer.Argument(help="export folder or run folder to serve")],
+    requests: Annotated[int, typer.Option(help="requests to send (bounded)")] = 2000,
+    concurrency: Annotated[int, typer.Option(help="requests in flight")] = 16,
+    image: Annotated[Path | None, typer.Option(help="image to send (default: built-in)")] = None,
+    max_seconds: Annotated[float, typer.Option(help="stop sending after this long")] = 600.0,
+    out: Annotated[Path, typer.Option(help="folder for serve.json")] = Path("runs/bench/serve"),
+) -> None:
+    """Load test of `dermkit serve` on loopback: p50/p99 latency and failed requests."""
+    import json
+
+    from dermkit.deploy.loadtest import bench_serve, markdown_row, write_bench
+
+    try:
+        result = bench_serve(run, requests, concurrency, image, max_seconds=max_seconds)
+    except (*_user_errors(), RuntimeError, TimeoutError, ValueError) as e:
+        _fail(str(e))
+    write_bench(result, out)
+    console.print(json.dumps(result["latency_ms"], indent=2), highlight=False)
+    print(markdown_row(result), end="")
+    if result["failed"]:
+        _fail(f"{result['failed']} of {result['requests']} requests failed", code=1)
+
+
 # --------------------------------------------------------------------------- pretrain (SSL)
 
 pretrain_app = typer.Typer(

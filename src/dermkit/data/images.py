@@ -77,14 +77,20 @@ def _png_without_end(image: Image.Image, data: bytes) -> bool:
     return iend < data.rfind(b"IDAT") or iend + 8 > len(data)
 
 
-def _check_pixel_limit(path: Path, size: tuple[int, int]) -> None:
+def _check_pixel_limit(
+    path: Path, size: tuple[int, int], max_pixels: int | None = None, max_side: int | None = None
+) -> None:
     width, height = size
     # Read the module attribute at call time so tests (and users) can lower the limit.
-    if width * height > MAX_IMAGE_PIXELS:
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else min(max_pixels, MAX_IMAGE_PIXELS)
+    if width * height > limit:
         raise ImageDecodeError(
             path,
-            f"decompression bomb: {width}x{height} pixels exceeds limit of "
-            f"{MAX_IMAGE_PIXELS:,} pixels",
+            f"decompression bomb: {width}x{height} pixels exceeds limit of {limit:,} pixels",
+        )
+    if max_side is not None and max(width, height) > max_side:
+        raise ImageDecodeError(
+            path, f"image too large: {width}x{height} exceeds the {max_side} px side limit"
         )
 
 
@@ -148,12 +154,23 @@ def _decode(path: Path) -> Image.Image:
         raise ImageDecodeError(path, "file not found") from None
     except OSError as e:
         raise ImageDecodeError(path, f"cannot read file ({e.strerror or e})") from e
+    return _decode_bytes(path, data)
+
+
+def _decode_bytes(
+    path: str | Path,
+    data: bytes,
+    max_pixels: int | None = None,
+    max_side: int | None = None,
+    formats: tuple[str, ...] | None = None,
+) -> Image.Image:
+    """Size-check and fully decode the bytes of one file (``path`` only names it in errors)."""
     if not data:
         raise ImageDecodeError(path, "0-byte file")
     reader = _EndWatchingReader(data)
     try:
-        image = Image.open(reader)
-        _check_pixel_limit(path, image.size)
+        image = Image.open(reader, formats=formats)
+        _check_pixel_limit(path, image.size, max_pixels, max_side)
         reader.armed = True
         image.load()
         reader.armed = False
@@ -190,6 +207,26 @@ def load_rgb_with_info(path: str | Path) -> tuple[np.ndarray, str]:
     image = _decode(path)
     try:
         return _to_rgb(path, image), image.mode
+    finally:
+        image.close()
+
+
+def decode_rgb_bytes(
+    data: bytes,
+    name: str = "upload",
+    max_pixels: int | None = None,
+    max_side: int | None = None,
+    formats: tuple[str, ...] | None = None,
+) -> tuple[np.ndarray, str]:
+    """Decode image bytes (e.g. an upload) to RGB with every rule above; (image, mode).
+
+    ``name`` only labels errors (it is never opened). ``max_pixels`` lowers the bomb limit,
+    ``max_side`` bounds width and height, both checked from the header before any pixel is
+    decoded; ``formats`` restricts the PIL decoders tried (e.g. ("JPEG", "PNG")).
+    """
+    image = _decode_bytes(name, data, max_pixels, max_side, formats)
+    try:
+        return _to_rgb(Path(name), image), image.mode
     finally:
         image.close()
 

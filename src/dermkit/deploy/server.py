@@ -1,0 +1,489 @@
+"""``dermkit serve``: a FastAPI app around one exported model, and the web page it serves.
+
+Endpoints: ``POST /predict`` (multipart ``file``; optional ``?saliency=true``),
+``GET /health``, ``GET /model-card``, ``GET /config`` (what the page needs to run the same
+model in the browser), ``GET /openapi.json`` + ``/docs``, and the page itself (``/``,
+``/app.js``, ``/core.js``, ``/style.css``), the model file(s) under ``/model/NAME`` and
+onnxruntime-web under ``/ort/NAME`` from the local npm install (``web/node_modules``; no
+CDN). Every served file is looked up by name in a fixed table built at start-up: no request
+ever becomes a filesystem path.
+
+Hostile input, in the order a request meets it:
+
+* the API key (``X-API-Key``, constant-time comparison) when one is configured, before
+  the body is read: 401;
+* a request timeout over the whole request (upload included): 408 while the body is still
+  arriving (slow clients), 503 when the server itself was too slow;
+* an upload size limit: ``Content-Length`` checked before reading, then bytes counted as
+  they arrive (chunked uploads), 413 either way; the multipart part is checked again;
+* type sniffing from the magic bytes (JPEG, PNG, WebP; the client's content type and
+  filename are ignored): 415; then a real, full decode restricted to the sniffed format
+  with dermkit's decoder (truncation, transparency, modes): 422;
+* a decompression-bomb guard and dimension limits from the image header, before any pixel
+  is decoded: 413.
+
+Every error is JSON ``{"error": {"status", "code", "message"}}``; bad input is always 4xx.
+Inference runs in worker threads bounded by a capacity limiter.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated, Literal
+
+import anyio
+from fastapi import FastAPI, File, Header, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from dermkit import __version__
+from dermkit.data.images import ImageDecodeError, decode_rgb_bytes
+from dermkit.deploy.inference import ServedModel
+
+WEB_DIR = Path(__file__).with_name("web")
+REPO_ROOT = Path(__file__).resolve().parents[3]
+ORT_DIST_ENV = "DERMKIT_ORT_DIST"
+# onnxruntime-web files the page loads: the wasm-only build, its module and its binary.
+ORT_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+PAGE_FILES = {
+    "app.js": "text/javascript",
+    "core.js": "text/javascript",
+    "style.css": "text/css",
+}
+MEDIA_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm"}
+# Magic bytes -> PIL format name. Only these are decoded; everything else is a 415.
+SNIFFED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+def sniff_image_type(data: bytes) -> str | None:
+    """PIL format name from the first bytes ("JPEG", "PNG", "WEBP"), else None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def default_ort_dist() -> Path:
+    """Where onnxruntime-web's dist files are: $DERMKIT_ORT_DIST, else the repo's web/."""
+    env = os.environ.get(ORT_DIST_ENV)
+    if env:
+        return Path(env)
+    return REPO_ROOT / "web" / "node_modules" / "onnxruntime-web" / "dist"
+
+
+# ----------------------------------------------------------------------------- schemas
+
+
+class ErrorBody(BaseModel):
+    status: int = Field(description="HTTP status")
+    code: str = Field(description="machine-readable error code")
+    message: str = Field(description="what was wrong, for a person")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ExitUsed(BaseModel):
+    index: int = Field(description="0-based exit index (0 without early exits)")
+    name: str = Field(description="'final' or 'early exit k'")
+    blocks: int | None = Field(description="transformer blocks run (None without exits)")
+    of: int = Field(description="number of exits of the served model")
+
+
+class PredictResponse(BaseModel):
+    classes: list[str] = Field(description="class names in probability order")
+    probabilities: list[float] = Field(description="calibrated probabilities, sum 1")
+    top_class: str
+    confidence: float = Field(description="calibrated probability of the top class")
+    entropy: float = Field(description="normalised entropy of the probabilities, 0..1")
+    uncertainty: Literal["low", "moderate", "high"]
+    malignant_probability: float = Field(description="summed probability of malignant classes")
+    malignant_suspect: bool
+    advice: Literal["standard", "low_confidence", "malignant_suspect"]
+    message: str = Field(description="what to tell the person; always says: not a diagnosis")
+    exit: ExitUsed
+    model: str
+    image: dict[str, int | str] = Field(description="decoded width, height and format")
+    saliency_png_base64: str | None = Field(
+        description="Grad-CAM overlay PNG (base64) when ?saliency=true"
+    )
+    not_a_diagnosis: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    model: str
+    classes: int
+    exits: int
+    api_key_required: bool
+    version: str
+
+
+ERRORS = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "malformed request",
+        401: "missing or wrong API key",
+        408: "the upload did not arrive in time",
+        413: "upload or image too large (bytes, pixels or sides)",
+        415: "not a JPEG, PNG or WebP file",
+        422: "not a usable image, or invalid parameters",
+        503: "the server could not answer in time",
+    }.items()
+}
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class ApiError(HTTPException):
+    """An HTTP error with a machine-readable code, rendered as :class:`ErrorResponse`."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(status_code=status, detail=message)
+        self.code = code
+
+
+_DEFAULT_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    503: "unavailable",
+}
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    body = {"error": {"status": status, "code": code, "message": message}}
+    return JSONResponse(body, status_code=status)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    code = getattr(exc, "code", None) or _DEFAULT_CODES.get(exc.status_code, "error")
+    return error_response(exc.status_code, code, str(exc.detail))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = []
+    for e in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()))
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+    return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # A bug, not bad input: still JSON, and nothing internal leaks into the message.
+    return error_response(500, "internal_error", "internal server error")
+
+
+def key_matches(given: str | bytes | None, api_key: str) -> bool:
+    """Constant-time comparison of a presented API key with the configured one."""
+    if given is None:
+        return False
+    given = given if isinstance(given, bytes) else given.encode()
+    return secrets.compare_digest(given, api_key.encode())
+
+
+class LimitsMiddleware:
+    """API key, body size limit and request timeout, as plain ASGI (nothing is buffered).
+
+    The key and ``Content-Length`` are checked before a byte of the body is read, so an
+    unauthenticated or oversized upload costs the server nothing. The running byte count
+    raises :class:`ApiError` from inside ``receive``: FastAPI re-raises HTTP exceptions met
+    while parsing a body, so the 413 reaches the error handler intact.
+    """
+
+    def __init__(
+        self,
+        app,
+        max_body_bytes: int,
+        timeout_s: float,
+        api_key: str | None = None,
+        protected: tuple[str, ...] = ("/predict",),
+    ):
+        self.app, self.max_body, self.timeout_s = app, max_body_bytes, timeout_s
+        self.api_key, self.protected = api_key, protected
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        needs_key = self.api_key is not None and scope["path"] in self.protected
+        if needs_key and not key_matches(headers.get(b"x-api-key"), self.api_key):
+            response = error_response(401, "unauthorized", "missing or wrong X-API-Key header")
+            await response(scope, receive, send)
+            return
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                await error_response(400, "bad_request", "invalid Content-Length")(
+                    scope, receive, send
+                )
+                return
+            if n > self.max_body:
+                message = f"request body of {n:,} bytes exceeds the {self.max_body:,} byte limit"
+                await error_response(413, "upload_too_large", message)(scope, receive, send)
+                return
+        state = {"received": 0, "body_done": False, "started": False}
+
+        async def limited_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.max_body:
+                    raise ApiError(
+                        413,
+                        "upload_too_large",
+                        f"request body exceeds the {self.max_body:,} byte limit",
+                    )
+                if not message.get("more_body", False):
+                    state["body_done"] = True
+            return message
+
+        async def tracking_send(message):
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        try:
+            with anyio.fail_after(self.timeout_s):
+                await self.app(scope, limited_receive, tracking_send)
+        except TimeoutError:
+            if state["started"]:
+                raise
+            if state["body_done"] or scope["method"] in ("GET", "HEAD"):
+                response = error_response(
+                    503, "timeout", f"no answer within {self.timeout_s:g} s; try again"
+                )
+            else:
+                message = f"the request did not arrive within {self.timeout_s:g} s"
+                response = error_response(408, "request_timeout", message)
+            await response(scope, receive, send)
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(
+    model_dir: str | Path,
+    *,
+    api_key: str | None = None,
+    max_upload_bytes: int = 10 * 1024 * 1024,
+    max_image_pixels: int = 40_000_000,
+    max_image_side: int = 10_000,
+    request_timeout_s: float = 30.0,
+    workers: int | None = None,
+    exits_dir: str | Path | None = None,
+    model_file: str = "model.onnx",
+    saliency_run: str | Path | None = None,
+    ort_dist: str | Path | None = None,
+    threads: int = 1,
+    malignant_threshold: float = 0.3,
+) -> FastAPI:
+    """The serving app of one ``dermkit export`` folder.
+
+    Args:
+        model_dir: export folder (model_card.json + ONNX); see :class:`ServedModel`.
+        api_key: when set, ``/predict`` needs header ``X-API-Key`` with this value.
+        max_upload_bytes: largest accepted image file (the request may carry 64 KiB more
+            multipart framing).
+        max_image_pixels / max_image_side: decoded size limits, checked from the header.
+        request_timeout_s: whole-request limit, upload included.
+        workers: concurrent inferences (default: CPU count).
+        exits_dir, model_file, saliency_run, threads, malignant_threshold: see
+            :class:`ServedModel`.
+        ort_dist: onnxruntime-web's dist folder (default :func:`default_ort_dist`); when
+            missing the page falls back to ``/predict``.
+    """
+    model = ServedModel(
+        model_dir,
+        model_file=model_file,
+        exits_dir=exits_dir,
+        saliency_run=saliency_run,
+        threads=threads,
+        malignant_threshold=malignant_threshold,
+    )
+    limiter = anyio.CapacityLimiter(workers or os.cpu_count() or 1)
+    ort_dir = Path(ort_dist) if ort_dist else default_ort_dist()
+    ort_files = {name: ort_dir / name for name in ORT_FILES if (ort_dir / name).is_file()}
+    page = {name: (WEB_DIR / name).read_bytes() for name in [*PAGE_FILES, "index.html"]}
+    model_files = model.model_files()
+    card_json = (model.dir / "model_card.json").read_bytes()
+
+    app = FastAPI(
+        title="dermkit",
+        version=__version__,
+        description=(
+            "Skin-lesion classification of one image by an exported dermkit model. "
+            "Not a diagnosis: research prototype; see a dermatologist."
+        ),
+    )
+    app.add_middleware(
+        LimitsMiddleware,
+        max_body_bytes=max_upload_bytes + MULTIPART_OVERHEAD,
+        timeout_s=request_timeout_s,
+        api_key=api_key,
+    )
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.state.model = model
+
+    def check_key(given: str | None) -> None:
+        # the middleware already refused a bad key before the upload; this keeps the
+        # endpoint safe on its own (and documents the header in the OpenAPI spec)
+        if api_key is not None and not key_matches(given, api_key):
+            raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header")
+
+    def decode(data: bytes) -> tuple:
+        fmt = sniff_image_type(data)
+        if fmt is None:
+            raise ApiError(
+                415, "unsupported_media_type", "not a JPEG, PNG or WebP image (by content)"
+            )
+        try:
+            rgb, _ = decode_rgb_bytes(
+                data,
+                "upload",
+                max_pixels=max_image_pixels,
+                max_side=max_image_side,
+                formats=(fmt,),
+            )
+        except ImageDecodeError as e:
+            too_big = e.reason.startswith(("decompression bomb", "image too large"))
+            if too_big:
+                raise ApiError(413, "image_too_large", e.reason) from None
+            code = "truncated_image" if "truncated" in e.reason else "invalid_image"
+            raise ApiError(422, code, e.reason) from None
+        return rgb, fmt
+
+    def answer(data: bytes, saliency: bool) -> dict:
+        rgb, fmt = decode(data)
+        pred = model.predict(rgb)
+        summary = model.summarise(pred.probabilities)
+        png = base64.b64encode(model.saliency_png(pred)).decode() if saliency else None
+        return {
+            "classes": model.classes,
+            "probabilities": [float(p) for p in pred.probabilities],
+            **summary.__dict__,
+            "exit": model.exit_info(pred),
+            "model": model.card.name,
+            "image": {"width": int(rgb.shape[1]), "height": int(rgb.shape[0]), "format": fmt},
+            "saliency_png_base64": png,
+            "not_a_diagnosis": model.card.not_a_diagnosis,
+        }
+
+    @app.post("/predict", response_model=PredictResponse, responses=ERRORS)
+    async def predict(
+        file: Annotated[UploadFile, File(description="JPEG, PNG or WebP image")],
+        saliency: Annotated[bool, Query(description="add a Grad-CAM overlay PNG")] = False,
+        x_api_key: Annotated[str | None, Header(description="API key, when required")] = None,
+    ) -> dict:
+        """Calibrated class probabilities of one image, the exit used and the advice."""
+        check_key(x_api_key)
+        if saliency and not model.saliency_available:
+            raise ApiError(
+                422, "saliency_unavailable", "saliency needs the run's model.safetensors"
+            )
+        data = await file.read(max_upload_bytes + 1)
+        await file.close()
+        if len(data) > max_upload_bytes:
+            raise ApiError(
+                413, "upload_too_large", f"file exceeds the {max_upload_bytes:,} byte limit"
+            )
+        if not data:
+            raise ApiError(422, "invalid_image", "empty file")
+        return await anyio.to_thread.run_sync(
+            answer, data, saliency, limiter=limiter, abandon_on_cancel=True
+        )
+
+    @app.get("/health", response_model=HealthResponse)
+    async def health() -> dict:
+        """Liveness and what is served."""
+        return {
+            "status": "ok",
+            "model": model.card.name,
+            "classes": len(model.classes),
+            "exits": model.exits.n_exits if model.exits else 1,
+            "api_key_required": api_key is not None,
+            "version": __version__,
+        }
+
+    @app.get("/model-card", responses={200: {"description": "the model card JSON"}})
+    async def model_card() -> Response:
+        """The exported model's card (schema: model_card.schema.json)."""
+        return Response(card_json, media_type="application/json")
+
+    @app.get("/config")
+    async def config() -> dict:
+        """Preprocessing, decision rule, exits and messages for in-browser inference."""
+        return model.web_config() | {
+            "api_key_required": api_key is not None,
+            "max_upload_bytes": max_upload_bytes,
+            "max_image_pixels": max_image_pixels,
+            "max_image_side": max_image_side,
+            "ort_available": len(ort_files) == len(ORT_FILES),
+        }
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> Response:
+        return Response(page["index.html"], media_type="text/html; charset=utf-8")
+
+    @app.get("/{name}", include_in_schema=False)
+    async def page_file(name: str) -> Response:
+        if name not in PAGE_FILES:
+            raise ApiError(404, "not_found", "not found")
+        return Response(page[name], media_type=PAGE_FILES[name])
+
+    @app.get("/ort/{name}", include_in_schema=False)
+    async def ort_file(name: str) -> Response:
+        if name not in ort_files:
+            raise ApiError(404, "not_found", "not found")
+        suffix = Path(name).suffix
+        return FileResponse(ort_files[name], media_type=MEDIA_TYPES[suffix])
+
+    @app.get("/model/{name}", include_in_schema=False)
+    async def model_file_route(name: str) -> Response:
+        if name not in model_files:
+            raise ApiError(404, "not_found", "not found")
+        return FileResponse(model_files[name], media_type="application/octet-stream")
+
+    return app
+
+
+def resolve_model_dir(run: str | Path, export_dir: str | Path | None = None) -> Path:
+    """The export folder to serve for ``run``: an export folder itself, ``RUN/export``, or
+    (for a classifier run folder not yet exported) a fresh FP32 export into ``RUN/export``.
+    """
+    run = Path(run)
+    if (run / "model_card.json").exists():
+        return run
+    out = Path(export_dir) if export_dir else run / "export"
+    if (out / "model_card.json").exists():
+        return out
+    if not (run / "model.safetensors").exists():
+        raise FileNotFoundError(
+            f"{run} is neither an export folder (model_card.json) nor a run folder "
+            "(model.safetensors)"
+        )
+    from dermkit.deploy.export import export_run
+
+    export_run(run, out, int8=None, n_parity=64, n_calibration=0)
+    return out
