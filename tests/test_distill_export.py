@@ -237,21 +237,26 @@ def _unwrapped(output: str) -> str:
     return " ".join(output.split())
 
 
-def test_distill_refuses_an_ordinal_student_task(phantom_root, cache_dir, tmp_path):
-    # soft-target KD over softmax logits is wrong for a CORN head: refused before any work
-    teacher = tmp_path / "teacher"
-    args = _distill_args(teacher, phantom_root, cache_dir, tmp_path / "out", *ORDINAL_TASK)
+def test_distill_refuses_an_ordinal_student_of_a_classification_teacher(
+    teacher_run, phantom_root, cache_dir, tmp_path
+):
+    # softmax KD targets mean nothing to a CORN head: refused before any work
+    args = _distill_args(teacher_run, phantom_root, cache_dir, tmp_path / "out", *ORDINAL_TASK)
     bad = runner.invoke(app, args)
     assert bad.exit_code == 2, bad.output
     text = _unwrapped(bad.output)
-    assert "task.kind=ordinal" in text and "supports task.kind=classification only" in text
-    assert str(teacher) in text.replace(" ", "")
+    assert "task.kind differs" in text
+    assert "task.kind=classification" in text and "task.kind=ordinal" in text
+    assert str(teacher_run) in text.replace(" ", "")
     assert not (tmp_path / "out").exists()
 
 
-def test_distill_refuses_an_ordinal_teacher_run(phantom_root, cache_dir, tmp_path):
-    """A teacher trained with task.kind=ordinal (CORN head, K-1 outputs) is refused by name,
-    before its weights are loaded (which would otherwise fail with a shape mismatch)."""
+def test_distill_refuses_an_ordinal_teacher_for_a_classification_student(
+    phantom_root, cache_dir, tmp_path
+):
+    """A teacher trained with task.kind=ordinal (CORN head, K-1 outputs) teaches only an
+    ordinal student (tests/test_distill_options.py); a classification student is refused by
+    name, before the teacher's weights are loaded."""
     from dermkit.config import FinetuneRunConfig, load_config, save_config
 
     teacher = tmp_path / "ordinal_teacher"
@@ -268,7 +273,7 @@ def test_distill_refuses_an_ordinal_teacher_run(phantom_root, cache_dir, tmp_pat
     assert bad.exit_code == 2, bad.output
     text = _unwrapped(bad.output)
     assert "task.kind=ordinal" in text and str(teacher) in text.replace(" ", "")
-    assert "needs a task.kind=classification teacher" in text
+    assert "task.kind differs" in text and "this run has task.kind=classification" in text
     assert not (tmp_path / "out").exists()
 
 

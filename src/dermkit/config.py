@@ -299,7 +299,12 @@ class VaePretrainRunConfig(Strict):
 
 
 class DistillConfig(Strict):
-    """Soft-target knowledge distillation (Hinton et al. 2015), see ``train/kd.py``."""
+    """Soft-target knowledge distillation (Hinton et al. 2015), see ``train/kd.py``.
+
+    Options: a DeiT distillation token (``models/distilled.py``), feature and attention
+    matching (``train/distill_student.py``); ordinal tasks distil the CORN head's
+    conditional probabilities (``kd.OrdinalKDLoss``).
+    """
 
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the KL term; 1-alpha on CE")
     temperature: float = Field(4.0, gt=0, description="softmax temperature of both models")
@@ -308,13 +313,28 @@ class DistillConfig(Strict):
         description="online: teacher on each augmented batch; cached: once on the clean "
         "images (augmentation off only); auto: cached when augmentation is off",
     )
+    dist_token: bool = Field(
+        False,
+        description="DeiT distillation token + head (ViT students): the CLS head learns the "
+        "labels, the distillation head the teacher; inference averages both heads",
+    )
+    dist_target: Literal["soft", "hard"] = Field(
+        "soft", description="teacher term: soft KL at temperature, or the teacher's argmax"
+    )
+    feature_weight: float = Field(
+        0.0, ge=0, description="w * MSE(projected student pooled features, teacher's)"
+    )
+    attention_weight: float = Field(
+        0.0, ge=0, description="w * KL of the last block's CLS-to-patch attention (ViTs)"
+    )
 
 
 class DistillRunConfig(FinetuneRunConfig):
     """``dermkit distill``: a student trained on a teacher run's soft targets + the labels.
 
-    Every fine-tuning field applies to the student (``model`` is the student), except that
-    ``task.kind`` must be ``classification`` for both models (checked by ``run_distill``).
+    Every fine-tuning field applies to the student (``model`` is the student); ``task``
+    must match the teacher run's (same kind; for ordinal the same column and thresholds or
+    order), checked by ``run_distill``.
     """
 
     out_dir: str = "runs/distill"

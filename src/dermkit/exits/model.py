@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from dermkit.exits.heads import make_head
+from dermkit.models.distilled import DistilledViT
 
 
 def default_exit_blocks(depth: int) -> list[int]:
@@ -38,7 +39,8 @@ class EarlyExitViT(nn.Module):
 
     Args:
         backbone: a timm ``VisionTransformer`` with a classifier head (``num_classes > 0``),
-            e.g. from ``create_backbone('vit_tiny_patch8_64', ...)``.
+            e.g. from ``create_backbone('vit_tiny_patch8_64', ...)``, or a ``DistilledViT``
+            (its last exit is then the mean of its CLS and distillation heads).
         exit_blocks: blocks completed before each early exit, each in [1, depth - 1];
             None -> :func:`default_exit_blocks`.
         head_type: "linear", "mlp", "attention" or "ssm" (see ``heads.py``).
@@ -55,7 +57,7 @@ class EarlyExitViT(nn.Module):
         head_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
-        if not isinstance(backbone, VisionTransformer):
+        if not isinstance(backbone, (VisionTransformer, DistilledViT)):
             raise TypeError(
                 f"early exits need a timm VisionTransformer backbone, got {type(backbone).__name__}"
             )

@@ -52,6 +52,7 @@ from dermkit.exits.run_io import (
     save_logits,
     weights_file,
 )
+from dermkit.models.distilled import DistilledViT
 from dermkit.models.runs_io import load_run_model
 from dermkit.runs import RunDir
 from dermkit.train.checkpoint import (
@@ -382,7 +383,7 @@ def run_exits_train(cfg: ExitsRunConfig, progress: bool = True, resume: bool = F
     _check_optim(cfg)
     base_dir = Path(cfg.base_run)
     backbone, base_cfg, classes = load_run_model(base_dir)
-    if not isinstance(backbone, VisionTransformer):
+    if not isinstance(backbone, (VisionTransformer, DistilledViT)):
         raise ConfigError(
             f"{base_dir}: early exits need a ViT backbone; {base_cfg.model.name} is a "
             f"{type(backbone).__name__}"

@@ -2,11 +2,12 @@
 
 A classifier run folder (``dermkit finetune`` or ``dermkit distill``) holds everything
 needed to rebuild its model: ``config.yaml`` (the fully resolved run config, whose
-``model.name`` and ``data.image_size`` fix the architecture), ``model.safetensors`` (the
-selected weights, loaded strictly: a key that does not fit is an error, never a silently
-random layer) and the class order. The class order is read from ``classes.json`` when the
-run wrote one, else from ``metrics.json`` (``classes``), else from the ``prob_<class>``
-columns of ``predictions_test.csv``: all three are written in the same order.
+``model.name``, ``data.image_size`` and, for a distill run, ``distill.dist_token`` fix the
+architecture), ``model.safetensors`` (the selected weights, loaded strictly: a key that
+does not fit is an error, never a silently random layer) and the class order. The class
+order is read from ``classes.json`` when the run wrote one, else from ``metrics.json``
+(``classes``), else from the ``prob_<class>`` columns of ``predictions_test.csv``: all
+three are written in the same order.
 """
 
 from __future__ import annotations
@@ -79,7 +80,21 @@ def read_run_classes(run_dir: str | Path) -> list[str]:
 
 
 def build_run_model(cfg: FinetuneRunConfig, n_classes: int) -> torch.nn.Module:
-    """The run's architecture with a ``n_classes`` head, randomly initialised."""
+    """The run's architecture with a ``n_classes`` head, randomly initialised.
+
+    A distill run with ``distill.dist_token`` is a ``DistilledViT`` (``models/distilled.py``):
+    the ViT with a distillation token and a second head, whose output is the heads' mean.
+    """
+    if isinstance(cfg, DistillRunConfig) and cfg.distill.dist_token:
+        from dermkit.models.distilled import create_distilled_vit
+
+        return create_distilled_vit(
+            cfg.model.name,
+            num_classes=n_classes,
+            img_size=cfg.data.image_size,
+            drop_path_rate=cfg.model.drop_path_rate,
+            drop_rate=cfg.model.drop_rate,
+        )
     return create_backbone(
         cfg.model.name,
         num_classes=n_classes,

@@ -15,6 +15,14 @@ Teacher logits come from one of two places (``distill.teacher_logits``):
   off (the student would otherwise learn the clean image's target for an augmented view).
 * ``auto``: cached when augmentation is off, else online; the choice and its reason are
   logged and written into the report.
+
+Options (``distill.*``): a DeiT distillation token for ViT students (``dist_token``,
+``models/distilled.py``; ``dist_target`` soft or hard), feature matching through a
+training-only projection (``feature_weight``) and last-block CLS attention matching
+(``attention_weight``), both in ``train/distill_student.py``; they need the teacher's
+features of every batch, so they run online. Ordinal tasks (a CORN teacher and student with
+the same column and thresholds/order) distil the K-1 conditional probabilities
+(``kd.OrdinalKDLoss``) and are evaluated as ordinal fine-tuning is (``ordinal_distill.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dermkit.config import AugmentSettings, ConfigError, DistillRunConfig
+from dermkit.config import AugmentSettings, ConfigError, DistillRunConfig, FinetuneRunConfig
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import write_split_file
 from dermkit.eval.calibration import DecisionRule
@@ -43,10 +50,20 @@ from dermkit.eval.curves import plot_learning_curves
 from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.predictions import write_predictions
 from dermkit.eval.report import format_estimate, write_evaluation_report
+from dermkit.models.backbones import feature_dim
 from dermkit.models.runs_io import WEIGHTS_FILE, load_run_model, read_run_config
+from dermkit.models.weights import save_weights
 from dermkit.runs import RunDir
+from dermkit.train.distill_student import (
+    DistillStudent,
+    attention_kl,
+    feature_matching_loss,
+    is_vit_like,
+    patch_count,
+    teacher_outputs,
+)
 from dermkit.train.finetune import build_model, load_training_data
-from dermkit.train.kd import KDLoss
+from dermkit.train.kd import KDLoss, OrdinalKDLoss
 from dermkit.train.loop import load_best, make_accelerator, predict_logits, train_classifier
 from dermkit.train.losses import ClassificationLoss
 
@@ -82,6 +99,18 @@ def resolve_teacher_logits(cfg: DistillRunConfig) -> tuple[str, str]:
             "distill.teacher_logits=cached needs augmentation off, but augment has "
             f"{', '.join(on)} on: use online (or auto), or switch those off"
         )
+    matching = [
+        f"distill.{n}={getattr(cfg.distill, n)}"
+        for n in ("feature_weight", "attention_weight")
+        if getattr(cfg.distill, n) > 0
+    ]
+    if matching and mode == "cached":
+        raise ConfigError(
+            f"distill.teacher_logits=cached stores logits only, but {', '.join(matching)} "
+            "reads the teacher's features of every batch: use online (or auto)"
+        )
+    if matching and mode == "auto":
+        return "online", f"auto: the teacher scores every batch for {', '.join(matching)}"
     if mode == "auto":
         mode = "cached" if off else "online"
         reason = (
@@ -105,10 +134,19 @@ class ResizeInput(nn.Module):
         super().__init__()
         self.model, self.size = model, size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_classes(self) -> int | None:
+        """The model's outputs per image (K-1 for a CORN head): ``predict_logits`` reads it."""
+        return getattr(self.model, "num_classes", None)
+
+    def resize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, s, s) -> (B, 3, S, S) at the model's size (unchanged when it already is)."""
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
-        return self.model(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.resize(x))
 
 
 class _IndexRecorder:
@@ -193,27 +231,110 @@ def check_teacher_split(teacher_dir: Path, manifest: pd.DataFrame) -> None:
         )
 
 
-def check_classification_task(cfg: DistillRunConfig, teacher_dir: Path) -> None:
-    """Refuse ordinal tasks, for the student (``cfg.task``) and for the teacher run.
+def check_teacher_task(cfg: DistillRunConfig, teacher_dir: Path) -> None:
+    """Refuse a teacher whose task differs from the student's (``cfg.task``), before any work.
 
-    Soft-target KD matches the two models' softmax distributions over the classes. A CORN
-    ordinal head's K-1 outputs are conditional binary logits (P(y > k | y > k-1)), not a
-    softmax over K classes, so KD on them would train the wrong thing without any error.
+    The KD targets only mean the same to both models for the same kind of head: a softmax
+    over the classes (classification), or a CORN head whose K-1 outputs are the conditional
+    logits of P(y > k | y > k-1) (ordinal), which also needs the same column and cut
+    points (thresholds) or value order.
     """
-    if cfg.task.kind != "classification":
-        raise ConfigError(
-            f"task.kind={cfg.task.kind}: dermkit distill supports task.kind=classification "
-            f"only (soft-target KD compares softmax logits; an ordinal CORN head has none); "
-            f"teacher run {teacher_dir}"
-        )
     if not teacher_dir.is_dir():
         raise FileNotFoundError(f"teacher run folder {teacher_dir} does not exist")
-    teacher_kind = read_run_config(teacher_dir).task.kind
-    if teacher_kind != "classification":
+    teacher = read_run_config(teacher_dir).task
+    where = f"teacher run {teacher_dir} ({teacher_dir / 'config.yaml'})"
+    if teacher.kind != cfg.task.kind:
         raise ConfigError(
-            f"teacher run {teacher_dir} has task.kind={teacher_kind} "
-            f"({teacher_dir / 'config.yaml'}): dermkit distill needs a task.kind=classification "
-            "teacher (soft-target KD compares softmax logits; an ordinal CORN head has none)"
+            f"task.kind differs: {where} has task.kind={teacher.kind}, this run has "
+            f"task.kind={cfg.task.kind}; distillation needs the same kind of head for both "
+            "(classification: softmax over the classes; ordinal: CORN conditional "
+            "probabilities, task.kind=ordinal with the teacher's column and thresholds/order)"
+        )
+    if cfg.task.kind != "ordinal":
+        return
+    diffs = [
+        f"task.{name}: teacher {getattr(teacher, name)!r}, this run {getattr(cfg.task, name)!r}"
+        for name in ("column", "thresholds", "order")
+        if getattr(teacher, name) != getattr(cfg.task, name)
+    ]
+    if diffs:
+        raise ConfigError(
+            f"ordinal definitions differ from the {where}: {'; '.join(diffs)}. The KD targets "
+            "are the teacher's K-1 conditional probabilities P(y > k | y > k-1), which mean "
+            "the same to the student only for the same column and thresholds/order"
+        )
+
+
+def load_teacher(teacher_dir: Path) -> tuple[nn.Module, FinetuneRunConfig, list[str]]:
+    """(teacher model in eval mode, its run config, its class names) of a teacher run.
+
+    An ordinal run has a CORN head with K-1 outputs for its K classes, which
+    ``load_run_model`` (one output per class) does not describe; ``load_explain_run`` does.
+    """
+    if read_run_config(teacher_dir).task.kind == "ordinal":
+        from dermkit.explain.run_model import load_explain_run
+
+        run = load_explain_run(teacher_dir)
+        return run.model, run.cfg, run.classes
+    return load_run_model(teacher_dir)
+
+
+def build_student(cfg: DistillRunConfig, n_outputs: int) -> tuple[nn.Module, str]:
+    """The student (``build_model``), as a ``DistilledViT`` with ``distill.dist_token``.
+
+    The plain model is built first, so ``model.weights`` load through the usual reported
+    path; its tensors are then copied into the token model (``load_plain_vit_state``).
+    """
+    model, report = build_model(cfg, n_outputs)
+    if not cfg.distill.dist_token:
+        return model, report
+    from timm.models.vision_transformer import VisionTransformer
+
+    from dermkit.models.distilled import create_distilled_vit, load_plain_vit_state
+
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(
+            f"distill.dist_token=true needs a ViT student (a timm VisionTransformer with a "
+            f"class token); model.name={cfg.model.name} is a {type(model).__name__}: use a "
+            "ViT student or distill.dist_token=false"
+        )
+    m = cfg.model
+    try:
+        distilled = create_distilled_vit(
+            m.name,
+            num_classes=n_outputs,
+            img_size=cfg.data.image_size,
+            drop_path_rate=m.drop_path_rate,
+            drop_rate=m.drop_rate,
+        )
+    except ValueError as e:
+        raise ConfigError(f"distill.dist_token=true, model.name={m.name}: {e}") from e
+    if m.weights:
+        load_plain_vit_state(distilled, model.state_dict())
+        report += "; distillation token and head initialised fresh"
+    return distilled, report
+
+
+def check_matching_options(
+    cfg: DistillRunConfig, student: nn.Module, teacher: nn.Module, teacher_cfg
+) -> None:
+    """Refuse attention matching between models that have no comparable attention maps."""
+    w = cfg.distill.attention_weight
+    if w <= 0:
+        return
+    names = (f"teacher {teacher_cfg.model.name}", f"student {cfg.model.name}")
+    for name, model in zip(names, (teacher, student)):
+        if not is_vit_like(model):
+            raise ConfigError(
+                f"distill.attention_weight={w} matches ViT attention maps, but the {name} is a "
+                f"{type(model).__name__}: set distill.attention_weight=0"
+            )
+    nt, ns = patch_count(teacher), patch_count(student)
+    if nt != ns:
+        raise ConfigError(
+            f"distill.attention_weight={w} needs the same number of patch tokens: the {names[0]} "
+            f"has {nt} at {teacher_cfg.data.image_size} px, the {names[1]} has {ns} at "
+            f"{cfg.data.image_size} px (choose sizes/patches that give the same grid)"
         )
 
 
@@ -244,7 +365,7 @@ def plot_teacher_vs_student(teacher: dict, student: dict, labels: tuple[str, str
     return fig
 
 
-def _logits(model, datasets: dict, accelerator, tta: bool) -> dict[str, np.ndarray]:
+def split_logits(model, datasets: dict, accelerator, tta: bool) -> dict[str, np.ndarray]:
     """Logits (N_split, C) of ``model`` for each named dataset."""
     return {
         s: predict_logits(model, ds, np.arange(len(ds)), accelerator, tta=tta).numpy()
@@ -252,13 +373,170 @@ def _logits(model, datasets: dict, accelerator, tta: bool) -> dict[str, np.ndarr
     }
 
 
+def make_kd_loss(cfg: DistillRunConfig, train_ds, real: np.ndarray, device) -> KDLoss:
+    """The KD loss of the task: softmax KD with the configured label loss, or ordinal KD."""
+    dc = cfg.distill
+    if cfg.task.kind == "ordinal":
+        return OrdinalKDLoss(dc.alpha, dc.temperature, teacher_target=dc.dist_target)
+    n_classes = len(train_ds.class_names)
+    counts = torch.bincount(train_ds.labels[real], minlength=n_classes)
+    lc = cfg.loss
+    hard = ClassificationLoss(
+        lc.loss, counts, lc.label_smoothing, lc.weight_power, lc.focal_gamma, lc.logit_tau
+    ).to(device)
+    return KDLoss(dc.alpha, dc.temperature, hard_loss=hard, teacher_target=dc.dist_target)
+
+
+def train_student(
+    cfg: DistillRunConfig,
+    run_dir: Path,
+    accelerator,
+    student: nn.Module,
+    teacher: ResizeInput,
+    teacher_dir: Path,
+    datasets: dict,
+    synthetic_mask: np.ndarray,
+    mode: str,
+    resume: bool,
+    progress: bool,
+    to_probs=None,
+) -> tuple[nn.Module, dict, Path | None]:
+    """Train ``student`` on the teacher's targets in the shared loop.
+
+    Returns (the selected student in eval mode, the loop's summary, the cached teacher
+    logits file or None). With a distillation token or feature/attention matching the loop
+    trains a ``DistillStudent`` wrapper (the projection included); only the student is
+    returned, and only it is saved as the run's model.
+    """
+    device = accelerator.device
+    dc = cfg.distill
+    features, attention = dc.feature_weight > 0, dc.attention_weight > 0
+    train_ds = datasets["train"]
+    kd = make_kd_loss(cfg, train_ds, ~np.asarray(synthetic_mask), device)
+    trainee = student
+    if dc.dist_token or features or attention:
+        width = feature_dim(teacher.model) if features else None
+        trainee = DistillStudent(student, teacher_features=width, attention=attention)
+
+    cache_file = None
+    if mode == "cached":
+        table, cache_file = cached_teacher_logits(
+            teacher, teacher_dir, train_ds, run_dir, accelerator
+        )
+        table = table.to(device)
+        recorder = _IndexRecorder(train_ds)
+        checked = []
+
+        def teacher_targets(images: torch.Tensor) -> dict[str, torch.Tensor]:
+            rows = recorder.last_rows
+            if rows is None or len(rows) != len(images):
+                raise RuntimeError("cached teacher logits: batch rows unknown")
+            soft = table[torch.as_tensor(rows, device=device)]
+            if not checked:  # once: the recorded rows really are these images
+                with torch.no_grad():
+                    live = teacher(images).float()
+                tol = 0.05 * (1 + float(live.abs().max()))
+                if float((live - soft).abs().max()) > tol:
+                    raise RuntimeError("cached teacher logits do not match the batch")
+                checked.append(True)
+            return {"logits": soft}
+
+        train_source = recorder
+    else:
+
+        def teacher_targets(images: torch.Tensor) -> dict[str, torch.Tensor]:
+            if not (features or attention):
+                with torch.no_grad():
+                    return {"logits": teacher(images)}
+            return teacher_outputs(teacher.model, teacher.resize(images), features, attention)
+
+        train_source = train_ds
+
+    def criterion(out, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """out: the student's logits (B, C), or ``DistillStudent``'s dict in training."""
+        t = teacher_targets(images)
+        if isinstance(out, torch.Tensor):
+            return kd(out, t["logits"], targets)
+        loss = kd(out["logits"], t["logits"], targets, student_dist=out.get("dist_logits"))
+        if features:
+            loss = loss + dc.feature_weight * feature_matching_loss(out["features"], t["features"])
+        if attention:
+            loss = loss + dc.attention_weight * attention_kl(out["attention"], t["attention"])
+        return loss
+
+    summary = train_classifier(
+        cfg,
+        trainee,
+        train_source,
+        datasets["val"],
+        run_dir,
+        synthetic_mask=synthetic_mask,
+        resume=resume,
+        progress=progress,
+        accelerator=accelerator,
+        criterion=criterion,
+        to_probs=to_probs,
+    )
+    trainee = load_best(trainee, run_dir)
+    best = trainee.student if isinstance(trainee, DistillStudent) else trainee
+    return best.eval(), summary, cache_file
+
+
+def distillation_info(cfg: DistillRunConfig, teacher_dir: Path, teacher_cfg, mode, reason) -> dict:
+    """The distillation settings recorded in metrics.json."""
+    dc = cfg.distill
+    return {
+        "teacher_run": str(teacher_dir),
+        "teacher_model": teacher_cfg.model.name,
+        "student_model": cfg.model.name,
+        "alpha": dc.alpha,
+        "temperature": dc.temperature,
+        "dist_token": dc.dist_token,
+        "dist_target": dc.dist_target,
+        "feature_weight": dc.feature_weight,
+        "attention_weight": dc.attention_weight,
+        "teacher_logits": mode,
+        "teacher_logits_reason": reason,
+    }
+
+
+def options_text(cfg: DistillRunConfig) -> str:
+    """One line for the report: the KD terms in use."""
+    dc = cfg.distill
+    parts = [f"alpha {dc.alpha}, T {dc.temperature}, teacher target {dc.dist_target}"]
+    if dc.dist_token:
+        parts.append("distillation token (inference: mean of the CLS and distillation heads)")
+    if dc.feature_weight:
+        parts.append(f"feature matching x {dc.feature_weight}")
+    if dc.attention_weight:
+        parts.append(f"attention matching x {dc.attention_weight}")
+    return "; ".join(parts)
+
+
 def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Distil end to end; returns the path of report.html."""
     teacher_dir = Path(cfg.teacher)
-    check_classification_task(cfg, teacher_dir)
-    teacher_model, teacher_cfg, teacher_classes = load_run_model(teacher_dir)
+    check_teacher_task(cfg, teacher_dir)
     mode, reason = resolve_teacher_logits(cfg)
+    teacher_model, teacher_cfg, teacher_classes = load_teacher(teacher_dir)
+    ordinal = cfg.task.kind == "ordinal"
+    # CORN: K-1 outputs for K ordered classes (checked equal to the teacher's below)
+    n_outputs = len(teacher_classes) - 1 if ordinal else len(teacher_classes)
+    torch.manual_seed(cfg.seed)
+    student, weights_report = build_student(cfg, n_outputs)
+    check_matching_options(cfg, student, teacher_model, teacher_cfg)
     log.info("teacher logits: %s (%s)", mode, reason)
+    if ordinal:
+        from dermkit.train.ordinal_distill import run_ordinal_distill
+
+        return run_ordinal_distill(
+            cfg,
+            (teacher_model, teacher_cfg, teacher_classes),
+            (student, weights_report),
+            (mode, reason),
+            resume=resume,
+            progress=progress,
+        )
     accelerator = make_accelerator(cfg.optim.precision)
     device = accelerator.device
     with RunDir(cfg.out_dir, cfg, "distill", write=accelerator.is_main_process) as run:
@@ -278,75 +556,31 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
 
         teacher = ResizeInput(teacher_model, teacher_cfg.data.image_size).to(device).eval()
         teacher.requires_grad_(False)
-        torch.manual_seed(cfg.seed)
-        student, weights_report = build_model(cfg, len(data.classes))
-
-        train_ds = datasets["train"]
-        real = ~np.asarray(synthetic_mask)
-        counts = torch.bincount(train_ds.labels[real], minlength=len(data.classes))
-        lc = cfg.loss
-        hard = ClassificationLoss(
-            lc.loss, counts, lc.label_smoothing, lc.weight_power, lc.focal_gamma, lc.logit_tau
-        ).to(device)
-        kd = KDLoss(cfg.distill.alpha, cfg.distill.temperature, hard_loss=hard)
-        cache_file = None
-        if mode == "cached":
-            table, cache_file = cached_teacher_logits(
-                teacher, teacher_dir, train_ds, run.path, accelerator
-            )
-            table = table.to(device)
-            recorder = _IndexRecorder(train_ds)
-            checked = []
-
-            def criterion(logits, targets, images):
-                rows = recorder.last_rows
-                if rows is None or len(rows) != len(images):
-                    raise RuntimeError("cached teacher logits: batch rows unknown")
-                soft = table[torch.as_tensor(rows, device=device)]
-                if not checked:  # once: the recorded rows really are these images
-                    with torch.no_grad():
-                        live = teacher(images).float()
-                    tol = 0.05 * (1 + float(live.abs().max()))
-                    if float((live - soft).abs().max()) > tol:
-                        raise RuntimeError("cached teacher logits do not match the batch")
-                    checked.append(True)
-                return kd(logits, soft, targets)
-
-            train_source = recorder
-        else:
-
-            def criterion(logits, targets, images):
-                with torch.no_grad():
-                    soft = teacher(images)
-                return kd(logits, soft, targets)
-
-            train_source = train_ds
-
-        summary = train_classifier(
+        student, summary, cache_file = train_student(
             cfg,
-            student,
-            train_source,
-            datasets["val"],
             run.path,
-            synthetic_mask=synthetic_mask,
-            resume=resume,
-            progress=progress,
-            accelerator=accelerator,
-            criterion=criterion,
+            accelerator,
+            student,
+            teacher,
+            teacher_dir,
+            datasets,
+            synthetic_mask,
+            mode,
+            resume,
+            progress,
         )
-        student = load_best(student, run.path)
         eval_sets = {s: datasets[s] for s in ("val", "test")}
-        logits = _logits(student, eval_sets, accelerator, cfg.augment.tta)
+        logits = split_logits(student, eval_sets, accelerator, cfg.augment.tta)
         # As in fine-tuning: the decision rule is fitted on val only; the teacher keeps its own.
         rule = DecisionRule.fit(logits["val"], datasets["val"].labels.numpy(), cfg.decision_rule)
         probs = {s: rule.probs(v) for s, v in logits.items()}
         teacher_rule = DecisionRule.load(teacher_dir / "decision.json")
-        teacher_logits = _logits(teacher, eval_sets, accelerator, teacher_cfg.augment.tta)
+        teacher_logits = split_logits(teacher, eval_sets, accelerator, teacher_cfg.augment.tta)
         teacher_probs = {s: teacher_rule.probs(v) for s, v in teacher_logits.items()}
         if not accelerator.is_main_process:
             return run / "report.html"
         rule.save(run / "decision.json")
-        shutil.copyfile(run / "best.safetensors", run / WEIGHTS_FILE)
+        save_weights(student, run / WEIGHTS_FILE)  # the student alone, never a projection
         (run / "classes.json").write_text(json.dumps(data.classes))
         for s in ("val", "test"):
             write_predictions(run / f"predictions_{s}.csv", parts[s], probs[s], data.classes)
@@ -374,13 +608,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
             "student": model_cost(student, cfg.data.image_size),
         }
         result["distillation"] = {
-            "teacher_run": str(teacher_dir),
-            "teacher_model": teacher_cfg.model.name,
-            "student_model": cfg.model.name,
-            "alpha": cfg.distill.alpha,
-            "temperature": cfg.distill.temperature,
-            "teacher_logits": mode,
-            "teacher_logits_reason": reason,
+            **distillation_info(cfg, teacher_dir, teacher_cfg, mode, reason),
             "teacher_logits_file": cache_file.name if cache_file else None,
             "cost": cost,
             "teacher_metrics": teacher_result["metrics"],
@@ -410,6 +638,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
                 "teacher run": str(teacher_dir),
                 "teacher logits": f"{mode} ({reason})",
                 "alpha / temperature": f"{cfg.distill.alpha} / {cfg.distill.temperature}",
+                "distillation terms": options_text(cfg),
                 "params teacher | student": f"{cost['teacher']['params']:,} | "
                 f"{cost['student']['params']:,}",
                 "GFLOPs per image teacher | student": f"{cost['teacher']['gflops']:.4g} | "

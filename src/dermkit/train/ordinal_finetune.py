@@ -75,6 +75,22 @@ def ordinal_parts(data, task: OrdinalTask, drop_missing: bool, synthetic_mask: n
     return parts, synthetic_mask
 
 
+def write_ordinal_predictions(
+    path: Path, part: pd.DataFrame, probs: np.ndarray, task: OrdinalTask
+) -> Path:
+    """predictions CSV of relabelled rows: class probabilities (N, K) + truth, expected value.
+
+    ``ordinal_truth`` (the column's value) marks the file as ordinal for ``dermkit evaluate``.
+    """
+    path = write_predictions(path, part, probs, task.class_names)
+    frame = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str, "label": str})
+    frame[TRUTH_COLUMN] = task.truth(part)
+    frame[EXPECTED_VALUE_COLUMN] = expected_value(probs, task.centres)
+    frame[DIAGNOSIS_COLUMN] = part[DIAGNOSIS_COLUMN].to_numpy()
+    frame.to_csv(path, index=False, float_format="%.6g")
+    return path
+
+
 def run_ordinal_finetune(
     cfg: FinetuneRunConfig, resume: bool = False, progress: bool = True
 ) -> Path:
@@ -127,12 +143,7 @@ def run_ordinal_finetune(
         (run / "classes.json").write_text(json.dumps(classes))
         (run / "ordinal.json").write_text(json.dumps(task.to_dict(), indent=2))
         for s in ("val", "test"):
-            path = write_predictions(run / f"predictions_{s}.csv", parts[s], probs[s], classes)
-            frame = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str, "label": str})
-            frame[TRUTH_COLUMN] = task.truth(parts[s])
-            frame[EXPECTED_VALUE_COLUMN] = expected_value(probs[s], task.centres)
-            frame[DIAGNOSIS_COLUMN] = parts[s][DIAGNOSIS_COLUMN].to_numpy()
-            frame.to_csv(path, index=False, float_format="%.6g")
+            write_ordinal_predictions(run / f"predictions_{s}.csv", parts[s], probs[s], task)
         test = parts["test"]
         y_test = datasets["test"].labels.numpy()
         truth = task.truth(test)
