@@ -60,3 +60,30 @@ def test_compare_random_vs_local_weights_file_then_reuses_finished_runs(
     _invoke(*args, "--init", "random=random", "--init", f"again={weights}")
     assert (out / "random" / "metrics.json").stat().st_mtime_ns == stamp
     assert len(json.loads((out / "compare.json").read_text())) == 2
+
+
+def test_compare_arm_takes_the_backbone_its_pretraining_run_names(
+    phantom_root, cache_dir, tmp_path
+):
+    """A VAE arm beside a ViT arm: the arm's architecture follows its encoder.json."""
+    data = [f"data.path={phantom_root}", f"data.cache_dir={cache_dir}"]
+    common = [*data, "eval.n_boot=20"]
+    vae = tmp_path / "vae"
+    _invoke("pretrain", "vae", "--preset", "tiny", *data, "optim.epochs=1", f"out_dir={vae}")
+    assert json.loads((vae / "encoder.json").read_text())["backbone"] == "vae_encoder_32"
+    out = tmp_path / "cmp"
+    _invoke(
+        "compare", "--preset", "tiny", *common, f"out_dir={out}", "optim.epochs=1",
+        "--init", "random=random", "--init", f"vae={vae}",
+    )  # fmt: skip
+    rows = {r["init"]: r for r in json.loads((out / "compare.json").read_text())}
+    vit = yaml.safe_load((out / "random" / "config.yaml").read_text())["model"]["name"]
+    assert rows["random"]["model"] == vit != "vae_encoder_32"
+    assert rows["vae"]["model"] == "vae_encoder_32"
+    arm = yaml.safe_load((out / "vae" / "config.yaml").read_text())["model"]
+    assert arm == {**arm, "name": "vae_encoder_32", "weights": str(vae)}
+    # the arm really loaded the encoder: its first conv differs from a fresh init's only
+    # by one epoch of fine-tuning, far less than two random inits differ
+    pre, tuned = load_file(vae / "model.safetensors"), load_file(out / "vae" / "model.safetensors")
+    key = next(k for k in pre if k.endswith("weight") and pre[k].ndim == 4)
+    assert (tuned[key] - pre[key]).norm() < 0.5 * pre[key].norm()

@@ -1,21 +1,29 @@
-"""`dermkit demo` end to end on a small phantom set: every stage's report, one summary."""
+"""`make demo` / `dermkit demo` are the tiny pipeline on phantoms (run end to end in
+tests/test_pipeline.py, whose shared fixture is ``run_demo``)."""
 
-import re
+from pathlib import Path
 
-import pytest
+from dermkit.demo import demo_pipeline
+from dermkit.pipeline import plan_pipeline
+from dermkit.stages import DERMAE_STAGES
 
-from dermkit.demo import run_demo
+REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_demo_runs_every_stage_and_links_reports(tmp_path):
-    report = run_demo(tmp_path / "demo", n_lesions=60, seed=1)
-    html = report.read_text()
-    assert report == tmp_path / "demo" / "report.html"
-    links = re.findall(r'href="([^"]+report\.html)"', html)
-    assert len(links) == 2
-    for link in links:
-        assert (report.parent / link).exists(), link
-    assert "baseline" in html and "fine-tune" in html
-    assert "data:image/png;base64" in html  # the phantom grid is embedded
-    assert (tmp_path / "demo" / "runs" / "finetune" / "model.safetensors").exists()
+def test_make_demo_runs_the_tiny_pipeline_on_phantoms():
+    make = (REPO / "Makefile").read_text()
+    demo_recipe = make.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "dermkit run pipelines/dermae-tiny.yaml" in demo_recipe
+    # The repository's pipelines/ files are the packaged ones (an installed dermkit has them).
+    for path in (REPO / "pipelines").glob("*.yaml"):
+        packaged = REPO / "src" / "dermkit" / "pipelines" / path.name
+        assert path.read_text() == packaged.read_text()
+
+
+def test_demo_pipeline_is_offline_and_every_stage_is_on(tmp_path):
+    cfg = demo_pipeline(tmp_path / "d", n_lesions=40, seed=3)
+    assert cfg.preset == "tiny" and cfg.data.path is None  # phantoms: nothing to download
+    assert cfg.data.phantoms.n_lesions == 40 and cfg.data.phantoms.seed == 3 and cfg.seed == 3
+    plans = plan_pipeline(cfg, DERMAE_STAGES)
+    assert list(plans) == [s.name for s in DERMAE_STAGES]
+    assert all(p.path.parent == tmp_path / "d" for p in plans.values())

@@ -1,0 +1,211 @@
+"""``dermkit bench ablation``: what each ingredient of the DerMAE recipe buys, in one table.
+
+An ablation file (``pipelines/ablation-<preset>.yaml``) names a base pipeline, one output
+folder and rows. A row is a variant of the base pipeline (``key=value`` overrides of the
+pipeline file) plus the stage whose run gives the row's numbers. Every row runs through
+:func:`dermkit.pipeline.run_pipeline` into the *same* folder with only the stages its target
+needs, so stages that rows share (the data split, the synthetic set, an MAE encoder, the
+teacher) have the same key and are computed once; a killed ablation re-run resumes where
+it stopped, and rows already finished cost nothing. All rows share the data stage, hence
+one lesion-grouped split and one seed.
+
+Each row is summarised by :func:`dermkit.eval.summary.summarize_run` (test metrics with
+lesion-level bootstrap CIs, params, GFLOPs, batch-1 latency); the table is written to
+``<out_dir>/ablation.md`` (+ ``ablation.json`` and ``ablation.html``, which links each row's
+stage report).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import Field, ValidationError, model_validator
+
+from dermkit.config import ConfigError, Strict, _read_yaml
+from dermkit.pipeline import (
+    PipelineResult,
+    load_pipeline,
+    plan_status,
+    resolve_pipeline_path,
+    run_pipeline,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+
+class AblationRow(Strict):
+    """One row: a pipeline variant and the stage whose predictions give the numbers."""
+
+    id: str = Field(pattern=r"^[a-z0-9_]+$")
+    name: str
+    target: str = Field(description="stage whose run folder is summarised")
+    overrides: list[str] = Field(default_factory=list, description="pipeline key=value items")
+
+
+class AblationConfig(Strict):
+    """An ablation file: base pipeline, shared output folder, bootstrap size, rows."""
+
+    pipeline: str = Field(description="base pipeline file or shipped name")
+    out_dir: str = "runs/bench/ablation"
+    overrides: list[str] = Field(default_factory=list, description="applied to every row")
+    n_boot: int = Field(1000, ge=0)
+    rows: list[AblationRow]
+    source: str | None = None
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AblationConfig:
+        ids = [r.id for r in self.rows]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"row ids must be unique: {dupes}")
+        return self
+
+
+def load_ablation(spec: str | Path, out: str | Path | None = None) -> AblationConfig:
+    """Read an ablation file (or a shipped name such as ``ablation-cpu``)."""
+    path = resolve_pipeline_path(spec)
+    data = _read_yaml(path)
+    if out is not None:
+        data["out_dir"] = str(out)
+    try:
+        return AblationConfig.model_validate({**data, "source": str(path)})
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"{path}: invalid ablation file:\n  " + "\n  ".join(lines)) from e
+
+
+def select_rows(ablation: AblationConfig, ids: Sequence[str] = ()) -> list[AblationRow]:
+    """The rows named by ``ids`` (all when empty), in the file's order."""
+    known = [r.id for r in ablation.rows]
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise ConfigError(f"unknown ablation rows {unknown}; the rows are {known}")
+    return [r for r in ablation.rows if not ids or r.id in ids]
+
+
+def row_pipeline(ablation: AblationConfig, row: AblationRow, extra: Sequence[str] = ()):
+    """The row's pipeline config: base file < ablation overrides < extra < row, shared out_dir."""
+    items = [*ablation.overrides, *extra, *row.overrides, f"out_dir={ablation.out_dir}"]
+    return load_pipeline(ablation.pipeline, items)
+
+
+def plan_ablation(
+    ablation: AblationConfig, ids: Sequence[str] = (), extra: Sequence[str] = ()
+) -> list[tuple[AblationRow, list[dict]]]:
+    """Per row, what running it would do (see :func:`dermkit.pipeline.plan_status`)."""
+    plans = []
+    for row in select_rows(ablation, ids):
+        rows = plan_status(row_pipeline(ablation, row, extra), targets=[row.target])
+        plans.append((row, rows))
+    return plans
+
+
+def stages_to_compute(plans: list[tuple[AblationRow, list[dict]]]) -> list[str]:
+    """Distinct stage folders the whole ablation still has to compute (or resume)."""
+    todo = {}
+    for _, rows in plans:
+        for r in rows:
+            if r["status"] in ("todo", "partial"):
+                todo[r["folder"]] = f"{r['stage']} ({r['status']})"
+    return [f"{v}: {k}" for k, v in todo.items()]
+
+
+def _row_record(row: AblationRow, result: PipelineResult, summary: dict, seconds: float) -> dict:
+    folder = result.path(row.target)
+    return {
+        "id": row.id,
+        "name": row.name,
+        "target": row.target,
+        "folder": str(folder),
+        "overrides": row.overrides,
+        "computed": result.executed,
+        "seconds": round(seconds, 1),
+        "cpu_s": round(sum(r.cpu_s or 0 for r in result.records.values()), 1),
+        "summary": summary,
+    }
+
+
+def run_ablation(
+    ablation: AblationConfig,
+    ids: Sequence[str] = (),
+    extra: Sequence[str] = (),
+    latency: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Run (or reuse) every selected row and write the table; returns ``ablation.md``."""
+    from dermkit.eval.summary import ablation_table_markdown, summarize_run
+    from dermkit.runs import git_commit, machine_info
+
+    rows = select_rows(ablation, ids)
+    out = Path(ablation.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    records = []
+    for i, row in enumerate(rows, 1):
+        log.info("ablation row %d/%d: %s (stage %s)", i, len(rows), row.name, row.target)
+        if progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(
+                f"[bold]ablation row {i}/{len(rows)}[/]: {row.name} (stage {row.target})"
+            )
+        cfg = row_pipeline(ablation, row, extra)
+        started = time.time()
+        result = run_pipeline(cfg, targets=[row.target], progress=progress, summary=False)
+        summary = summarize_run(
+            result.path(row.target), latency=latency, n_boot=ablation.n_boot, seed=cfg.seed
+        )
+        records.append(_row_record(row, result, summary, time.time() - started))
+        # Written after every row, so a long ablation can be followed (and is never lost).
+        write_json_atomic(records, out / "ablation.json")
+    table = ablation_table_markdown([(r["name"], r["summary"]) for r in records])
+    base = load_pipeline(ablation.pipeline, [*ablation.overrides, *extra])
+    source = base.data.path or f"{base.data.phantoms.n_lesions} phantom lesions"
+    split = base.data.split_file or f"lesion-grouped split, seed {base.seed}"
+    machine = machine_info()
+    header = [
+        f"# Ablation: {ablation.source}",
+        "",
+        f"Base pipeline {base.source} (preset {base.preset}), data {source}, {split}; seed "
+        f"{base.seed} for every row. Test split; 95% lesion-level bootstrap CIs "
+        f"(B = {ablation.n_boot}). Commit {git_commit()}, {machine['cores']} cores "
+        f"({machine['cpu']}), torch {machine['torch']}. Wall time of this command "
+        f"{time.time() - t0:.0f} s (stages reused from {out} cost nothing).",
+        "",
+    ]
+    footer = [
+        "",
+        "| row | stage folder | computed in this command | seconds |",
+        "|---|---|---|---:|",
+    ]
+    for r in records:
+        folder = os.path.relpath(r["folder"], out)
+        footer.append(
+            f"| {r['id']} | {folder} | {', '.join(r['computed']) or '-'} | {r['seconds']} |"
+        )
+    path = out / "ablation.md"
+    tmp = out / ".ablation.md.tmp"
+    tmp.write_text("\n".join(header) + table + "\n".join(footer) + "\n")
+    os.replace(tmp, path)
+    _write_report(out, records, table, header[2])
+    return path
+
+
+def _write_report(out: Path, records: list[dict], table: str, text: str) -> Path:
+    from dermkit.eval.report import HtmlReport
+    from dermkit.stages import markdown_rows
+
+    report = HtmlReport("dermkit ablation")
+    report.add_paragraph(text)
+    report.add_table(markdown_rows(table), caption="test split")
+    for r in records:
+        marker = json.loads((Path(r["folder"]) / "stage.json").read_text())
+        href = os.path.relpath(Path(r["folder"]) / marker["report"], out)
+        report.add_link(href, f"{r['name']}: {r['target']} stage report")
+    return report.write(out / "ablation.html")  # not report.html: a pipeline may share out

@@ -1,0 +1,668 @@
+"""``dermkit run PIPELINE.yaml``: stages as a small DAG whose artifacts are cached by key.
+
+A pipeline file names the data source, the preset, the seed, an output folder and, per
+stage, overrides of that stage's preset config (or ``false`` to switch it off). Each
+:class:`Stage` builds its fully resolved config from the pipeline and the folders of the
+stages it reads (recorded as its inputs while it builds), and runs into its own folder::
+
+    key    = sha256(stage name, dermkit version, resolved config, keys of its inputs)
+    folder = <out_dir>/<stage>-<key[:10]>/
+
+Paths of input folders are replaced by ``@<stage>`` in the hashed config (and the stage's
+own ``out_dir`` and image-cache folder are left out), so a key names *what* is computed,
+not *where*. A finished stage ends by writing ``stage.json`` atomically: a folder with
+that marker and the same key is skipped; a folder without it is a run that was killed or
+failed, and its stage is called again with ``resume=True`` (the training stages continue
+from their last checkpoint, sampling skips the images it already wrote). Changing one
+stage's settings therefore re-runs that stage and the stages downstream of it, nothing
+upstream. Every run rewrites ``pipeline.json`` (what ran, what was reused) and a summary
+``report.html`` linking each stage's own report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from dermkit import __version__
+from dermkit.config import PRESETS, ConfigError, Strict, _merge, _read_yaml, parse_override
+
+log = logging.getLogger(__name__)
+
+PIPELINE_DIR = Path(__file__).parent / "pipelines"
+MARKER = "stage.json"
+STATE_FILE = "pipeline.json"
+# Config keys that say where files go, not what is computed: left out of the cache key.
+_UNHASHED_KEYS = frozenset({"out_dir", "cache_dir"})
+
+
+# ----------------------------------------------------------------------------- pipeline file
+
+
+class PhantomsSource(Strict):
+    """Generate a phantom dataset inside the data stage's folder (no download)."""
+
+    n_lesions: int = Field(150, ge=14)
+    seed: int = 0
+    image_size: tuple[int, int] = Field((160, 120), description="(width, height) in px")
+
+
+class PipelineData(Strict):
+    """The data source: generated phantoms or a dataset folder, and how it is split."""
+
+    phantoms: PhantomsSource | None = None
+    path: str | None = Field(None, description="dataset root (HAM10000, ISIC or folder layout)")
+    layout: Literal["auto", "ham10000", "isic", "folder"] = "auto"
+    split_file: str | None = Field(None, description="committed split (image_id,lesion_id,split)")
+    train: float = Field(0.7, ge=0)
+    val: float = Field(0.1, ge=0)
+    test: float = Field(0.2, ge=0)
+    near_duplicate_distance: int = Field(4, ge=-1, description="pHash distance; -1 disables")
+    cache_dir: str | None = Field(
+        None, description="image cache root; null: <out_dir>/cache for phantoms, else the default"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PipelineData:
+        if (self.phantoms is None) == (self.path is None):
+            raise ValueError("data needs exactly one of 'phantoms' and 'path'")
+        return self
+
+
+class PipelineConfig(Strict):
+    """One pipeline file: source, scale, seed, output folder and per-stage settings.
+
+    ``stages`` maps a stage name to ``false`` (off), ``true``/``{}`` (on, preset settings)
+    or a mapping of overrides of that stage's config: nested (``optim: {epochs: 3}``) or
+    dotted (``optim.epochs: 3``) keys; ``enabled: false`` switches it off as well. A few
+    stages take extra keys of their own (see ``dermkit.stages``).
+    """
+
+    name: str = "pipeline"
+    preset: Literal["tiny", "cpu", "gpu"] = "tiny"
+    seed: int = 0
+    out_dir: str = "runs/pipeline"
+    data: PipelineData
+    stages: dict[str, Any] = Field(default_factory=dict)
+    source: str | None = Field(None, description="the file this was read from (set on load)")
+
+
+def resolve_pipeline_path(spec: str | Path) -> Path:
+    """A pipeline file path, or a shipped pipeline's name (``dermae-tiny``)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    for candidate in (PIPELINE_DIR / path.name, PIPELINE_DIR / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(p.stem for p in PIPELINE_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"pipeline file {spec} not found (shipped pipelines: {shipped})")
+
+
+def load_pipeline(spec: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Read a pipeline file (or shipped name) and apply ``key=value`` overrides.
+
+    Overrides address the file's structure, e.g. ``seed=1``, ``out_dir=runs/x`` or
+    ``stages.distill.distill.temperature=2``; ``stages.synth=false`` switches stages off.
+    """
+    path = resolve_pipeline_path(spec)
+    data = _read_yaml(path)
+    for item in overrides:
+        keys, value = parse_override(item)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        data = _merge(data, nested)
+    try:
+        cfg = PipelineConfig.model_validate({**data, "source": str(path)})
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"{path}: invalid pipeline:\n  " + "\n  ".join(lines)) from e
+    if cfg.preset not in PRESETS:  # pragma: no cover - Literal already checks
+        raise ConfigError(f"{path}: unknown preset {cfg.preset}")
+    return cfg
+
+
+def flatten_overrides(tree: dict, prefix: str = "") -> list[str]:
+    """``{"optim": {"epochs": 3}, "a.b": [1]}`` -> ``["optim.epochs=3", "a.b=[1]"]``.
+
+    Values are written as JSON, which ``parse_override`` reads back as YAML unchanged.
+    """
+    items = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            items.extend(flatten_overrides(value, f"{name}."))
+        else:
+            items.append(f"{name}={json.dumps(value)}")
+    return items
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the DAG.
+
+    Attributes:
+        name: folder prefix and the key in the pipeline file's ``stages``.
+        title: what the stage does, for the progress view and the summary.
+        build: resolved config from a :class:`StageContext`; reading another stage's
+            folder through ``ctx.input`` makes that stage an input.
+        run: ``(config, folder, resume) -> report.html`` of the finished stage; the
+            folder must end up holding ``metrics.json`` and ``report.html``.
+        metric: one short line (the key figure) from a finished folder.
+        knobs: extra keys this stage reads from its pipeline entry (not config overrides).
+    """
+
+    name: str
+    title: str
+    build: Callable[[StageContext], BaseModel]
+    run: Callable[[BaseModel, Path, bool], Path]
+    metric: Callable[[Path], str]
+    knobs: tuple[str, ...] = ()
+
+
+@dataclass
+class StageContext:
+    """What a stage's ``build`` sees: the pipeline, its own settings and earlier stages."""
+
+    pipeline: PipelineConfig
+    stage: str
+    overrides: dict
+    knobs: dict
+    _plans: dict[str, Planned]
+    _enabled: dict[str, bool]
+    inputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def preset(self) -> str:
+        return self.pipeline.preset
+
+    @property
+    def seed(self) -> int:
+        return self.pipeline.seed
+
+    def on(self, stage: str) -> bool:
+        """Whether ``stage`` is switched on in this pipeline."""
+        return self._enabled.get(stage, False)
+
+    def input(self, stage: str) -> Path:
+        """The folder of an earlier stage; records it as an input of this one."""
+        if not self.on(stage):
+            raise ConfigError(f"stage '{self.stage}' needs stage '{stage}', which is off")
+        if stage not in self._plans:
+            raise ConfigError(f"stage '{self.stage}' needs '{stage}', which must come earlier")
+        planned = self._plans[stage]
+        self.inputs[stage] = planned.key
+        return planned.path
+
+    def config(self, stage: str) -> BaseModel:
+        """The resolved config of an earlier stage (also records it as an input)."""
+        self.input(stage)
+        return self._plans[stage].config
+
+
+@dataclass
+class Planned:
+    """A stage with its resolved config, key and folder (before or after running)."""
+
+    stage: Stage
+    config: BaseModel
+    inputs: dict[str, str]
+    key: str
+    path: Path
+    material: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+
+def _settings(cfg: PipelineConfig, stage: Stage) -> tuple[bool, dict, dict]:
+    """(enabled, config overrides, knobs) of a stage's entry in the pipeline file."""
+    entry = cfg.stages.get(stage.name, True)
+    if entry is None or entry is True:
+        return True, {}, {}
+    if entry is False:
+        return False, {}, {}
+    if not isinstance(entry, dict):
+        raise ConfigError(
+            f"{cfg.source}: stages.{stage.name} must be true, false or a mapping, got {entry!r}"
+        )
+    entry = dict(entry)
+    enabled = entry.pop("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{cfg.source}: stages.{stage.name}.enabled must be true or false")
+    knobs = {k: entry.pop(k) for k in stage.knobs if k in entry}
+    overrides: dict = {}
+    for item in entry.pop("overrides", None) or []:  # a list of "key=value" strings
+        keys, value = parse_override(item)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        overrides = _merge(overrides, nested)
+    for key, value in entry.items():  # dotted or nested keys
+        nested = value
+        for k in reversed(key.split(".")):
+            nested = {k: nested}
+        overrides = _merge(overrides, nested)
+    return enabled, overrides, knobs
+
+
+def _normalise(value: Any, replace: list[tuple[str, str]]) -> Any:
+    """Config dump -> hashable form: input folders as @stage tokens, location keys dropped."""
+    if isinstance(value, dict):
+        return {
+            k: _normalise(v, replace) for k, v in sorted(value.items()) if k not in _UNHASHED_KEYS
+        }
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v, replace) for v in value]
+    if isinstance(value, str):
+        for prefix, token in replace:
+            if value == prefix or value.startswith(prefix + os.sep):
+                return token + value[len(prefix) :]
+    return value
+
+
+def stage_key(name: str, config: BaseModel, inputs: dict[str, str], folders: dict[str, Path]):
+    """(sha256 hex key, the hashed material) of a stage; see the module docstring."""
+    replace = [(str(folders[s]), f"@{s}") for s in inputs]
+    replace.sort(key=lambda pair: -len(pair[0]))  # longest prefix first
+    material = {
+        "stage": name,
+        "dermkit": __version__,
+        "config": _normalise(config.model_dump(mode="json"), replace),
+        "inputs": dict(sorted(inputs.items())),
+    }
+    text = json.dumps(material, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest(), material
+
+
+def plan_pipeline(cfg: PipelineConfig, stages: Sequence[Stage]) -> dict[str, Planned]:
+    """Resolve every enabled stage in order: config, inputs, key and folder."""
+    names = [s.name for s in stages]
+    unknown = sorted(set(cfg.stages) - set(names))
+    if unknown:
+        raise ConfigError(f"{cfg.source}: unknown stages {unknown}; the stages are {names}")
+    enabled, plans = {}, {}
+    settings = {s.name: _settings(cfg, s) for s in stages}
+    for s in stages:
+        enabled[s.name] = settings[s.name][0]
+    out = Path(cfg.out_dir)
+    for s in stages:
+        on, overrides, knobs = settings[s.name]
+        if not on:
+            continue
+        ctx = StageContext(cfg, s.name, overrides, knobs, plans, enabled)
+        try:
+            config = s.build(ctx)
+        except ConfigError as e:
+            raise ConfigError(f"{cfg.source}: stage '{s.name}': {e}") from e
+        folders = {d: plans[d].path for d in ctx.inputs}
+        key, material = stage_key(s.name, config, ctx.inputs, folders)
+        path = out / f"{s.name}-{key[:10]}"
+        plans[s.name] = Planned(s, config, dict(ctx.inputs), key, path, material)
+    return plans
+
+
+def needed_stages(plans: dict[str, Planned], targets: Sequence[str] | None) -> list[str]:
+    """Stages to run for ``targets`` (they and everything they read), in pipeline order."""
+    if not targets:
+        return list(plans)
+    missing = [t for t in targets if t not in plans]
+    if missing:
+        raise ConfigError(f"target stages {missing} are off or unknown (on: {list(plans)})")
+    need: set[str] = set()
+    todo = list(targets)
+    while todo:
+        name = todo.pop()
+        if name not in need:
+            need.add(name)
+            todo.extend(plans[name].inputs)
+    return [n for n in plans if n in need]
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def read_marker(path: Path) -> dict | None:
+    """The completion marker of a stage folder, or None when the stage has not finished."""
+    try:
+        return json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json_atomic(obj: Any, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def stage_status(planned: Planned) -> str:
+    """``cached`` (finished, same key), ``partial`` (started, no marker) or ``todo``."""
+    marker = read_marker(planned.path)
+    if marker is not None and marker.get("key") == planned.key:
+        return "cached"
+    return "partial" if planned.path.exists() else "todo"
+
+
+@dataclass
+class StageRecord:
+    """What happened to one stage in this run."""
+
+    name: str
+    title: str
+    status: str  # ran | resumed | cached | failed | not run
+    key: str | None = None
+    path: str | None = None
+    report: str | None = None
+    seconds: float | None = None  # this run's wall time
+    wall_s: float | None = None  # wall time of the run that produced the folder
+    cpu_s: float | None = None  # CPU time of this process (all threads) while it ran
+    metric: str = ""
+    error: str | None = None
+
+
+@dataclass
+class PipelineResult:
+    """The records of one ``run_pipeline`` call and the summary report's path."""
+
+    config: PipelineConfig
+    records: dict[str, StageRecord]
+    report: Path | None
+    plans: dict[str, Planned]
+
+    @property
+    def executed(self) -> list[str]:
+        """Stages whose runner was called in this run (fresh or resumed)."""
+        return [n for n, r in self.records.items() if r.status in ("ran", "resumed")]
+
+    def path(self, stage: str) -> Path:
+        return self.plans[stage].path
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@contextmanager
+def _stage_log(path: Path, quiet_console: bool) -> Iterator[None]:
+    """Log to ``<stage>/stage.log``; with a live progress view, only warnings on the console."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(path / "stage.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    old_root_level = root.level
+    quieted = []
+    if quiet_console:
+        for h in root.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                quieted.append((h, h.level))
+                h.setLevel(max(h.level, logging.WARNING))
+    root.addHandler(handler)
+    root.setLevel(min(old_root_level, logging.INFO) if old_root_level else logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(old_root_level)
+        for h, level in quieted:
+            h.setLevel(level)
+
+
+def _safe_metric(planned: Planned) -> str:
+    try:
+        return planned.stage.metric(planned.path)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        log.debug("%s: no key metric (%s)", planned.name, e)
+        return ""
+
+
+def _run_stage(planned: Planned, resume: bool, quiet: bool) -> StageRecord:
+    """Run one stage into its folder and write the completion marker last."""
+    planned.path.mkdir(parents=True, exist_ok=True)
+    started, cpu_started = time.time(), time.process_time()
+    with _stage_log(planned.path, quiet):
+        log.info("stage %s (key %s), resume=%s", planned.name, planned.key[:10], resume)
+        report = planned.stage.run(planned.config, planned.path, resume)
+    wall = round(time.time() - started, 2)
+    cpu = round(time.process_time() - cpu_started, 2)
+    for required in ("metrics.json", "report.html"):
+        if not (planned.path / required).exists():
+            raise RuntimeError(f"stage {planned.name} finished without {planned.path / required}")
+    record = StageRecord(
+        planned.name,
+        planned.stage.title,
+        "resumed" if resume else "ran",
+        planned.key,
+        str(planned.path),
+        os.path.relpath(report, planned.path.parent),
+        wall,
+        wall,
+        cpu,
+        _safe_metric(planned),
+    )
+    marker = {
+        "stage": planned.name,
+        "key": planned.key,
+        "inputs": planned.inputs,
+        "report": os.path.relpath(report, planned.path),
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "resumed": resume,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dermkit": __version__,
+        "metric": record.metric,
+        "config": planned.material.get("config"),
+    }
+    write_json_atomic(marker, planned.path / MARKER)  # last: the stage is done
+    return record
+
+
+def _cached_record(planned: Planned) -> StageRecord:
+    marker = read_marker(planned.path) or {}
+    report = planned.path / marker.get("report", "report.html")
+    return StageRecord(
+        planned.name,
+        planned.stage.title,
+        "cached",
+        planned.key,
+        str(planned.path),
+        os.path.relpath(report, planned.path.parent),
+        0.0,
+        marker.get("wall_s"),
+        None,
+        marker.get("metric") or _safe_metric(planned),
+    )
+
+
+def _default_stages() -> Sequence[Stage]:
+    from dermkit.stages import DERMAE_STAGES
+
+    return DERMAE_STAGES
+
+
+def plan_status(
+    cfg: PipelineConfig,
+    stages: Sequence[Stage] | None = None,
+    targets: Sequence[str] | None = None,
+) -> list[dict]:
+    """What ``run_pipeline`` would do, without running: one row per stage.
+
+    status: cached (reused), partial (resumed), todo (computed), off, or not needed (for
+    ``targets``).
+    """
+    stages = stages if stages is not None else _default_stages()
+    plans = plan_pipeline(cfg, stages)
+    order = set(needed_stages(plans, targets))
+    rows = []
+    for s in stages:
+        planned = plans.get(s.name)
+        if planned is None:
+            status = "off"
+        elif s.name not in order:
+            status = "not needed"
+        else:
+            status = stage_status(planned)
+        rows.append(
+            {
+                "stage": s.name,
+                "status": status,
+                "key": planned.key[:10] if planned else None,
+                "full_key": planned.key if planned else None,
+                "folder": str(planned.path) if planned else None,
+            }
+        )
+    return rows
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    stages: Sequence[Stage] | None = None,
+    targets: Sequence[str] | None = None,
+    progress: bool = True,
+    summary: bool = True,
+) -> PipelineResult:
+    """Run the stages ``targets`` need (all when None), reusing finished ones.
+
+    Returns the records; writes ``<out_dir>/pipeline.json`` and (``summary``) the summary
+    ``<out_dir>/report.html``. A failing stage is recorded, then its error re-raised.
+    """
+    stages = stages if stages is not None else _default_stages()
+    t0 = time.time()
+    plans = plan_pipeline(cfg, stages)
+    order = needed_stages(plans, targets)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = {
+        s.name: StageRecord(s.name, s.title, "not run" if s.name in plans else "off")
+        for s in stages
+    }
+    view = _ProgressView(order, plans, enabled=progress)
+    error: BaseException | None = None
+    with view:
+        for name in order:
+            planned = plans[name]
+            status = stage_status(planned)
+            if status == "cached":
+                records[name] = _cached_record(planned)
+                view.done(name, records[name])
+                continue
+            view.start(name, resumed=status == "partial")
+            try:
+                records[name] = _run_stage(planned, status == "partial", quiet=view.live)
+            except BaseException as e:  # recorded, then re-raised (KeyboardInterrupt too)
+                records[name].status, records[name].error = "failed", f"{type(e).__name__}: {e}"
+                records[name].key, records[name].path = planned.key, str(planned.path)
+                view.done(name, records[name])
+                error = e
+                break
+            view.done(name, records[name])
+    result = PipelineResult(cfg, records, None, plans)
+    _write_state(result, time.time() - t0)
+    if summary:
+        from dermkit.pipeline_report import write_summary_report
+
+        result.report = write_summary_report(result, time.time() - t0)
+    if error is not None:
+        raise error
+    return result
+
+
+def _write_state(result: PipelineResult, seconds: float) -> Path:
+    cfg = result.config
+    state = {
+        "name": cfg.name,
+        "source": cfg.source,
+        "preset": cfg.preset,
+        "seed": cfg.seed,
+        "seconds": round(seconds, 2),
+        "executed": result.executed,
+        "stages": {n: r.__dict__ for n, r in result.records.items()},
+        "pipeline": cfg.model_dump(mode="json"),
+    }
+    return write_json_atomic(state, Path(cfg.out_dir) / STATE_FILE)
+
+
+class _ProgressView:
+    """One rich progress view over the stages (a line each: status, key figure, time)."""
+
+    STYLE: ClassVar[dict[str, str]] = {
+        "ran": "green",
+        "resumed": "green",
+        "cached": "cyan",
+        "failed": "bold red",
+        "running": "yellow",
+    }
+
+    def __init__(self, order: list[str], plans: dict[str, Planned], enabled: bool):
+        self.order, self.plans, self.enabled = order, plans, enabled
+        self.live = False
+        self._progress = None
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> _ProgressView:
+        if not self.enabled:
+            return self
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        self._progress = Progress(
+            SpinnerColumn(finished_text="•"),
+            TextColumn("{task.fields[stage]:<12}"),
+            TextColumn("{task.fields[state]}"),
+            BarColumn(bar_width=12),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[metric]}"),
+            console=console,
+            transient=False,
+        )
+        self._progress.start()
+        self.live = console.is_terminal
+        for name in self.order:
+            self._tasks[name] = self._progress.add_task(
+                name, total=1, start=False, stage=name, state="[dim]waiting", metric=""
+            )
+        return self
+
+    def start(self, name: str, resumed: bool) -> None:
+        if self._progress is not None:
+            task = self._tasks[name]
+            state = "resuming" if resumed else "running"
+            self._progress.update(task, state=f"[yellow]{state}")
+            self._progress.start_task(task)
+        else:
+            log.info("stage %s: %s", name, "resuming" if resumed else "running")
+
+    def done(self, name: str, record: StageRecord) -> None:
+        if self._progress is not None:
+            task = self._tasks[name]
+            style = self.STYLE.get(record.status, "white")
+            self._progress.update(
+                task,
+                completed=1,
+                state=f"[{style}]{record.status}",
+                metric=record.error or record.metric,
+            )
+            self._progress.stop_task(task)
+        else:
+            log.info("stage %s: %s %s", name, record.status, record.metric)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()

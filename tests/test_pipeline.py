@@ -1,0 +1,310 @@
+"""`dermkit run` / `dermkit demo` / `dermkit bench ablation` on the tiny pipeline (phantoms).
+
+One tiny pipeline run (the demo) is shared by the module: the later tests change one
+setting, kill a run during sampling, or run the ablation in the same folder, and check what
+was recomputed and what was reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from dermkit.cli import app
+from dermkit.config import ConfigError
+from dermkit.pipeline import MARKER, load_pipeline, plan_pipeline, read_marker, run_pipeline
+from dermkit.stages import DERMAE_STAGES
+
+STAGES = [s.name for s in DERMAE_STAGES]
+UPSTREAM_OF_DISTILL = [
+    "data",
+    "baseline",
+    "autoencoder",
+    "diffusion",
+    "sample",
+    "pretrain",
+    "teacher",
+]
+DOWNSTREAM_OF_DISTILL = ["distill", "exits", "export", "explain", "evaluate"]
+
+
+def _pipeline(out: Path, *overrides: str):
+    return load_pipeline("dermae-tiny", [f"out_dir={out}", *overrides])
+
+
+def _stage_dir(out: Path, stage: str) -> Path:
+    """The folder of ``stage`` of the unchanged tiny pipeline in ``out``."""
+    return plan_pipeline(_pipeline(out), DERMAE_STAGES)[stage].path
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory) -> Path:
+    """`dermkit demo` into a fresh folder: the whole tiny chain, run once for the module."""
+    from dermkit.demo import run_demo
+
+    out = tmp_path_factory.mktemp("pipeline") / "dermae-tiny"
+    report = run_demo(out, progress=False)
+    assert report == out / "report.html"
+    return out
+
+
+def test_tiny_pipeline_produces_every_stage_artifact(demo_out):
+    state = json.loads((demo_out / "pipeline.json").read_text())
+    assert state["executed"] == STAGES  # a fresh folder: every stage computed, in order
+    folders = {}
+    for stage in STAGES:
+        record = state["stages"][stage]
+        folder = Path(record["path"])
+        assert record["status"] == "ran" and folder.name == f"{stage}-{record['key'][:10]}"
+        marker = read_marker(folder)
+        assert marker is not None and marker["key"] == record["key"]
+        for name in ("metrics.json", "report.html", "stage.log"):
+            assert (folder / name).is_file(), f"{stage}: {name}"
+        json.loads((folder / "metrics.json").read_text())
+        folders[stage] = folder
+
+    f = folders
+    split = pd.read_csv(f["data"] / "split.csv")
+    assert set(split["split"]) == {"train", "val", "test"}
+    assert (f["data"] / "phantoms" / "metadata.csv").exists()
+    assert (f["autoencoder"] / "autoencoder.safetensors").exists()
+    assert (f["diffusion"] / "unet.safetensors").exists()
+    manifest = pd.read_csv(f["sample"] / "manifest.csv")
+    pngs = list((f["sample"] / "images").rglob("*.png"))
+    plan = json.loads((f["sample"] / "plan.json").read_text())
+    assert len(manifest) == len(pngs) == sum(plan["generate"].values()) > 0
+    for stage in ("pretrain", "teacher", "distill"):
+        assert (f[stage] / "model.safetensors").exists()
+    for stage in ("baseline", "teacher", "distill"):
+        assert (
+            len(pd.read_csv(f[stage] / "predictions_test.csv")) == (split["split"] == "test").sum()
+        )
+    assert list(f["exits"].glob("policy_*.json")) and (f["exits"] / "bench.json").exists()
+    for name in ("model.onnx", "model.int8-dynamic.onnx", "model_card.json", "exits/policy.json"):
+        assert (f["export"] / name).exists(), name
+    assert (f["explain"] / "features" / "report.html").exists()
+    assert (f["explain"] / "saliency" / "report.html").exists()
+
+    # The wiring: MAE on real + synthetic, the teacher from that encoder, all on one split.
+    import yaml
+
+    pretrain = yaml.safe_load((f["pretrain"] / "config.yaml").read_text())
+    teacher = yaml.safe_load((f["teacher"] / "config.yaml").read_text())
+    distill = yaml.safe_load((f["distill"] / "config.yaml").read_text())
+    assert pretrain["synthetic_manifest"] == str(f["sample"] / "manifest.csv")
+    assert pretrain["synthetic_ratio"] > 0
+    assert teacher["model"]["weights"] == str(f["pretrain"])
+    assert teacher["model"]["name"] == pretrain["model"]["name"]
+    assert distill["teacher"] == str(f["teacher"])
+    for cfg in (pretrain, teacher, distill):
+        assert cfg["data"]["split_file"] == str(f["data"] / "split.csv")
+
+    table = (f["evaluate"] / "table.md").read_text()
+    for name in (
+        "classical baseline",
+        "teacher (fine-tuned)",
+        "distilled student",
+        "student + exits",
+    ):
+        assert f"| {name} |" in table
+
+    html = (demo_out / "report.html").read_text()
+    links = re.findall(r'href="([^"]+)"', html)
+    linked = {Path(link).parts[0].rsplit("-", 1)[0] for link in links}
+    assert linked == set(STAGES)  # one link to every stage's report
+    for link in links:
+        assert (demo_out / link).is_file(), link
+    assert "data:image/png;base64" in (f["data"] / "report.html").read_text()  # phantom grid
+
+
+def test_unchanged_rerun_reuses_everything_and_keys_ignore_the_folder(demo_out, tmp_path):
+    result = run_pipeline(_pipeline(demo_out), progress=False)
+    assert result.executed == []
+    assert all(r.status == "cached" for r in result.records.values())
+    here = plan_pipeline(_pipeline(demo_out), DERMAE_STAGES)
+    elsewhere = plan_pipeline(_pipeline(tmp_path / "elsewhere"), DERMAE_STAGES)
+    assert {n: p.key for n, p in here.items()} == {n: p.key for n, p in elsewhere.items()}
+
+
+def test_changing_distill_temperature_reruns_distill_and_later_stages_only(demo_out):
+    before = {s: _stage_dir(demo_out, s) for s in STAGES}
+    mtimes = {
+        s: (
+            (before[s] / MARKER).stat().st_mtime_ns,
+            (before[s] / "metrics.json").stat().st_mtime_ns,
+        )
+        for s in UPSTREAM_OF_DISTILL
+    }
+    result = run_pipeline(
+        _pipeline(demo_out, "stages.distill.distill.temperature=2.0"), progress=False
+    )
+    assert result.executed == DOWNSTREAM_OF_DISTILL
+    for s in UPSTREAM_OF_DISTILL:
+        assert result.records[s].status == "cached"
+        assert result.path(s) == before[s]
+        assert (
+            tuple((before[s] / f).stat().st_mtime_ns for f in (MARKER, "metrics.json"))
+            == (mtimes[s])
+        )
+    for s in DOWNSTREAM_OF_DISTILL:  # new keys, new folders; the old ones stay cached
+        assert result.path(s) != before[s] and read_marker(before[s]) is not None
+    import yaml
+
+    cfg = yaml.safe_load((result.path("distill") / "config.yaml").read_text())
+    assert cfg["distill"]["temperature"] == 2.0
+    assert json.loads((result.path("exits") / "exits.json").read_text())["base_run"] == str(
+        result.path("distill").resolve()
+    )
+
+
+def test_killed_during_sampling_resumes_without_redoing_or_duplicating(demo_out, tmp_path):
+    # Another sampling variant (one image per batch: slow enough to be caught mid-way);
+    # data, autoencoder and diffusion are the demo's.
+    overrides = ["stages.sample.sampler.batch_size=1"]
+    before = {s: _stage_dir(demo_out, s) for s in ("data", "autoencoder", "diffusion")}
+    markers = {s: (d / MARKER).stat().st_mtime_ns for s, d in before.items()}
+    plan = plan_pipeline(_pipeline(demo_out, *overrides), DERMAE_STAGES)
+    sample_dir = plan["sample"].path
+    assert sample_dir != _stage_dir(demo_out, "sample") and not sample_dir.exists()
+    total = len(pd.read_csv(_stage_dir(demo_out, "sample") / "manifest.csv"))
+
+    cmd = [sys.executable, "-m", "dermkit.cli", "run", "dermae-tiny", f"out_dir={demo_out}"]
+    cmd += [*overrides, "--until", "sample", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    log = (tmp_path / "run.log").open("wb")  # a file, not a pipe: a full pipe would block it
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    written: list[Path] = []
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            written = list((sample_dir / "images").rglob("*.png"))
+            if len(written) >= 3:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "run.log").read_text()[-3000:]
+    done_before = {p: p.stat().st_mtime_ns for p in (sample_dir / "images").rglob("*.png")}
+    assert 3 <= len(done_before) < total  # killed mid-way
+    assert read_marker(sample_dir) is None  # the stage is not finished
+
+    result = run_pipeline(_pipeline(demo_out, *overrides), targets=["sample"], progress=False)
+    assert result.executed == ["sample"] and result.records["sample"].status == "resumed"
+    for s, d in before.items():
+        assert result.records[s].status == "cached" and result.path(s) == d
+        assert (d / MARKER).stat().st_mtime_ns == markers[s]
+    manifest = pd.read_csv(sample_dir / "manifest.csv")
+    pngs = list((sample_dir / "images").rglob("*.png"))
+    assert manifest["image_id"].is_unique and len(manifest) == len(pngs) == total
+    for p, mtime in done_before.items():  # images made before the kill were kept, not redone
+        assert p.stat().st_mtime_ns == mtime
+    assert read_marker(sample_dir)["key"] == plan["sample"].key
+
+
+def test_tiny_ablation_has_every_row_and_column(demo_out):
+    from dermkit.bench.ablation import load_ablation, run_ablation
+
+    ablation = load_ablation("ablation-tiny", out=demo_out)
+    path = run_ablation(ablation, latency=True, progress=False)
+    assert path == demo_out / "ablation.md"
+    text = path.read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| run |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    expected = ["accuracy", "balanced accuracy", "macro-F1", "macro AUROC", "mel sens @90% spec"]
+    expected += ["ECE", "params (M)", "GFLOPs", "batch-1 latency (ms)"]
+    assert columns == ["run", *expected]
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == len(columns) and cells[0] in {r.name for r in ablation.rows}:
+            rows[cells[0]] = dict(zip(columns, cells))
+    assert list(rows) == [r.name for r in ablation.rows]  # every row, in order
+    ci = re.compile(r"^\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]$")
+    for name, row in rows.items():
+        assert ci.match(row["macro-F1"]) and ci.match(row["balanced accuracy"]), (name, row)
+        costs = [row["params (M)"], row["GFLOPs"], row["batch-1 latency (ms)"]]
+        if name == "classical baseline":
+            assert costs == ["n/a"] * 3
+        else:
+            assert all(float(c) > 0 for c in costs), (name, costs)
+
+    records = {r["id"]: r for r in json.loads((demo_out / "ablation.json").read_text())}
+    # Rows that are the demo's own stages were reused, not recomputed.
+    assert Path(records["mae_synth"]["folder"]) == _stage_dir(demo_out, "teacher")
+    assert records["mae_synth"]["computed"] == [] and records["student_exits"]["computed"] == []
+    teachers = [records[i]["folder"] for i in ("cnn_scratch", "vit_scratch", "vit_cb_loss")]
+    teachers += [records[i]["folder"] for i in ("vit_cb_synth", "mae_real", "mae_synth", "vae")]
+    assert len(set(teachers)) == 7  # seven different fine-tunes
+    splits = {
+        yaml_split(Path(records[i]["folder"])) for i in records if records[i]["target"] != "exits"
+    }
+    assert len(splits) == 1  # one split for every row
+    html = (demo_out / "ablation.html").read_text()
+    for link in re.findall(r'href="([^"]+)"', html):
+        assert (demo_out / link).is_file(), link
+
+
+def yaml_split(folder: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((folder / "config.yaml").read_text())["data"]["split_file"]
+
+
+def test_cli_dry_run_and_errors(demo_out):
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", "dermae-tiny", f"out_dir={demo_out}", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("cached") == len(STAGES)
+    result = runner.invoke(
+        app, ["run", "dermae-tiny", f"out_dir={demo_out}", "stages.bogus=false", "--dry-run"]
+    )
+    assert result.exit_code == 2 and "bogus" in result.output
+    result = runner.invoke(
+        app,
+        ["bench", "ablation", "--preset", "tiny", "--out", str(demo_out), "--rows", "vit_scratch",
+         "--dry-run"],
+    )  # fmt: skip
+    assert result.exit_code == 0 and "vit_scratch" in result.output, result.output
+    with pytest.raises(ConfigError, match=r"pretrain\.method"):
+        plan_pipeline(_pipeline(demo_out, "stages.pretrain.method=simclr"), DERMAE_STAGES)
+    with pytest.raises(FileNotFoundError, match="dermae-tiny"):
+        load_pipeline("no-such-pipeline")
+
+
+@pytest.mark.ham10000
+def test_shipped_cpu_and_gpu_pipelines_and_cpu_ablation_rows_resolve(ham10000_root, tmp_path):
+    from dermkit.bench.ablation import load_ablation, plan_ablation
+
+    repo = Path(__file__).resolve().parents[1]
+    data = [f"data.path={ham10000_root}", f"data.split_file={repo / 'splits/ham10000-seed0.csv'}"]
+    for name in ("dermae-cpu", "dermae-gpu"):
+        cfg = load_pipeline(name, [f"out_dir={tmp_path / name}", *data])
+        assert list(plan_pipeline(cfg, DERMAE_STAGES)) == STAGES
+    ablation = load_ablation("ablation-cpu", out=tmp_path / "ablation")
+    plans = dict(
+        (row.id, {r["stage"]: r for r in rows}) for row, rows in plan_ablation(ablation, (), data)
+    )
+    assert list(plans) == [r.id for r in ablation.rows]
+    assert len({p["data"]["full_key"] for p in plans.values()}) == 1  # one split for all rows
+    fine_tunes = [i for i, r in zip(plans, ablation.rows) if r.target == "teacher"]
+    assert len({plans[i]["teacher"]["full_key"] for i in fine_tunes}) == len(fine_tunes) == 7
+    # The student rows distil the MAE (real + synthetic) teacher: the same stage folder.
+    assert plans["student"]["teacher"]["folder"] == plans["mae_synth"]["teacher"]["folder"]
+    assert plans["mae_real"]["pretrain"]["full_key"] != plans["mae_synth"]["pretrain"]["full_key"]
+    assert plans["vit_scratch"]["pretrain"]["status"] == "off"
