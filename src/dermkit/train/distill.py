@@ -513,6 +513,33 @@ def options_text(cfg: DistillRunConfig) -> str:
     return "; ".join(parts)
 
 
+def teacher_student_figures(
+    run_dir: Path,
+    cfg: DistillRunConfig,
+    teacher_cfg,
+    teacher_result: dict,
+    result: dict,
+    history: list[dict],
+) -> dict[str, str]:
+    """Write learning_curves.png and teacher_vs_student.png; return the side-by-side rows.
+
+    Shared by the classification and the ordinal distillation reports, whose metrics
+    differ but are laid out the same way: ``{"<metric>: teacher | student": "a | b"}``.
+    """
+    plot_learning_curves({cfg.model.name: history}).savefig(
+        run_dir / "learning_curves.png", dpi=110
+    )
+    labels = (f"teacher {teacher_cfg.model.name}", f"student {cfg.model.name}")
+    plot_teacher_vs_student(teacher_result, result, labels).savefig(
+        run_dir / "teacher_vs_student.png", dpi=110
+    )
+    return {
+        f"{name}: teacher | student": f"{format_estimate(teacher_result['metrics'][name])} | "
+        f"{format_estimate(entry)}"
+        for name, entry in result["metrics"].items()
+    }
+
+
 def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Distil end to end; returns the path of report.html."""
     teacher_dir = Path(cfg.teacher)
@@ -615,18 +642,9 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
         }
         result["training"] = {k: v for k, v in summary.items() if k != "history"}
         result["history"] = summary["history"]
-        plot_learning_curves({cfg.model.name: summary["history"]}).savefig(
-            run / "learning_curves.png", dpi=110
+        side_by_side = teacher_student_figures(
+            run.path, cfg, teacher_cfg, teacher_result, result, summary["history"]
         )
-        labels = (f"teacher {teacher_cfg.model.name}", f"student {cfg.model.name}")
-        plot_teacher_vs_student(teacher_result, result, labels).savefig(
-            run / "teacher_vs_student.png", dpi=110
-        )
-        side_by_side = {
-            f"{name}: teacher | student": f"{format_estimate(teacher_result['metrics'][name])} | "
-            f"{format_estimate(entry)}"
-            for name, entry in result["metrics"].items()
-        }
         return write_evaluation_report(
             result,
             y_test,

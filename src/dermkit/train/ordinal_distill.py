@@ -21,9 +21,7 @@ import torch
 from dermkit.config import ConfigError, DistillRunConfig
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import write_split_file
-from dermkit.eval.curves import plot_learning_curves
 from dermkit.eval.ordinal import ordinal_metrics, write_ordinal_report
-from dermkit.eval.report import format_estimate
 from dermkit.models.runs_io import WEIGHTS_FILE
 from dermkit.models.weights import save_weights
 from dermkit.runs import RunDir
@@ -32,8 +30,8 @@ from dermkit.train.distill import (
     check_teacher_split,
     distillation_info,
     options_text,
-    plot_teacher_vs_student,
     split_logits,
+    teacher_student_figures,
     train_student,
 )
 from dermkit.train.finetune import load_training_data
@@ -147,18 +145,9 @@ def run_ordinal_distill(
             "cost": cost,
             "teacher_metrics": teacher_result["metrics"],
         }
-        plot_learning_curves({cfg.model.name: summary["history"]}).savefig(
-            run / "learning_curves.png", dpi=110
+        side_by_side = teacher_student_figures(
+            run.path, cfg, teacher_cfg, teacher_result, result, summary["history"]
         )
-        labels = (f"teacher {teacher_cfg.model.name}", f"student {cfg.model.name}")
-        plot_teacher_vs_student(teacher_result, result, labels).savefig(
-            run / "teacher_vs_student.png", dpi=110
-        )
-        side_by_side = {
-            f"{name}: teacher | student": f"{format_estimate(teacher_result['metrics'][name])} | "
-            f"{format_estimate(entry)}"
-            for name, entry in result["metrics"].items()
-        }
         return write_ordinal_report(
             result,
             y_test,
