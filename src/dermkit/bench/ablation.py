@@ -191,7 +191,7 @@ def run_ablation(
         )
     path = out / "ablation.md"
     tmp = out / ".ablation.md.tmp"
-    tmp.write_text("\n".join(header) + table + "\n".join(footer) + "\n")
+    tmp.write_text("\n".join(header) + "\n" + table + "\n".join(footer) + "\n")
     os.replace(tmp, path)
     _write_report(out, records, table, header[2])
     return path
