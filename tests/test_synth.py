@@ -60,6 +60,7 @@ def encoder_run(tmp_path_factory) -> Path:
     cfg = FinetuneRunConfig(model=ModelConfig(name="vit_nano_patch4_32"))
     cfg.data.image_size = 32
     save_config(cfg, run / "config.yaml")
+    (run / "classes.json").write_text(json.dumps(["nv", "vasc"]))  # also a classifier run
     return run
 
 
@@ -138,6 +139,8 @@ def test_plan_counts_examples_and_errors():
     real = {"nv": 60, "mel": 10, "vasc": 3}
     assert plan_counts(real, "uniform") == {"nv": 0, "mel": 50, "vasc": 57}
     assert plan_counts(real, {"mel": 40}) == {"nv": 0, "mel": 30, "vasc": 0}
+    # generate: the counts asked for, whatever the real ones (nv too; vasc left out: 0)
+    assert plan_counts(real, {"generate": {"nv": 5, "mel": 7}}) == {"nv": 5, "mel": 7, "vasc": 0}
     # shares 1/2, 1/4, 1/4: nv's 60 real images force a total of 120
     assert plan_counts(real, {"nv": 0.5, "mel": 0.25, "vasc": 0.25}) == {
         "nv": 0,
@@ -492,6 +495,37 @@ def test_memorisation_flags_copies_only():
     assert table["nearest"].tolist()[:3] == [3, 50, 77]
 
 
+def test_class_agreement_reads_the_classifier_per_class(tmp_path):
+    from dermkit.config import FinetuneRunConfig, ModelConfig
+    from dermkit.models.backbones import create_backbone
+    from dermkit.models.weights import save_weights
+    from dermkit.synth.quality import class_agreement, is_classifier_run
+
+    model = create_backbone("vit_nano_patch4_32", num_classes=2, img_size=32)
+    with torch.no_grad():  # a classifier that says "vasc" (index 1) whatever the image
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([0.0, 10.0]))
+    save_weights(model, tmp_path / "model.safetensors")
+    cfg = FinetuneRunConfig(model=ModelConfig(name="vit_nano_patch4_32"))
+    cfg.data.image_size = 32
+    save_config(cfg, tmp_path / "config.yaml")
+    assert not is_classifier_run(tmp_path)  # no classes.json yet
+    (tmp_path / "classes.json").write_text(json.dumps(["nv", "vasc"]))
+    assert is_classifier_run(tmp_path)
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(10, 48, 48, 3), dtype=np.uint8)  # resized to 32
+    syn_labels = np.array(["nv"] * 4 + ["vasc"] * 6)
+    real_labels = np.array(["nv"] * 5 + ["vasc"] * 5)
+    rows = class_agreement(tmp_path, ["nv", "vasc"], images, syn_labels, images, real_labels)
+    assert rows == [
+        {"class": "nv", "n_synthetic": 4, "synthetic_agreement": 0.0, "real_recall": 0.0},
+        {"class": "vasc", "n_synthetic": 6, "synthetic_agreement": 1.0, "real_recall": 1.0},
+    ]
+    with pytest.raises(ConfigError, match="differ"):
+        class_agreement(tmp_path, ["vasc", "nv"], images, syn_labels, images, real_labels)
+
+
 def test_quality_end_to_end(tiny_generator, two_class_root, encoder_run, tmp_path):
     from dermkit.synth.quality import run_quality
     from dermkit.synth.sample import run_sample
@@ -518,6 +552,9 @@ def test_quality_end_to_end(tiny_generator, two_class_root, encoder_run, tmp_pat
     assert q["tstr"]["method"] == "classical"
     for name in ("tstr", "trtr"):
         assert 0 <= q["tstr"][name]["macro_f1"]["value"] <= 1
+    agreement = {row["class"]: row for row in q["class_agreement"]}
+    assert set(agreement) == {"nv", "vasc"}
+    assert all(0 <= row["synthetic_agreement"] <= 1 for row in agreement.values())
     mem = pd.read_csv(tmp_path / "q" / "memorisation.csv")
     assert len(mem) == q["memorisation"]["checked"] == len(pd.read_csv(manifest))
     assert {"feature_flagged", "pixel_flagged", "flagged"} <= set(mem.columns)

@@ -362,15 +362,37 @@ def evaluate(
     layout: Annotated[str, typer.Option(help="with --data: auto, ham10000, isic, folder")] = "auto",
     skip_bad: Annotated[bool, typer.Option(help="with --data: drop unreadable rows/files")] = False,
     cache_dir: Annotated[Path | None, typer.Option(help="with --data: image cache root")] = None,
+    against: Annotated[
+        Path | None,
+        typer.Option(help="predictions.csv or run folder B: paired comparison A - B, same images"),
+    ] = None,
 ) -> None:
     """Metrics with lesion-level bootstrap CIs and an HTML report from a predictions file.
 
     With --data (and --label-map) the run folder's model is evaluated on another dataset.
+    With --against B: metric(A) - metric(B) with paired lesion-bootstrap CIs -> paired.json
+    and paired.md (default folder: A's folder/paired-vs-<B's name>).
     """
     from dermkit.eval.metrics import evaluate_predictions
     from dermkit.eval.predictions import read_predictions
     from dermkit.eval.report import write_evaluation_report
 
+    if against is not None:
+        from dermkit.eval import paired
+
+        if data is not None or label_map is not None:
+            _fail("--against compares two predictions files; it does not take --data/--label-map")
+        try:
+            result = paired.compare_prediction_files(
+                predictions, against, n_boot=n_boot, seed=seed, positive_class=positive_class
+            )
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+        console.print(paired.comparison_table(result))
+        out = out or paired.default_output_dir(predictions, against)
+        _, md = paired.write_comparison(result, out)
+        print(md)
+        return
     if data is not None:
         from dermkit.eval.external import evaluate_external
 
@@ -865,7 +887,9 @@ def synth_sample(
     overrides: Overrides = None,
     balance: Annotated[
         str | None,
-        typer.Option(help="'uniform' (default) or a JSON file of per-class totals or shares"),
+        typer.Option(
+            help="'uniform' (default) or a JSON file: per-class totals, shares or generate counts"
+        ),
     ] = None,
     out: Annotated[
         Path | None, typer.Option(help="output folder (default runs/synth-samples)")

@@ -491,7 +491,9 @@ class SampleConfig(Strict):
 
     generator: str = Field("runs/synth-diffusion", description="diffusion run folder")
     out_dir: str = "runs/synth-samples"
-    balance: str = Field("uniform", description="'uniform' or a JSON of per-class totals/shares")
+    balance: str = Field(
+        "uniform", description="'uniform' or a JSON of per-class totals, shares or generate counts"
+    )
     seed: int = 0
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     grid_per_class: int = Field(16, ge=0)

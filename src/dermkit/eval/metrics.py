@@ -245,7 +245,7 @@ class _PerImageStatistics:
         return out
 
 
-def _validate(y_true, probs, class_names) -> tuple[np.ndarray, np.ndarray]:
+def validate_predictions(y_true, probs, class_names) -> tuple[np.ndarray, np.ndarray]:
     """Check shapes, ranges and finiteness; return (y_true int64 (N,), probs float64 (N, C))."""
     probs = np.asarray(probs, dtype=np.float64)
     y_true = np.asarray(y_true)
@@ -297,6 +297,87 @@ def _none_if_nan(x: float) -> float | None:
     return None if not math.isfinite(x) else float(x)
 
 
+def positive_class_index(
+    y_true: np.ndarray, class_names: list[str], positive_class: str
+) -> int | None:
+    """Column of ``positive_class`` for sensitivity at specificity; None when the class is
+    not in ``class_names`` or has no image in ``y_true`` (the metric is then undefined)."""
+    if positive_class not in class_names:
+        return None
+    k = class_names.index(positive_class)
+    return k if (y_true == k).any() else None
+
+
+def metric_replicates(
+    y_true: np.ndarray,
+    probs_sets: list[np.ndarray],
+    groups: np.ndarray | None,
+    *,
+    n_boot: int,
+    seed: int,
+    positive_index: int | None,
+    n_bins: int = 15,
+) -> tuple[int, list[tuple[dict, dict | None]]]:
+    """Point estimates and lesion-bootstrap replicates of every metric, for one or more
+    prediction sets on the same images.
+
+    Every set is evaluated on the *same* replicate weights (one draw per replicate), so
+    with two sets the replicates are paired: ``boot_a[k] - boot_b[k]`` is the bootstrap
+    distribution of the difference. With one set this is the unpaired bootstrap of
+    :func:`evaluate_predictions` (same draws for the same seed).
+
+    Args:
+        y_true: (N,) validated int class indices.
+        probs_sets: S validated (N, C) probability matrices.
+        groups: (N,) lesion id per image; None = every image its own lesion.
+        n_boot: replicates B (0: no bootstrap).
+        seed: seed of the draws.
+        positive_index: class column for sensitivity at specificity, or None.
+        n_bins: ECE bins.
+
+    Returns:
+        ``(G, [(point, boot)] * S)``: the number of lesions G and, per set, ``point``
+        ({name: (1,) or (1, C) array}, see ``_PerImageStatistics.replicate_metrics``) and
+        ``boot`` (the same keys with B rows, NaN where undefined; None when n_boot is 0).
+    """
+    n = y_true.shape[0]
+    index, n_groups = group_index(groups, n)
+    stats = [_PerImageStatistics.build(y_true, probs, n_bins) for probs in probs_sets]
+    points = [s.replicate_metrics(np.ones((1, n)), positive_index) for s in stats]
+    chunks: list[list[dict]] = [[] for _ in stats]
+    for w in lesion_bootstrap_weights(index, n_groups, n_boot, np.random.default_rng(seed)):
+        for s, out in zip(stats, chunks):
+            out.append(s.replicate_metrics(w, positive_index))
+    boots = [
+        {k: np.concatenate([ch[k] for ch in out]) for k in point} if out else None
+        for point, out in zip(points, chunks)
+    ]
+    return n_groups, list(zip(points, boots))
+
+
+def result_header(
+    n: int,
+    n_groups: int,
+    groups,
+    class_names: list[str],
+    positive_class: str,
+    ci: float,
+    n_boot: int,
+    seed: int,
+) -> dict:
+    """The leading fields of an evaluation result: what was evaluated and how."""
+    return {
+        "n": int(n),
+        "n_groups": int(n_groups),
+        "grouped": groups is not None,
+        "classes": class_names,
+        "positive_class": positive_class,
+        "ci_level": float(ci),
+        "n_boot": int(n_boot),
+        "seed": int(seed),
+    }
+
+
 def evaluate_predictions(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -346,27 +427,22 @@ def evaluate_predictions(
         ``reliability`` ({bin_edges, bin_acc, bin_conf, bin_count}).
     """
     class_names = [str(c) for c in class_names]
-    y_true, probs = _validate(y_true, probs, class_names)
+    y_true, probs = validate_predictions(y_true, probs, class_names)
     if n_boot < 0:
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
     if not 0.0 < ci < 1.0:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
     n = y_true.shape[0]
-    index, n_groups = group_index(groups, n)
-    present = np.bincount(y_true, minlength=len(class_names)) > 0
-    positive_index = class_names.index(positive_class) if positive_class in class_names else None
-    if positive_index is not None and not present[positive_index]:
-        positive_index = None
-
-    stats = _PerImageStatistics.build(y_true, probs, n_bins)
-    point = stats.replicate_metrics(np.ones((1, n)), positive_index)
-
-    chunks = [
-        stats.replicate_metrics(w, positive_index)
-        for w in lesion_bootstrap_weights(index, n_groups, n_boot, np.random.default_rng(seed))
-    ]
-    keys = list(point)
-    boot = {k: np.concatenate([ch[k] for ch in chunks]) if chunks else None for k in keys}
+    positive_index = positive_class_index(y_true, class_names, positive_class)
+    n_groups, [(point, boot)] = metric_replicates(
+        y_true,
+        [probs],
+        groups,
+        n_boot=n_boot,
+        seed=seed,
+        positive_index=positive_index,
+        n_bins=n_bins,
+    )
 
     def summary(value: float, replicates: np.ndarray | None) -> dict:
         low, high, n_valid = (
@@ -377,9 +453,12 @@ def evaluate_predictions(
             low, high = None, None
         return {"value": value, "ci_low": low, "ci_high": high, "n_valid": n_valid}
 
-    metrics = {name: summary(point[name][0], boot[name]) for name in HEADLINE_METRICS}
+    def replicates(name: str) -> np.ndarray | None:
+        return None if boot is None else boot[name]
+
+    metrics = {name: summary(point[name][0], replicates(name)) for name in HEADLINE_METRICS}
     for name, suffix in zip(sensitivity_metric_names(positive_class), SENSITIVITY_SPECIFICITIES):
-        metrics[name] = summary(point[suffix][0], boot[suffix])
+        metrics[name] = summary(point[suffix][0], replicates(suffix))
 
     confusion = np.zeros((len(class_names),) * 2, dtype=np.int64)
     np.add.at(confusion, (y_true, probs.argmax(axis=1)), 1)
@@ -388,20 +467,13 @@ def evaluate_predictions(
         entry: dict = {"support": int(confusion[k].sum())}
         entry["ci"] = {}
         for metric in PER_CLASS_METRICS:
-            s = summary(point[metric][0, k], None if boot[metric] is None else boot[metric][:, k])
+            s = summary(point[metric][0, k], None if boot is None else boot[metric][:, k])
             entry[metric] = s["value"]
             entry["ci"][metric] = {key: s[key] for key in ("ci_low", "ci_high", "n_valid")}
         per_class[name] = entry
 
     return {
-        "n": int(n),
-        "n_groups": int(n_groups),
-        "grouped": groups is not None,
-        "classes": class_names,
-        "positive_class": positive_class,
-        "ci_level": float(ci),
-        "n_boot": int(n_boot),
-        "seed": int(seed),
+        **result_header(n, n_groups, groups, class_names, positive_class, ci, n_boot, seed),
         "metrics": metrics,
         "per_class": per_class,
         "confusion_matrix": confusion.tolist(),

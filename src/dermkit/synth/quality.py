@@ -29,6 +29,7 @@ from dermkit.data.cache import build_cache
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.manifest import read_manifest
 from dermkit.data.prepare import images_for, prepare_data
+from dermkit.data.transforms import normalize
 from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.report import HtmlReport
 from dermkit.runs import RunDir
@@ -203,6 +204,69 @@ def tstr_trtr(cfg: QualityConfig, data, synth_df, synth_cache, run_dir: Path) ->
     return out
 
 
+def is_classifier_run(folder: str | Path | None) -> bool:
+    """Whether a run folder holds a classifier (config.yaml, classes.json, model.safetensors)."""
+    from dermkit.models.runs_io import WEIGHTS_FILE
+
+    if not folder:
+        return False
+    folder = Path(folder)
+    return all((folder / f).is_file() for f in ("config.yaml", "classes.json", WEIGHTS_FILE))
+
+
+@torch.no_grad()
+def class_agreement(
+    run: str | Path,
+    classes: list[str],
+    syn_im: np.ndarray,
+    syn_labels: np.ndarray,
+    real_im: np.ndarray,
+    real_labels: np.ndarray,
+    batch_size: int = 256,
+) -> list[dict]:
+    """Does a real-trained classifier see the requested class in the synthetic images?
+
+    Per class: the share of synthetic images of class c that the classifier of ``run``
+    (trained on real images) labels c, beside its recall on held-out real images of c (the
+    ceiling a faithful generator could reach). Conditioning that works puts the two close.
+
+    Args:
+        syn_im, real_im: uint8 (N, S, S, 3); syn_labels, real_labels: (N,) class names.
+    """
+    from dermkit.models.runs_io import load_run_model
+
+    model, run_cfg, run_classes = load_run_model(run)
+    if list(run_classes) != list(classes):
+        raise ConfigError(f"{run}: classifier classes {run_classes} differ from {classes}")
+    side = run_cfg.data.image_size
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))
+            x = x.permute(0, 3, 1, 2).float().div_(255)
+            if x.shape[-1] != side:
+                x = torch.nn.functional.interpolate(x, size=(side, side), mode="area")
+            out.append(model(normalize(x)).argmax(1).numpy())
+        return np.concatenate(out) if out else np.zeros(0, int)
+
+    names = np.asarray(classes)
+    syn_pred, real_pred = names[predict(syn_im)], names[predict(real_im)]
+    rows = []
+    for c in classes:
+        s, r = syn_labels == c, real_labels == c
+        if s.any():
+            rows.append(
+                {
+                    "class": c,
+                    "n_synthetic": int(s.sum()),
+                    "synthetic_agreement": float((syn_pred[s] == c).mean()),
+                    "real_recall": float((real_pred[r] == c).mean()) if r.any() else None,
+                }
+            )
+    return rows
+
+
 def _subsample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.permutation(n)[:limit])
 
@@ -238,6 +302,21 @@ def run_quality(cfg: QualityConfig, progress: bool = True) -> Path:
             if s.any():
                 table.append({"class": c, **distribution_metrics(f_real[r], f_syn[s], cfg)})
 
+        # --- class conditioning, when the feature encoder is a classifier run
+        agreement = None
+        if cfg.features == "encoder" and is_classifier_run(cfg.encoder):
+            # Real val images (unseen by the classifier) give the recall a faithful
+            # generator could reach; train images would overstate it.
+            val_df = data.part("val")
+            agreement = class_agreement(
+                cfg.encoder,
+                data.classes,
+                syn_im,
+                syn_df["label"].to_numpy(),
+                images_for(data, val_df),
+                val_df["label"].to_numpy(),
+            )
+
         # --- memorisation
         spaces = {}
         if cfg.memorisation_space in ("feature", "both"):
@@ -270,6 +349,7 @@ def run_quality(cfg: QualityConfig, progress: bool = True) -> Path:
                 "checked": len(mem),
             },
             "tstr": tstr,
+            "class_agreement": agreement,
         }
         write_json(result, run / "quality.json")
         return _report(run.path, result, mem, real_im, syn_im, real_df, spaces)
@@ -283,6 +363,13 @@ def _report(run_dir, result, mem, real_im, syn_im, real_df, spaces) -> Path:
         "recall: share of real images covered by the synthetic manifold."
     )
     report.add_table(result["metrics"], caption="Fréchet distance, KID, precision, recall")
+    if result.get("class_agreement"):
+        report.add_table(
+            result["class_agreement"],
+            caption="Class conditioning: share of each class's synthetic images that the "
+            "encoder's classifier (trained on real images) labels as that class, beside its "
+            "recall on the real val images of the class",
+        )
     if result["tstr"] and "skipped" in result["tstr"]:
         report.add_paragraph(f"TSTR/TRTR skipped: {result['tstr']['skipped']}")
     elif result["tstr"]:

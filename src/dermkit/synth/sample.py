@@ -57,17 +57,19 @@ def _largest_remainder(total: int, shares: dict[str, Fraction]) -> dict[str, int
 
 
 def parse_target(target: str | Mapping) -> tuple[str, dict]:
-    """("uniform", {}), ("totals", {class: int}) or ("shares", {class: Fraction}).
+    """("uniform", {}), ("totals" | "generate", {class: int}) or ("shares", {class: Fraction}).
 
-    A mapping may be ``{"totals": {...}}``, ``{"shares": {...}}``, or flat: all-integer
-    values are totals, otherwise they are shares that must sum to 1.
+    A mapping may be ``{"totals": {...}}``, ``{"shares": {...}}``, ``{"generate": {...}}``
+    (images to generate per class whatever the real counts: e.g. an all-class set for
+    TSTR), or flat: all-integer values are totals, otherwise they are shares that must sum
+    to 1.
     """
     if isinstance(target, str):
         if target != "uniform":
             raise ConfigError(f"balance: expected 'uniform' or a mapping, got {target!r}")
         return "uniform", {}
     target = dict(target)
-    if set(target) in ({"totals"}, {"shares"}):
+    if set(target) in ({"totals"}, {"shares"}, {"generate"}):
         kind, values = next(iter(target.items()))
     else:
         ints = all(isinstance(v, int) and not isinstance(v, bool) for v in target.values())
@@ -77,9 +79,9 @@ def parse_target(target: str | Mapping) -> tuple[str, dict]:
     bad = {c: v for c, v in values.items() if isinstance(v, bool) or not isinstance(v, int | float)}
     if bad or any(v < 0 for v in values.values()):
         raise ConfigError(f"balance {kind}: values must be numbers >= 0, got {values}")
-    if kind == "totals":
+    if kind in ("totals", "generate"):
         if any(not float(v).is_integer() for v in values.values()):
-            raise ConfigError(f"balance totals must be whole numbers, got {values}")
+            raise ConfigError(f"balance {kind} must be whole numbers, got {values}")
         return kind, {c: int(v) for c, v in values.items()}
     shares = {c: Fraction(v).limit_denominator(10**9) for c, v in values.items()}
     total = sum(shares.values())
@@ -92,7 +94,8 @@ def target_totals(real_counts: Mapping[str, int], target: str | Mapping) -> dict
     """Final per-class totals (real + synthetic) that reach ``target`` exactly.
 
     uniform: every class up to the largest class count. totals: as given (a class left
-    out keeps its real count). shares: the smallest overall total T whose largest-remainder
+    out keeps its real count). generate: the real count + the images asked for (none for
+    a class left out). shares: the smallest overall total T whose largest-remainder
     apportionment of T gives every class at least its real count.
     """
     real = {c: int(n) for c, n in real_counts.items()}
@@ -107,6 +110,8 @@ def target_totals(real_counts: Mapping[str, int], target: str | Mapping) -> dict
     if kind == "uniform":
         top = max(real.values(), default=0)
         return dict.fromkeys(real, top)
+    if kind == "generate":
+        return {c: n + values.get(c, 0) for c, n in real.items()}
     if kind == "totals":
         totals = {c: values.get(c, n) for c, n in real.items()}
         short = {c: (totals[c], real[c]) for c in real if totals[c] < real[c]}
