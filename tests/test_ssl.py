@@ -116,6 +116,29 @@ def test_encoder_sees_only_visible_patches_and_matches_timm():
     torch.testing.assert_close(latent[:, 0], reference[:, 0], atol=1e-5, rtol=1e-4)
 
 
+def test_visible_only_patch_embedding_equals_embedding_everything():
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder("vit_nano_patch4_32", 32, decoder_dim=32, decoder_heads=2)
+    assert mae.embed_visible_only  # timm's conv PatchEmbed qualifies
+    imgs = torch.randn(3, 3, 32, 32)
+    ids_keep = torch.stack([torch.randperm(64)[:16] for _ in range(3)])
+    full = mae.encoder.patch_embed(imgs)  # (3, 64, D)
+    expected = torch.stack([full[b, ids_keep[b]] for b in range(3)])
+    torch.testing.assert_close(mae.embed_patches(imgs, ids_keep), expected, atol=1e-5, rtol=1e-5)
+    # the whole step (same masks): loss and every gradient as with the full conv
+    results = []
+    for visible_only in (True, False):
+        mae.embed_visible_only = visible_only
+        mae.zero_grad()
+        torch.manual_seed(1)
+        loss = mae(imgs)[0]
+        loss.backward()
+        grad = mae.encoder.patch_embed.proj.weight.grad.clone()
+        results.append((loss.detach(), grad, mae.encoder.blocks[0].attn.qkv.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- MAE run
 
 

@@ -415,6 +415,8 @@ def test_sampling_interrupted_and_rerun_gives_the_same_set(tiny_generator, tmp_p
     assert row["synthetic"] and row["split"] == "" and row["lesion_id"] == row["image_id"]
     assert row["source"] == f"synthetic:{tiny_generator.name}" and row["guidance"] == 2.0
     assert (tmp_path / "twice" / "grid_nv.png").exists()
+    settings = json.loads((tmp_path / "twice" / "sample.json").read_text())
+    assert settings["precision"] in ("bf16", "no")  # "auto", resolved and recorded
     plan = json.loads((tmp_path / "twice" / "plan.json").read_text())
     assert plan["final_counts"] == {"nv": real["nv"] + 5, "vasc": real["vasc"] + 4}
     with pytest.raises(ConfigError, match="guidance"):  # one folder, one setting
@@ -440,16 +442,24 @@ def test_cli_synth_sample_and_bench_sampling(tiny_generator, tmp_path):
     bad = runner.invoke(app, ["synth", "sample", str(tmp_path / "nowhere"), "--out", str(out)])
     assert bad.exit_code == 2 and "generator.json" in bad.output.replace("\n", "")
 
-    result = runner.invoke(
-        app,
-        ["bench", "sampling", "--preset", "tiny", "--batch-size", "4", "--steps", "3",
-         "--rounds", "1"],
-        catch_exceptions=False,
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    bench = json.loads(result.stdout[result.stdout.index("{") :])
-    assert bench["ratio_batched_over_two_calls"] > 0 and bench["steps"] == 3
-    assert bench["max_abs_latent_difference"] < 1e-3
+    for precision in ("fp32", "bf16"):
+        result = runner.invoke(
+            app,
+            ["bench", "sampling", "--preset", "tiny", "--batch-size", "4", "--steps", "3",
+             "--rounds", "1", "--precision", precision],
+            catch_exceptions=False,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        bench = json.loads(result.stdout[result.stdout.index("{") :])
+        assert bench["ratio_dermkit_over_plain"] > 0 and bench["steps"] == 3
+        # batching the two guidance halves changes nothing but float rounding
+        assert bench["max_abs_latent_difference_fp32"] < 1e-3
+        if precision == "fp32":
+            assert set(bench["images_per_s"]) == {"dermkit", "plain"}
+            assert bench["relative_rms_latent_difference_dermkit"] < 1e-4
+        else:  # bf16 autocast: close to the fp32 reference, not equal
+            assert set(bench["images_per_s"]) == {"dermkit", "batched_fp32", "plain"}
+            assert 0 < bench["relative_rms_latent_difference_dermkit"] < 0.1
 
 
 # ----------------------------------------------------------------------------- quality

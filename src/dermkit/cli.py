@@ -952,8 +952,11 @@ def bench_sampling_cmd(
     guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 2.0,
     rounds: Annotated[int, typer.Option(help="interleaved rounds (best is kept)")] = 3,
     n_classes: Annotated[int, typer.Option(help="classes of an untrained UNet")] = 7,
+    precision: Annotated[
+        str, typer.Option(help="dermkit's sampling precision: auto, bf16, fp16, fp32")
+    ] = "auto",
 ) -> None:
-    """Images/s of batched-CFG DDIM sampling vs a two-call (cond, uncond) loop."""
+    """Images/s of dermkit's DDIM sampler vs a plain two-call (cond, uncond) fp32 loop."""
     import json
 
     import torch
@@ -980,7 +983,16 @@ def bench_sampling_cmd(
             unet = build_unet(dc.unet, shape, n_classes)
             sched = dict(training_scheduler(dc.num_train_timesteps, dc.beta_schedule).config)
         result = bench_sampling(
-            unet, sched, shape, n_classes, batch_size, steps, guidance, rounds, device=device
+            unet,
+            sched,
+            shape,
+            n_classes,
+            batch_size,
+            steps,
+            guidance,
+            rounds,
+            device=device,
+            precision=precision,
         )
     except (*_synth_errors(), ValueError) as e:
         _fail(str(e))

@@ -496,6 +496,11 @@ class SampleConfig(Strict):
     )
     seed: int = 0
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    # Here and not in SamplerConfig: the diffusion stage's previews use SamplerConfig, and
+    # a new field there would change every trained generator's pipeline key.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="UNet autocast while sampling; auto: bf16 where training uses it"
+    )
     grid_per_class: int = Field(16, ge=0)
 
 

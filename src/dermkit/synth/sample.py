@@ -204,7 +204,15 @@ def _settings(generator, cfg: SampleConfig) -> dict:
         "sampler": s.sampler,
         "steps": s.steps,
         "guidance": float(s.guidance),
+        "precision": _precision(generator, cfg),
     }
+
+
+def _precision(generator, cfg: SampleConfig) -> str:
+    """The resolved UNet autocast precision of this sampling run ("bf16", "fp16", "no")."""
+    from dermkit.train.loop import resolve_precision
+
+    return resolve_precision(cfg.precision, torch.device(generator.device))
 
 
 def _check_settings(path: Path, settings: dict) -> None:
@@ -283,7 +291,9 @@ def generate(
                 ]
             )
             labels = generator.labels_for([j.label for j in batch])
-            images = generator.sample(noise, labels, s.guidance, s.sampler, s.steps)
+            images = generator.sample(
+                noise, labels, s.guidance, s.sampler, s.steps, settings["precision"]
+            )
             for j, image in zip(batch, images.permute(0, 2, 3, 1).numpy()):
                 write_png(image, j.path)
             write_manifest(manifest_rows(jobs, settings, source), out_dir / MANIFEST)
