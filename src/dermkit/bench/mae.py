@@ -33,7 +33,7 @@ from dermkit.data.prepare import prepare_data
 from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize
 from dermkit.models.backbones import create_backbone
 from dermkit.ssl.mae import MaskedAutoencoder
-from dermkit.train.loop import plan_epoch, resolve_precision, seed_step
+from dermkit.train.loop import fused_adamw, plan_epoch, resolve_precision, seed_step
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
@@ -84,6 +84,7 @@ def bench_mae(
             lr=1e-4,
             betas=cfg.optim.betas,
             weight_decay=cfg.optim.weight_decay,
+            **fused_adamw(),  # as the pretraining and fine-tuning loops
         )
         for name, model in (("mae", mae), ("supervised", supervised))
     }

@@ -60,7 +60,14 @@ from dermkit.models.weights import load_pretrained, save_weights
 from dermkit.runs import RunDir
 from dermkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dermkit.train.finetune import load_training_data
-from dermkit.train.loop import MetricsLog, lr_at, make_accelerator, plan_epoch, seed_step
+from dermkit.train.loop import (
+    MetricsLog,
+    fused_adamw,
+    lr_at,
+    make_accelerator,
+    plan_epoch,
+    seed_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +205,7 @@ def pretrain_loop(
 
     peak_lr = oc.base_lr * oc.batch_size / 256
     optimizer = create_optimizer_v2(
-        model, "adamw", lr=peak_lr, weight_decay=oc.weight_decay, betas=oc.betas
+        model, "adamw", lr=peak_lr, weight_decay=oc.weight_decay, betas=oc.betas, **fused_adamw()
     )
     # Light augmentation only: dermoscopy has no orientation, so flips and 90-degree
     # rotations are free; masking (MAE) or the bottleneck (VAE) is the actual pretext.
