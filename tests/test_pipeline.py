@@ -255,6 +255,18 @@ def test_tiny_ablation_has_every_row_and_column(demo_out):
         yaml_split(Path(records[i]["folder"])) for i in records if records[i]["target"] != "exits"
     }
     assert len(splits) == 1  # one split for every row
+    # A reused row still carries what its stages cost; the total counts each stage once.
+    from dermkit.bench.ablation import total_stage_seconds
+
+    exits_row = records["student_exits"]["stage_wall_s"]
+    assert {Path(p).name.split("-")[0] for p in exits_row} >= {"data", "teacher", "distill"}
+    assert all(v >= 0 for v in exits_row.values())
+    every = {p: v for r in records.values() for p, v in r["stage_wall_s"].items()}
+    assert total_stage_seconds(list(records.values())) == pytest.approx(sum(every.values()))
+    assert total_stage_seconds(list(records.values())) < sum(
+        sum(r["stage_wall_s"].values()) for r in records.values()
+    )  # shared stages (the split, the teacher...) are not counted twice
+    assert f"{total_stage_seconds(list(records.values())) / 3600:.2f} h" in text
     html = (demo_out / "ablation.html").read_text()
     for link in re.findall(r'href="([^"]+)"', html):
         assert (demo_out / link).is_file(), link
