@@ -17,6 +17,7 @@ as a single process would (parameters are drawn for the whole global batch).
 from __future__ import annotations
 
 import json
+import atexit
 import logging
 import math
 import os
@@ -74,7 +75,19 @@ def make_accelerator(precision: str = "auto") -> Accelerator:
     """An Accelerator on CUDA when present, else CPU, with the resolved mixed precision."""
     cpu = not torch.cuda.is_available()
     device = torch.device("cpu" if cpu else "cuda")
-    return Accelerator(cpu=cpu, mixed_precision=resolve_precision(precision, device))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=resolve_precision(precision, device))
+    if accelerator.num_processes > 1:
+        # A process that exits with its gloo group alive can abort in interpreter teardown
+        # ("terminate called without an active exception", SIGABRT after a finished run):
+        # gloo's worker threads still hold tensors then. Destroying the group while the
+        # interpreter is whole avoids it; atexit covers every command that trains.
+        atexit.register(_destroy_process_group)
+    return accelerator
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, min_ratio: float) -> float:
