@@ -22,7 +22,14 @@ from typer.testing import CliRunner
 
 from dermkit.cli import app
 from dermkit.config import ConfigError
-from dermkit.pipeline import MARKER, load_pipeline, plan_pipeline, read_marker, run_pipeline
+from dermkit.pipeline import (
+    ATTEMPTS,
+    MARKER,
+    load_pipeline,
+    plan_pipeline,
+    read_marker,
+    run_pipeline,
+)
 from dermkit.stages import DERMAE_STAGES
 
 STAGES = [s.name for s in DERMAE_STAGES]
@@ -203,6 +210,8 @@ def test_killed_during_sampling_resumes_without_redoing_or_duplicating(demo_out,
     done_before = {p: p.stat().st_mtime_ns for p in (sample_dir / "images").rglob("*.png")}
     assert 3 <= len(done_before) < total  # killed mid-way
     assert read_marker(sample_dir) is None  # the stage is not finished
+    killed = json.loads((sample_dir / ATTEMPTS).read_text())
+    assert killed["attempts"] == 1 and killed["wall_s"] >= 0
 
     result = run_pipeline(_pipeline(demo_out, *overrides), targets=["sample"], progress=False)
     assert result.executed == ["sample"] and result.records["sample"].status == "resumed"
@@ -214,7 +223,13 @@ def test_killed_during_sampling_resumes_without_redoing_or_duplicating(demo_out,
     assert manifest["image_id"].is_unique and len(manifest) == len(pngs) == total
     for p, mtime in done_before.items():  # images made before the kill were kept, not redone
         assert p.stat().st_mtime_ns == mtime
-    assert read_marker(sample_dir)["key"] == plan["sample"].key
+    marker = read_marker(sample_dir)
+    assert marker["key"] == plan["sample"].key
+    # the stage's recorded cost is both attempts', not only the resumed one's
+    assert marker["attempts"] == 2
+    assert marker["wall_s"] == pytest.approx(
+        killed["wall_s"] + marker["last_attempt_wall_s"], abs=0.02
+    )
 
 
 def test_tiny_ablation_has_every_row_and_column(demo_out):

@@ -456,15 +456,66 @@ def _safe_metric(planned: Planned) -> str:
         return ""
 
 
+ATTEMPTS = ".attempts.json"  # wall/CPU time of the killed attempts of an unfinished stage
+HEARTBEAT_S = 10.0
+
+
+@contextmanager
+def _attempt_clock(path: Path) -> Iterator[dict]:
+    """Time one attempt at a stage, adding the time of the attempts killed before it.
+
+    A stage killed mid-way and resumed would otherwise record only its last attempt, and
+    the ablation's "what the whole table costs" would undercount it. While the attempt
+    runs, a daemon thread rewrites ``.attempts.json`` every ``HEARTBEAT_S`` seconds with
+    the total so far, so a SIGKILL loses at most that much. Yields a dict that holds, once
+    the block ends, ``wall_s``/``cpu_s`` (all attempts), ``last_wall_s``/``last_cpu_s``
+    (this one) and ``attempts``.
+    """
+    import threading
+
+    try:
+        earlier = json.loads((path / ATTEMPTS).read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    before_wall, before_cpu = earlier.get("wall_s", 0.0), earlier.get("cpu_s", 0.0)
+    attempts = earlier.get("attempts", 0) + 1
+    started, cpu_started = time.time(), time.process_time()
+    out: dict = {"attempts": attempts}
+
+    def write() -> None:
+        out["last_wall_s"] = round(time.time() - started, 2)
+        out["last_cpu_s"] = round(time.process_time() - cpu_started, 2)
+        out["wall_s"] = round(before_wall + out["last_wall_s"], 2)
+        out["cpu_s"] = round(before_cpu + out["last_cpu_s"], 2)
+        write_json_atomic(
+            {"wall_s": out["wall_s"], "cpu_s": out["cpu_s"], "attempts": attempts},
+            path / ATTEMPTS,
+        )
+
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            write()
+
+    write()
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        write()
+
+
 def _run_stage(planned: Planned, resume: bool, quiet: bool) -> StageRecord:
     """Run one stage into its folder and write the completion marker last."""
     planned.path.mkdir(parents=True, exist_ok=True)
-    started, cpu_started = time.time(), time.process_time()
-    with _stage_log(planned.path, quiet):
+    with _attempt_clock(planned.path) as clock, _stage_log(planned.path, quiet):
         log.info("stage %s (key %s), resume=%s", planned.name, planned.key[:10], resume)
         report = planned.stage.run(planned.config, planned.path, resume)
-    wall = round(time.time() - started, 2)
-    cpu = round(time.process_time() - cpu_started, 2)
+    wall, cpu = clock["last_wall_s"], clock["last_cpu_s"]
     for required in ("metrics.json", "report.html"):
         if not (planned.path / required).exists():
             raise RuntimeError(f"stage {planned.name} finished without {planned.path / required}")
@@ -476,7 +527,7 @@ def _run_stage(planned: Planned, resume: bool, quiet: bool) -> StageRecord:
         str(planned.path),
         os.path.relpath(report, planned.path.parent),
         wall,
-        wall,
+        clock["wall_s"],
         cpu,
         _safe_metric(planned),
     )
@@ -485,8 +536,10 @@ def _run_stage(planned: Planned, resume: bool, quiet: bool) -> StageRecord:
         "key": planned.key,
         "inputs": planned.inputs,
         "report": os.path.relpath(report, planned.path),
-        "wall_s": wall,
-        "cpu_s": cpu,
+        "wall_s": clock["wall_s"],  # every attempt's, killed ones included
+        "cpu_s": clock["cpu_s"],
+        "attempts": clock["attempts"],
+        "last_attempt_wall_s": wall,
         "resumed": resume,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "dermkit": __version__,

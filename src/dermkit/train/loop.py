@@ -16,8 +16,8 @@ as a single process would (parameters are drawn for the whole global batch).
 
 from __future__ import annotations
 
-import json
 import atexit
+import json
 import logging
 import math
 import os
