@@ -226,7 +226,7 @@ def test_killed_during_sampling_resumes_without_redoing_or_duplicating(demo_out,
     marker = read_marker(sample_dir)
     assert marker["key"] == plan["sample"].key
     # the stage's recorded cost is both attempts', not only the resumed one's
-    assert marker["attempts"] == 2
+    assert marker["attempts"] == 2 and not (sample_dir / ATTEMPTS).exists()
     assert marker["wall_s"] == pytest.approx(
         killed["wall_s"] + marker["last_attempt_wall_s"], abs=0.02
     )

@@ -547,6 +547,8 @@ def _run_stage(planned: Planned, resume: bool, quiet: bool) -> StageRecord:
         "config": planned.material.get("config"),
     }
     write_json_atomic(marker, planned.path / MARKER)  # last: the stage is done
+    # the marker holds the total now; a forced re-run of the folder starts a fresh count
+    (planned.path / ATTEMPTS).unlink(missing_ok=True)
     return record
 
 
