@@ -458,6 +458,41 @@ def evaluate(
     print(report)
 
 
+@app.command()
+def ensemble(
+    runs: Annotated[list[Path], typer.Argument(help="run folders with val and test predictions")],
+    out: Annotated[Path, typer.Option(help="folder for the ensemble's predictions and report")],
+    select: Annotated[
+        str, typer.Option(help="greedy (forward selection on val macro-F1) or all (weight 1)")
+    ] = "greedy",
+    max_rounds: int = 20,
+    n_boot: int = 1000,
+    seed: int = 0,
+    positive_class: str = "mel",
+) -> None:
+    """Combine finished runs (geometric mean of probabilities), weights chosen on val only.
+
+    Writes predictions_{val,test}.csv, ensemble.json and report.html into --out; the test
+    metrics have lesion-level bootstrap CIs like every other evaluation.
+    """
+    from dermkit.eval.ensemble import run_ensemble
+
+    try:
+        done = run_ensemble(
+            runs, out, select, max_rounds, n_boot=n_boot, seed=seed, positive_class=positive_class
+        )
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    f1 = done["test"]["metrics"]["macro_f1"]
+    weights = ", ".join(f"{r.name} x{w}" for r, w in zip(runs, done["weights"]) if w)
+    console.print(
+        f"members (weight): {weights}; val macro-F1 {done['val_macro_f1']:.3f}; test macro-F1 "
+        f"{f1['value']:.3f} [{f1['ci_low']:.3f}, {f1['ci_high']:.3f}]",
+        highlight=False,
+    )
+    print(done["report"])
+
+
 @bench_app.command("pipeline")
 def bench_pipeline_cmd(
     overrides: Overrides = None,

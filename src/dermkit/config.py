@@ -65,6 +65,10 @@ class BaselineConfig(Strict):
     tune_priors_on_val: bool = Field(
         True, description="rescale class probabilities to maximise val macro-F1 (never test)"
     )
+    metadata: list[str] = Field(
+        default_factory=list,
+        description="manifest columns added as features, e.g. [age, sex, localization]",
+    )
 
 
 class BaselineRunConfig(Strict):

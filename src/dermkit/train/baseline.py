@@ -20,6 +20,7 @@ from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.predictions import write_predictions
 from dermkit.eval.report import write_evaluation_report
 from dermkit.models.classical import ClassicalBaseline
+from dermkit.models.metadata import MetadataEncoder
 from dermkit.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,18 @@ def run_baseline(cfg: BaselineRunConfig, progress: bool = False) -> Path:
         model = ClassicalBaseline(
             n_classes=len(data.classes),
             seed=cfg.seed,
-            **cfg.baseline.model_dump(),
+            **cfg.baseline.model_dump(exclude={"metadata"}),
+        )
+        # fail on a bad column name before the minutes of feature extraction
+        meta = (
+            MetadataEncoder(cfg.baseline.metadata).fit(parts["train"])
+            if cfg.baseline.metadata
+            else None
         )
         t0 = time.time()
         feats = {s: model.features(images_for(data, p)) for s, p in parts.items()}
+        if meta is not None:
+            feats = {s: np.concatenate([f, meta.transform(parts[s])], 1) for s, f in feats.items()}
         y = {s: p["label"].map(index).to_numpy() for s, p in parts.items()}
         t1 = time.time()
         fit_log = model.fit(feats["train"], y["train"], feats["val"], y["val"])
@@ -61,6 +70,7 @@ def run_baseline(cfg: BaselineRunConfig, progress: bool = False) -> Path:
         )
         timing = {"features_s": round(t1 - t0, 2), "fit_s": round(t2 - t1, 2)}
         result["fit"] = fit_log | timing
+        result["fit"]["metadata_features"] = meta.feature_names() if meta is not None else []
         result["data"] = {
             "images": {s: len(p) for s, p in parts.items()},
             "lesions": {s: int(p["lesion_id"].nunique()) for s, p in parts.items()},
@@ -76,7 +86,8 @@ def run_baseline(cfg: BaselineRunConfig, progress: bool = False) -> Path:
             run.path,
             title="dermkit baseline: colour/texture features + gradient boosting (test split)",
             extra={
-                "model": "HistGradientBoosting on colour histograms, colour moments, LBP",
+                "model": "HistGradientBoosting on colour histograms, colour moments, LBP"
+                + (f" + metadata {meta.feature_names()}" if meta is not None else ""),
                 "best boosting rounds (val)": fit_log["best_iter"],
                 "class scales (val)": np.round(fit_log["class_scales"], 3).tolist(),
                 "images train/val/test": str(result["data"]["images"]),
