@@ -254,9 +254,9 @@ def test_tiny_ablation_has_every_row_and_column(demo_out):
     for name, row in rows.items():
         assert ci.match(row["macro-F1"]) and ci.match(row["balanced accuracy"]), (name, row)
         costs = [row["params (M)"], row["GFLOPs"], row["batch-1 latency (ms)"]]
-        if name == "classical baseline":
+        if name.startswith("classical baseline"):
             assert costs == ["n/a"] * 3
-        else:
+        elif not name.startswith("ensemble"):  # the ensemble's: its chosen networks' sum
             assert all(float(c) > 0 for c in costs), (name, costs)
 
     records = {r["id"]: r for r in json.loads((demo_out / "ablation.json").read_text())}
@@ -267,9 +267,29 @@ def test_tiny_ablation_has_every_row_and_column(demo_out):
     teachers += [records[i]["folder"] for i in ("vit_cb_synth", "mae_real", "mae_synth", "vae")]
     assert len(set(teachers)) == 7  # seven different fine-tunes
     splits = {
-        yaml_split(Path(records[i]["folder"])) for i in records if records[i]["target"] != "exits"
+        yaml_split(Path(records[i]["folder"]))
+        for i in records
+        if records[i]["target"] not in ("exits", "ensemble")
     }
     assert len(splits) == 1  # one split for every row
+    # The metadata row is another baseline run; the ensemble row combines stage rows with
+    # weights chosen on val, and the chosen networks' costs add up.
+    assert records["baseline_meta"]["folder"] != records["baseline"]["folder"]
+    ensemble = records["ensemble"]
+    weights = ensemble["ensemble"]["weights"]
+    assert list(weights) == [r for r in records if r not in ("student_exits", "ensemble")]
+    assert sum(weights.values()) >= 1 and ensemble["computed"] == ["ensemble"]
+    # greedy starts from the best member on val and only adds what raises val macro-F1
+    best_single = max(_val_macro_f1(Path(records[m]["folder"])) for m in weights)
+    assert ensemble["val_macro_f1"] >= best_single - 1e-9
+    chosen_params = [
+        records[m]["summary"]["params"]
+        for m, w in weights.items()
+        if w and records[m]["summary"]["params"]
+    ]
+    assert ensemble["summary"]["params"] == (
+        pytest.approx(sum(chosen_params)) if chosen_params else None
+    )
     # A reused row still carries what its stages cost; the total counts each stage once.
     from dermkit.bench.ablation import total_stage_seconds
 
@@ -285,6 +305,15 @@ def test_tiny_ablation_has_every_row_and_column(demo_out):
     html = (demo_out / "ablation.html").read_text()
     for link in re.findall(r'href="([^"]+)"', html):
         assert (demo_out / link).is_file(), link
+
+
+def _val_macro_f1(folder: Path) -> float:
+    from sklearn.metrics import f1_score
+
+    from dermkit.eval.predictions import read_predictions
+
+    _, y, probs, _ = read_predictions(folder / "predictions_val.csv")
+    return f1_score(y, probs.argmax(1), average="macro")
 
 
 def yaml_split(folder: Path) -> str:
@@ -308,10 +337,42 @@ def test_cli_dry_run_and_errors(demo_out):
          "--dry-run"],
     )  # fmt: skip
     assert result.exit_code == 0 and "vit_scratch" in result.output, result.output
+    result = runner.invoke(
+        app,
+        ["bench", "ablation", "--preset", "tiny", "--out", str(demo_out), "--rows", "ensemble",
+         "--dry-run"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "weights chosen on val" in result.output and "mae_real:" in result.output
     with pytest.raises(ConfigError, match=r"pretrain\.method"):
         plan_pipeline(_pipeline(demo_out, "stages.pretrain.method=simclr"), DERMAE_STAGES)
     with pytest.raises(FileNotFoundError, match="dermae-tiny"):
         load_pipeline("no-such-pipeline")
+
+
+def test_ablation_ensemble_rows_are_checked_and_bring_their_members():
+    from dermkit.bench.ablation import AblationConfig, select_rows
+
+    rows = [
+        {"id": "a", "name": "A", "target": "baseline"},
+        {"id": "b", "name": "B", "target": "teacher"},
+        {"id": "c", "name": "C", "target": "distill"},
+        {"id": "ens", "name": "E", "ensemble": ["a", "b"], "select": "all"},
+    ]
+    ablation = AblationConfig(pipeline="dermae-tiny", rows=rows)
+    assert [r.id for r in select_rows(ablation, ["ens"])] == ["a", "b", "ens"]
+    bad = [
+        ({"ensemble": ["a", "b"], "target": "teacher"}, "either target"),
+        ({"ensemble": ["a", "zz"]}, r"members \['zz'\] are not stage rows above"),
+        ({"ensemble": ["a"]}, "at least two rows"),
+        ({"ensemble": ["a", "b"], "overrides": ["seed=1"]}, "takes no overrides"),
+        ({}, "either target"),
+    ]
+    for extra, message in bad:
+        with pytest.raises(ValueError, match=message):
+            AblationConfig(
+                pipeline="dermae-tiny", rows=[*rows[:3], {"id": "x", "name": "X", **extra}]
+            )
 
 
 @pytest.mark.ham10000
@@ -328,9 +389,10 @@ def test_shipped_cpu_and_gpu_pipelines_and_cpu_ablation_rows_resolve(ham10000_ro
         (row.id, {r["stage"]: r for r in rows}) for row, rows in plan_ablation(ablation, (), data)
     )
     assert list(plans) == [r.id for r in ablation.rows]
+    assert plans.pop("ensemble") == {}  # computed from the rows' folders: no stages
     assert len({p["data"]["full_key"] for p in plans.values()}) == 1  # one split for all rows
     fine_tunes = [i for i, r in zip(plans, ablation.rows) if r.target == "teacher"]
-    assert len({plans[i]["teacher"]["full_key"] for i in fine_tunes}) == len(fine_tunes) == 7
+    assert len({plans[i]["teacher"]["full_key"] for i in fine_tunes}) == len(fine_tunes) == 8
     # The student rows distil the MAE (real + synthetic) teacher: the same stage folder.
     assert plans["student"]["teacher"]["folder"] == plans["mae_synth"]["teacher"]["folder"]
     assert plans["mae_real"]["pretrain"]["full_key"] != plans["mae_synth"]["pretrain"]["full_key"]

@@ -1151,11 +1151,10 @@ def bench_ablation_cmd(
             table = Table("row", "from stage", "needs (status: key)")
             for row, plan in plans:
                 needed = [r for r in plan if r["status"] not in ("off", "not needed")]
-                table.add_row(
-                    f"{row.id}: {row.name}",
-                    row.target,
-                    ", ".join(f"{r['stage']} ({r['status']}: {r['key']})" for r in needed),
-                )
+                needs = ", ".join(f"{r['stage']} ({r['status']}: {r['key']})" for r in needed)
+                if row.ensemble:
+                    needs = f"rows {', '.join(row.ensemble)} (weights chosen on val: {row.select})"
+                table.add_row(f"{row.id}: {row.name}", row.target or "ensemble", needs)
             console.print(table)
             todo = stages_to_compute(plans)
             console.print(

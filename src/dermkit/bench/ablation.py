@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -40,12 +41,23 @@ log = logging.getLogger(__name__)
 
 
 class AblationRow(Strict):
-    """One row: a pipeline variant and the stage whose predictions give the numbers."""
+    """One row: a pipeline variant and the stage whose predictions give the numbers, or an
+    ensemble of earlier rows (``dermkit.eval.ensemble``: weights chosen on val only)."""
 
     id: str = Field(pattern=r"^[a-z0-9_]+$")
     name: str
-    target: str = Field(description="stage whose run folder is summarised")
+    target: str | None = Field(None, description="stage whose run folder is summarised")
     overrides: list[str] = Field(default_factory=list, description="pipeline key=value items")
+    ensemble: list[str] = Field(default_factory=list, description="ids of earlier rows")
+    select: Literal["greedy", "all"] = "greedy"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AblationRow:
+        if bool(self.target) == bool(self.ensemble):
+            raise ValueError(f"row {self.id}: give either target (a stage) or ensemble (rows)")
+        if self.ensemble and self.overrides:
+            raise ValueError(f"row {self.id}: an ensemble row takes no overrides")
+        return self
 
 
 class AblationConfig(Strict):
@@ -64,6 +76,15 @@ class AblationConfig(Strict):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"row ids must be unique: {dupes}")
+        for k, row in enumerate(self.rows):
+            earlier = {r.id for r in self.rows[:k] if not r.ensemble}
+            unknown = [m for m in row.ensemble if m not in earlier]
+            if unknown:
+                raise ValueError(
+                    f"row {row.id}: ensemble members {unknown} are not stage rows above it"
+                )
+            if row.ensemble and len(row.ensemble) < 2:
+                raise ValueError(f"row {row.id}: an ensemble needs at least two rows")
         return self
 
 
@@ -86,7 +107,9 @@ def select_rows(ablation: AblationConfig, ids: Sequence[str] = ()) -> list[Ablat
     unknown = [i for i in ids if i not in known]
     if unknown:
         raise ConfigError(f"unknown ablation rows {unknown}; the rows are {known}")
-    return [r for r in ablation.rows if not ids or r.id in ids]
+    # an ensemble row needs its members' folders: they come along (cached ones cost nothing)
+    wanted = set(ids) | {m for r in ablation.rows if r.id in ids for m in r.ensemble}
+    return [r for r in ablation.rows if not ids or r.id in wanted]
 
 
 def row_pipeline(ablation: AblationConfig, row: AblationRow, extra: Sequence[str] = ()):
@@ -101,6 +124,9 @@ def plan_ablation(
     """Per row, what running it would do (see :func:`dermkit.pipeline.plan_status`)."""
     plans = []
     for row in select_rows(ablation, ids):
+        if row.ensemble:  # computed from its members' folders in seconds: no stages
+            plans.append((row, []))
+            continue
         rows = plan_status(row_pipeline(ablation, row, extra), targets=[row.target])
         plans.append((row, rows))
     return plans
@@ -138,6 +164,45 @@ def _row_record(row: AblationRow, result: PipelineResult, summary: dict, seconds
     }
 
 
+def _ensemble_record(row: AblationRow, records: list[dict], out: Path, n_boot: int) -> dict:
+    """Combine the member rows' folders (weights chosen on val) and summarise on test.
+
+    Cost columns are the sums over the members with a non-zero weight that have them (the
+    classical baseline has none): an ensemble runs every chosen member.
+    """
+    from dermkit.eval.ensemble import run_ensemble
+    from dermkit.eval.summary import summarize_run
+
+    started = time.time()
+    by_id = {r["id"]: r for r in records}
+    members = [by_id[m] for m in row.ensemble]
+    folder = out / f"ensemble-{row.id}"
+    done = run_ensemble([m["folder"] for m in members], folder, row.select, n_boot=n_boot)
+    summary = summarize_run(folder, latency=False, n_boot=n_boot)
+    chosen = [m for m, w in zip(members, done["weights"]) if w > 0]
+    for key in ("params", "gflops", "latency_ms_batch1"):
+        values = [m["summary"][key] for m in chosen if m["summary"].get(key) is not None]
+        summary[key] = sum(values) if values else None
+    summary["model"] = " + ".join(f"{m['id']} x{w}" for m, w in zip(members, done["weights"]) if w)
+    stage_wall_s = {}
+    for m in chosen:
+        stage_wall_s.update(m["stage_wall_s"])
+    return {
+        "id": row.id,
+        "name": row.name,
+        "target": "ensemble",
+        "folder": str(folder),
+        "overrides": [],
+        "computed": ["ensemble"],
+        "seconds": round(time.time() - started, 1),
+        "cpu_s": 0.0,
+        "stage_wall_s": stage_wall_s,
+        "ensemble": {"select": row.select, "weights": dict(zip(row.ensemble, done["weights"]))},
+        "val_macro_f1": done["val_macro_f1"],
+        "summary": summary,
+    }
+
+
 def total_stage_seconds(records: list[dict]) -> float:
     """Wall seconds of every stage folder behind ``records``, each folder counted once.
 
@@ -167,13 +232,18 @@ def run_ablation(
     t0 = time.time()
     records = []
     for i, row in enumerate(rows, 1):
-        log.info("ablation row %d/%d: %s (stage %s)", i, len(rows), row.name, row.target)
+        source = f"stage {row.target}" if row.target else f"ensemble of {', '.join(row.ensemble)}"
+        log.info("ablation row %d/%d: %s (%s)", i, len(rows), row.name, source)
         if progress:
             from rich.console import Console
 
             Console(stderr=True).print(
-                f"[bold]ablation row {i}/{len(rows)}[/]: {row.name} (stage {row.target})"
+                f"[bold]ablation row {i}/{len(rows)}[/]: {row.name} ({source})"
             )
+        if row.ensemble:
+            records.append(_ensemble_record(row, records, out, ablation.n_boot))
+            write_json_atomic(records, out / "ablation.json")
+            continue
         cfg = row_pipeline(ablation, row, extra)
         started = time.time()
         result = run_pipeline(cfg, targets=[row.target], progress=progress, summary=False)
@@ -228,7 +298,8 @@ def _write_report(out: Path, records: list[dict], table: str, text: str) -> Path
     report.add_paragraph(text)
     report.add_table(markdown_rows(table), caption="test split")
     for r in records:
-        marker = json.loads((Path(r["folder"]) / "stage.json").read_text())
-        href = os.path.relpath(Path(r["folder"]) / marker["report"], out)
+        stage_marker = Path(r["folder"]) / "stage.json"
+        page = json.loads(stage_marker.read_text())["report"] if stage_marker.exists() else None
+        href = os.path.relpath(Path(r["folder"]) / (page or "report.html"), out)
         report.add_link(href, f"{r['name']}: {r['target']} stage report")
     return report.write(out / "ablation.html")  # not report.html: a pipeline may share out

@@ -1,5 +1,8 @@
 """The classical baseline: colour + texture features and class-balanced gradient boosting.
 
+Patient metadata (``baseline.metadata``) is appended to these features by the caller
+(``dermkit.models.metadata``), so this module stays about pixels.
+
 Every learned model in a table needs a cheap, honest floor beside it. Features (per image,
 from the cached uint8 pixels):
 
