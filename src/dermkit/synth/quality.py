@@ -120,7 +120,10 @@ def memorisation(
 def _fit_classical(cfg, train_x, train_y, val_x, val_y, test_x, n_classes) -> np.ndarray:
     from dermkit.models.classical import ClassicalBaseline
 
-    model = ClassicalBaseline(n_classes=n_classes, seed=cfg.seed, **cfg.tstr.baseline.model_dump())
+    if cfg.tstr.baseline.metadata:  # synthetic images have no patient
+        raise ConfigError("tstr.baseline.metadata: synthetic images carry no patient metadata")
+    settings = cfg.tstr.baseline.model_dump(exclude={"metadata"})
+    model = ClassicalBaseline(n_classes=n_classes, seed=cfg.seed, **settings)
     model.fit(train_x, train_y, val_x, val_y)
     return model.predict_proba(test_x)
 
