@@ -7,7 +7,9 @@ pipeline file) plus the stage whose run gives the row's numbers. Every row runs 
 needs, so stages that rows share (the data split, the synthetic set, an MAE encoder, the
 teacher) have the same key and are computed once; a killed ablation re-run resumes where
 it stopped, and rows already finished cost nothing. All rows share the data stage, hence
-one lesion-grouped split and one seed.
+one lesion-grouped split and one seed. A row may instead be an ensemble of rows above it
+(``ensemble: [ids]``): their folders' probabilities combined with weights chosen on val
+(:mod:`dermkit.eval.ensemble`), written to ``<out_dir>/ensemble-<id>``, seconds of work.
 
 Each row is summarised by :func:`dermkit.eval.summary.summarize_run` (test metrics with
 lesion-level bootstrap CIs, params, GFLOPs, batch-1 latency); the table is written to
