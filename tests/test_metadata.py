@@ -90,3 +90,13 @@ def test_baseline_refuses_dx_type_with_exit_2(phantoms):
     result = baseline(phantoms, "leak", "baseline.metadata=[age,dx_type]")
     assert result.exit_code == 2
     assert "dx_type" in result.output and "leaks the label" in result.output
+
+
+def test_tstr_refuses_metadata_when_the_config_loads():
+    from pydantic import ValidationError
+
+    from dermkit.config import QualityConfig
+
+    with pytest.raises(ValidationError, match=r"tstr\.baseline[\s\S]*no patient metadata"):
+        QualityConfig.model_validate({"tstr": {"baseline": {"metadata": ["age"]}}})
+    assert QualityConfig().tstr.baseline.metadata == []

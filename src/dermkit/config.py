@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESETS = ("tiny", "cpu", "gpu")
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -518,6 +518,14 @@ class TstrConfig(Strict):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="resnet18_64"))
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=5))
     loss: LossConfig = Field(default_factory=LossConfig)
+
+    @field_validator("baseline")
+    @classmethod
+    def _no_metadata(cls, v: BaselineConfig) -> BaselineConfig:
+        # checked at load time, not after minutes of feature extraction
+        if v.metadata:
+            raise ValueError("synthetic images carry no patient metadata: leave it empty")
+        return v
 
 
 class QualityConfig(Strict):

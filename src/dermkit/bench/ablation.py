@@ -166,7 +166,9 @@ def _row_record(row: AblationRow, result: PipelineResult, summary: dict, seconds
     }
 
 
-def _ensemble_record(row: AblationRow, records: list[dict], out: Path, n_boot: int) -> dict:
+def _ensemble_record(
+    row: AblationRow, records: list[dict], out: Path, n_boot: int, seed: int
+) -> dict:
     """Combine the member rows' folders (weights chosen on val) and summarise on test.
 
     Cost columns are the sums over the members with a non-zero weight that have them (the
@@ -179,8 +181,10 @@ def _ensemble_record(row: AblationRow, records: list[dict], out: Path, n_boot: i
     by_id = {r["id"]: r for r in records}
     members = [by_id[m] for m in row.ensemble]
     folder = out / f"ensemble-{row.id}"
-    done = run_ensemble([m["folder"] for m in members], folder, row.select, n_boot=n_boot)
-    summary = summarize_run(folder, latency=False, n_boot=n_boot)
+    done = run_ensemble(
+        [m["folder"] for m in members], folder, row.select, n_boot=n_boot, seed=seed
+    )
+    summary = summarize_run(folder, latency=False, n_boot=n_boot, seed=seed)
     chosen = [m for m, w in zip(members, done["weights"]) if w > 0]
     for key in ("params", "gflops", "latency_ms_batch1"):
         values = [m["summary"][key] for m in chosen if m["summary"].get(key) is not None]
@@ -243,7 +247,8 @@ def run_ablation(
                 f"[bold]ablation row {i}/{len(rows)}[/]: {row.name} ({source})"
             )
         if row.ensemble:
-            records.append(_ensemble_record(row, records, out, ablation.n_boot))
+            seed = load_pipeline(ablation.pipeline, [*ablation.overrides, *extra]).seed
+            records.append(_ensemble_record(row, records, out, ablation.n_boot, seed))
             write_json_atomic(records, out / "ablation.json")
             continue
         cfg = row_pipeline(ablation, row, extra)

@@ -120,9 +120,7 @@ def memorisation(
 def _fit_classical(cfg, train_x, train_y, val_x, val_y, test_x, n_classes) -> np.ndarray:
     from dermkit.models.classical import ClassicalBaseline
 
-    if cfg.tstr.baseline.metadata:  # synthetic images have no patient
-        raise ConfigError("tstr.baseline.metadata: synthetic images carry no patient metadata")
-    settings = cfg.tstr.baseline.model_dump(exclude={"metadata"})
+    settings = cfg.tstr.baseline.model_dump(exclude={"metadata"})  # empty: TstrConfig checks
     model = ClassicalBaseline(n_classes=n_classes, seed=cfg.seed, **settings)
     model.fit(train_x, train_y, val_x, val_y)
     return model.predict_proba(test_x)
