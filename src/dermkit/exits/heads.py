@@ -23,6 +23,8 @@ from mambapy.mamba import Mamba, MambaConfig
 from timm.layers import AttentionPoolLatent
 from torch import nn
 
+from dermkit.exits.scan import mamba_forward
+
 HEAD_TYPES = ("linear", "mlp", "attention", "ssm")
 
 
@@ -115,9 +117,13 @@ class SSMHead(nn.Module):
     a linear layer maps to logits. The head is a sequence model: permuting the tokens
     changes its output (unlike the mean or attention pooling heads).
 
-    ``mambapy``'s parallel scan (``pscan``) is used for training; in eval mode the
-    sequential scan is used, which is as fast for short sequences on CPU and exports to
-    ONNX exactly (the parallel scan's in-place updates do not trace faithfully).
+    ``mambapy``'s parallel scan (``pscan``) is used for training. In eval mode the scan is
+    evaluated in closed form by :func:`dermkit.exits.scan.mamba_forward` (cumulative sums
+    of ``log a`` and one masked ``exp``, the last layer for the last position only): a few
+    tensor ops instead of mambapy's token-by-token loop, and plain ONNX ops (mambapy's
+    ``pscan`` updates tensors in place, which does not trace faithfully). Setting
+    ``eval_scan = "sequential"`` restores mambapy's loop (the reference in tests and the
+    overhead benchmark).
 
     Args:
         dim: token width D.
@@ -157,6 +163,7 @@ class SSMHead(nn.Module):
         self.mamba = Mamba(self.config)
         self.norm = nn.LayerNorm(d_model)
         self.fc = nn.Linear(d_model, num_classes)
+        self.eval_scan = "parallel"  # or "sequential": mambapy's loop over tokens
 
     def sequence(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, D) tokens -> (B, L, D) scan order: pooled patch grid row-major, prefix last."""
@@ -172,9 +179,11 @@ class SSMHead(nn.Module):
         """(B, N, D) -> (B, C)."""
         # mambapy reads the scan mode from its config at call time; the flag is shared by
         # the layers, so one assignment switches all of them.
+        seq = self.proj(self.norm_in(self.sequence(tokens)))
+        if not self.training and self.eval_scan == "parallel":
+            return self.fc(self.norm(mamba_forward(self.mamba, seq, last_only=True)[:, -1]))
         self.config.pscan = self.training
-        x = self.mamba(self.proj(self.norm_in(self.sequence(tokens))))
-        return self.fc(self.norm(x[:, -1]))
+        return self.fc(self.norm(self.mamba(seq)[:, -1]))
 
 
 def make_head(
