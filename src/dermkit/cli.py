@@ -101,6 +101,46 @@ def data_phantoms(
     print(csv)
 
 
+MaxImageMB = Annotated[
+    float | None,
+    typer.Option(
+        "--max-image-mb",
+        help="refuse image files larger than this, unread (default 64, or $DERMKIT_MAX_IMAGE_MB)",
+    ),
+]
+
+
+def _mib_to_bytes(megabytes: float | None) -> int | None:
+    if megabytes is not None and megabytes <= 0:
+        _fail(f"--max-image-mb must be positive, got {megabytes}")
+    return None if megabytes is None else int(megabytes * 2**20)
+
+
+def _validation_advice(error: Exception, skip_bad: bool, rejects: Path) -> str:
+    """What to do after a failed validation, for the flags actually given."""
+    from dermkit.data.readers import LayoutError
+
+    if isinstance(error, LayoutError):
+        # Fatal problems (no CSV, bad header, missing column) leave no row to keep.
+        return "fix the problems above: --skip-bad cannot skip them, nothing could be read"
+    if skip_bad:
+        return "--skip-bad was given, but every row was rejected: nothing is left to use"
+    return f"rerun with --skip-bad to continue without these rows (listed then in {rejects})"
+
+
+def _report_rejects(rejects_table, rejects: Path) -> None:
+    """Name the first rejected rows/files and where the full list was written."""
+    if not len(rejects_table):
+        return
+    shown = rejects_table.head(5)
+    names = ", ".join(f"{r.image_id or Path(r.path).name} ({r.reason})" for r in shown.itertuples())
+    more = f" and {len(rejects_table) - 5} more" if len(rejects_table) > 5 else ""
+    console.print(
+        f"[yellow]{len(rejects_table)} rejected[/]: {names}{more}; listed in {rejects}",
+        highlight=False,
+    )
+
+
 @data_app.command("validate")
 def data_validate(
     path: Annotated[Path, typer.Argument(help="dataset folder")],
@@ -112,19 +152,24 @@ def data_validate(
         "rejects.csv"
     ),
     manifest_out: Annotated[Path | None, typer.Option("--manifest", help="write manifest")] = None,
+    max_image_mb: MaxImageMB = None,
 ) -> None:
     """Read a dataset and check every row and image; exit 1 naming every problem."""
     from dermkit.data.manifest import write_manifest
     from dermkit.data.readers import DataValidationError, load_dataset
 
     try:
-        loaded = load_dataset(path, layout=layout, skip_bad=skip_bad, rejects_path=rejects)
+        loaded = load_dataset(
+            path,
+            layout=layout,
+            skip_bad=skip_bad,
+            rejects_path=rejects,
+            max_image_bytes=_mib_to_bytes(max_image_mb),
+        )
     except DataValidationError as e:
         console.print(str(e), highlight=False, markup=False)
-        console.print(
-            "[red]validation failed[/]: rerun with --skip-bad to continue without "
-            "these rows (they are listed in rejects.csv)"
-        )
+        advice = _validation_advice(e, skip_bad, rejects)
+        console.print(f"[red]validation failed[/]: {advice}", highlight=False)
         raise typer.Exit(1) from e
     m = loaded.manifest
     console.print(
@@ -134,8 +179,7 @@ def data_validate(
     )
     if loaded.conversions:
         console.print(f"converted at load time: {loaded.conversions}", highlight=False)
-    if len(loaded.rejects):
-        console.print(f"[yellow]{len(loaded.rejects)} rejected[/], listed in {rejects}")
+    _report_rejects(loaded.rejects, rejects)
     if manifest_out:
         write_manifest(m, manifest_out)
         print(manifest_out)
@@ -153,13 +197,20 @@ def data_split(
     seed: int = 0,
     kfold: Annotated[int, typer.Option(help="also assign K lesion-grouped folds")] = 0,
     layout: str = "auto",
-    skip_bad: Annotated[bool, typer.Option("--skip-bad")] = False,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="drop bad rows into the rejects file")
+    ] = False,
+    rejects: Annotated[Path, typer.Option(help="where --skip-bad writes the rejects")] = Path(
+        "rejects.csv"
+    ),
     image_size: Annotated[int, typer.Option(help="cache resolution for the pHash check")] = 64,
     near_duplicate_distance: Annotated[int, typer.Option(help="pHash bits; -1 disables")] = 4,
+    max_image_mb: MaxImageMB = None,
 ) -> None:
     """Label-stratified, lesion-grouped split with a leakage report."""
     from dermkit.config import DataConfig
     from dermkit.data.prepare import prepare_data, write_split_file
+    from dermkit.data.readers import DataValidationError
     from dermkit.data.splits import lesion_grouped_kfold, split_summary
 
     cfg = DataConfig(
@@ -175,10 +226,16 @@ def data_split(
     )
     try:
         prepared = prepare_data(
-            cfg, rejects_path=Path("rejects.csv") if skip_bad else None, progress=True
+            cfg,
+            rejects_path=rejects if skip_bad else None,
+            progress=True,
+            max_image_bytes=_mib_to_bytes(max_image_mb),
         )
+    except DataValidationError as e:
+        _fail(f"{e}\n{_validation_advice(e, skip_bad, rejects)}")
     except _user_errors() as e:
         _fail(str(e))
+    _report_rejects(prepared.rejects, rejects)
     m = prepared.manifest
     summary = split_summary(m)
     console.print(summary.round(2).to_string(), highlight=False)

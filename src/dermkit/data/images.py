@@ -21,11 +21,19 @@ rules below hold everywhere:
   pixels)" is a rejection, while a fully opaque RGBA image is converted by dropping alpha
   (identical to compositing onto any background).
 - **EXIF orientation applied** (``PIL.ImageOps.exif_transpose``), so a phone photo is upright.
+- **Cheap checks first.** A file larger than :data:`MAX_IMAGE_BYTES` (64 MiB; set
+  ``$DERMKIT_MAX_IMAGE_MB`` or pass ``max_bytes`` to change it) is refused from ``stat``
+  before a byte is read. Then, before any pixel is decoded: a JPEG whose header segments
+  lead into more than 64 KiB of junk is refused (PIL would scan junk one byte at a time in
+  Python, ~2 s per 10 MB), the header's pixel count is checked, and a file far larger than
+  its header's dimensions can need (over 16 bytes per pixel + 1 MiB) is refused as padded.
+  A 1 GB "JPEG header + zeros" file is thus rejected in microseconds, not minutes.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +41,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_IMAGE_PIXELS = 40_000_000
 """Largest image (width x height) dermkit decodes; larger files are decompression bombs."""
+
+MAX_IMAGE_BYTES = 64 * 2**20
+"""Largest image file dermkit reads, checked with ``stat`` before reading. A dermoscopy JPEG
+is 0.1-15 MB; 64 MiB also admits a 4000x5000 uncompressed 8-bit RGB TIFF."""
+MAX_IMAGE_MB_ENV = "DERMKIT_MAX_IMAGE_MB"
+# Most bytes per header pixel a genuine file needs (16-bit RGBA is 8, doubled for encoders
+# that expand noise), plus room for metadata, ICC profiles and thumbnails.
+_BYTES_PER_PIXEL_BOUND = 16
+_METADATA_SLACK = 2**20
+# Junk a JPEG may hold between header segments before it counts as not an image.
+_JPEG_JUNK_LIMIT = 64 * 2**10
 
 # Modes PIL converts to RGB directly, without an alpha channel to inspect.
 _DIRECT_RGB_MODES = frozenset({"RGB", "L", "1", "CMYK", "YCbCr", "RGBX", "P"})
@@ -66,6 +85,82 @@ class _EndWatchingReader(io.BytesIO):
         if self.armed and size != 0 and not chunk:
             self.read_past_end = True
         return chunk
+
+
+def max_image_bytes(override: int | None = None) -> int:
+    """The file-size limit in bytes: ``override``, else ``$DERMKIT_MAX_IMAGE_MB``, else
+    :data:`MAX_IMAGE_BYTES` (read at call time, so tests and users can change it)."""
+    if override is not None:
+        return int(override)
+    env = os.environ.get(MAX_IMAGE_MB_ENV, "").strip()
+    if not env:
+        return MAX_IMAGE_BYTES
+    try:
+        megabytes = float(env)
+    except ValueError:
+        raise ValueError(f"${MAX_IMAGE_MB_ENV} must be a number of MiB, got {env!r}") from None
+    if megabytes <= 0:
+        raise ValueError(f"${MAX_IMAGE_MB_ENV} must be positive, got {env!r}")
+    return int(megabytes * 2**20)
+
+
+def broken_symlink_reason(path: str | Path) -> str | None:
+    """ "broken symlink: target X does not exist" for a dangling link, else None."""
+    path = Path(path)
+    if not path.is_symlink() or path.exists():
+        return None
+    target = Path(os.readlink(path))
+    shown = target if target.is_absolute() else path.parent / target
+    return f"broken symlink: target {shown} does not exist"
+
+
+def _check_jpeg_junk(path: str | Path, data: bytes) -> None:
+    """Refuse a JPEG whose header segments lead into junk instead of a frame header.
+
+    Walks the marker segments by their lengths (C-speed ``find`` over junk) up to the frame
+    or scan header; PIL would step through the same junk one byte per Python call.
+    """
+    pos, junk, end = 2, 0, len(data)
+    while pos < end:
+        if data[pos] != 0xFF:
+            found = data.find(b"\xff", pos)
+            skipped = (found if found >= 0 else end) - pos
+            junk += skipped
+            if junk > _JPEG_JUNK_LIMIT:
+                raise ImageDecodeError(
+                    path,
+                    f"not an image: JPEG header followed by {junk:,} bytes of junk "
+                    f"(from byte {pos}) instead of a frame header",
+                )
+            pos += skipped
+            continue
+        while pos < end and data[pos] == 0xFF:  # fill bytes before a marker
+            pos += 1
+        if pos >= end:
+            return
+        marker = data[pos]
+        pos += 1
+        if marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD8:
+            continue  # stuffed zero, TEM, RSTn, SOI: no length field
+        if marker in (0xD9, 0xDA) or (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)):
+            return  # frame header (SOFn), scan or end: PIL takes it from here
+        pos += int.from_bytes(data[pos : pos + 2], "big")
+
+
+def _check_plausible_size(path: str | Path, image: Image.Image, n_bytes: int) -> None:
+    """Refuse a file far larger than its header's dimensions can need (padding, junk)."""
+    width, height = image.size
+    most = _BYTES_PER_PIXEL_BOUND * width * height + _METADATA_SLACK
+    if n_bytes <= most:
+        return
+    # Only now count frames (a multi-page TIFF or MPO holds several images): it may seek.
+    most *= max(1, int(getattr(image, "n_frames", 1) or 1))
+    if n_bytes > most:
+        raise ImageDecodeError(
+            path,
+            f"file is {n_bytes:,} bytes, far more than a {width}x{height} image needs "
+            f"(at most {most:,}): padded or not an image",
+        )
 
 
 def _png_without_end(image: Image.Image, data: bytes) -> bool:
@@ -146,12 +241,23 @@ def _to_rgb(path: Path, image: Image.Image) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def _decode(path: Path) -> Image.Image:
-    """Open, size-check and fully decode ``path``; returns a loaded, upright PIL image."""
+def _decode(path: Path, max_bytes: int | None = None) -> Image.Image:
+    """Open, size-check and fully decode ``path``; returns a loaded, upright PIL image.
+
+    The file size is checked with ``stat`` before reading (see :func:`max_image_bytes`).
+    """
     try:
+        size = path.stat().st_size
+        limit = max_image_bytes(max_bytes)
+        if size > limit:
+            raise ImageDecodeError(
+                path,
+                f"file too large: {size:,} bytes exceeds the {limit:,}-byte limit "
+                f"(${MAX_IMAGE_MB_ENV} raises it)",
+            )
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ImageDecodeError(path, "file not found") from None
+        raise ImageDecodeError(path, broken_symlink_reason(path) or "file not found") from None
     except OSError as e:
         raise ImageDecodeError(path, f"cannot read file ({e.strerror or e})") from e
     return _decode_bytes(path, data)
@@ -167,10 +273,13 @@ def _decode_bytes(
     """Size-check and fully decode the bytes of one file (``path`` only names it in errors)."""
     if not data:
         raise ImageDecodeError(path, "0-byte file")
+    if data.startswith(b"\xff\xd8"):
+        _check_jpeg_junk(path, data)
     reader = _EndWatchingReader(data)
     try:
         image = Image.open(reader, formats=formats)
         _check_pixel_limit(path, image.size, max_pixels, max_side)
+        _check_plausible_size(path, image, len(data))
         reader.armed = True
         image.load()
         reader.armed = False
@@ -192,8 +301,10 @@ def _decode_bytes(
         raise ImageDecodeError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def load_rgb_with_info(path: str | Path) -> tuple[np.ndarray, str]:
+def load_rgb_with_info(path: str | Path, max_bytes: int | None = None) -> tuple[np.ndarray, str]:
     """Decode ``path`` to RGB and report the file's original PIL mode.
+
+    ``max_bytes`` overrides the file-size limit (:func:`max_image_bytes`).
 
     Returns:
         (image, mode): image is (H, W, 3) uint8, upright per EXIF; mode is the mode the file
@@ -204,7 +315,7 @@ def load_rgb_with_info(path: str | Path) -> tuple[np.ndarray, str]:
             unsupported mode.
     """
     path = Path(path)
-    image = _decode(path)
+    image = _decode(path, max_bytes)
     try:
         return _to_rgb(path, image), image.mode
     finally:
@@ -236,10 +347,10 @@ def load_rgb(path: str | Path) -> np.ndarray:
     return load_rgb_with_info(path)[0]
 
 
-def inspect_image(path: str | Path) -> tuple[str | None, str | None]:
+def inspect_image(path: str | Path, max_bytes: int | None = None) -> tuple[str | None, str | None]:
     """Fully decode ``path`` and return (reason it is unusable or None, original mode or None)."""
     try:
-        return None, load_rgb_with_info(path)[1]
+        return None, load_rgb_with_info(path, max_bytes)[1]
     except ImageDecodeError as e:
         return e.reason, None
 

@@ -49,6 +49,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -358,7 +359,9 @@ def _index_images(folder: Path, extensions: Sequence[str]) -> tuple[dict[str, li
     for path in sorted(folder.iterdir()):
         if _is_hidden(path):
             continue
-        if path.is_file() and path.suffix.lower() in extensions:
+        # A dangling symlink is indexed like its file would be, so its row is rejected
+        # with the real reason (broken symlink), not "not found" or "unsupported type".
+        if path.suffix.lower() in extensions and (path.is_file() or path.is_symlink()):
             by_stem[path.stem].append(path)
         else:
             ignored.append(path)
@@ -427,17 +430,19 @@ def _match_images(
                 collector.file(path, "image has no metadata row", image_id=stem)
 
 
-def _probe_images(paths: Sequence[str]) -> list[tuple[str | None, str | None]]:
+def _probe_images(
+    paths: Sequence[str], max_bytes: int | None = None
+) -> list[tuple[str | None, str | None]]:
     """(reason or None, original mode or None) per path, decoded on a thread pool.
 
     PIL releases the GIL while decoding, so threads scale across cores without the pickling
-    cost of processes.
+    cost of processes. ``max_bytes``: file-size limit (default :func:`max_image_bytes`).
     """
     if not paths:
         return []
     workers = min(8, (os.cpu_count() or 1) + 2, len(paths))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(inspect_image, paths))
+        return list(pool.map(partial(inspect_image, max_bytes=max_bytes), paths))
 
 
 # -------------------------------------------------------------------------------- layouts
@@ -775,14 +780,19 @@ def _check_split_column(records: pd.DataFrame, collector: _Collector) -> None:
         collector.record(idx, records, f"unknown split '{records.at[idx, 'split']}'")
 
 
-def _check_images(records: pd.DataFrame, collector: _Collector) -> dict[int, str]:
-    """Decode every found image file; returns record index -> original mode of good files."""
+def _check_images(
+    records: pd.DataFrame, collector: _Collector, max_bytes: int | None = None
+) -> dict[int, str]:
+    """Decode every found image file; returns record index -> original mode of good files.
+
+    Dangling symlinks are probed too, so they are rejected as "broken symlink".
+    """
     found = [
         idx
         for idx in records.index
-        if records.at[idx, "_path"] and Path(records.at[idx, "_path"]).is_file()
+        if (path := records.at[idx, "_path"]) and (Path(path).is_file() or Path(path).is_symlink())
     ]
-    results = _probe_images([records.at[idx, "_path"] for idx in found])
+    results = _probe_images([records.at[idx, "_path"] for idx in found], max_bytes)
     modes: dict[int, str] = {}
     for idx, (reason, mode) in zip(found, results):
         if reason is None:
@@ -860,6 +870,7 @@ def load_dataset(
     source: str | None = None,
     rejects_path: str | Path | None = None,
     check_images: bool = True,
+    max_image_bytes: int | None = None,
 ) -> LoadedDataset:
     """Read and validate the dataset in ``root``; see the module docstring for the rules.
 
@@ -876,6 +887,9 @@ def load_dataset(
         rejects_path: with ``skip_bad``, where rejects are written as CSV (always written,
             header only when nothing was rejected, so a stale file never survives).
         check_images: decode every image (thread pool); False skips only that check.
+        max_image_bytes: image files larger than this are rejected from ``stat``, unread
+            (default :func:`dermkit.data.images.max_image_bytes`: 64 MiB or
+            ``$DERMKIT_MAX_IMAGE_MB``).
 
     Raises:
         DataValidationError: problems were found and ``skip_bad`` is False, or a problem
@@ -911,7 +925,7 @@ def load_dataset(
         records, dropped = _apply_label_map(records, label_map, collector)
         default_classes = sorted({v for v in label_map.values() if v is not None})
     _check_labels(records, classes if classes is not None else default_classes, collector)
-    modes = _check_images(records, collector) if check_images else {}
+    modes = _check_images(records, collector, max_image_bytes) if check_images else {}
 
     problems = sorted(collector.problems, key=_sort_key)
     if problems and not skip_bad:
