@@ -3,12 +3,23 @@ segments, pruned exits, the latency profile and the latency objective."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from mambapy.mamba import Mamba, MambaConfig
 
+from dermkit.exits.gate import ExitGate, prune_exits
 from dermkit.exits.heads import SSMHead
+from dermkit.exits.infer import predict_early_exit, predict_reference
+from dermkit.exits.model import EarlyExitViT
+from dermkit.exits.onnx_segments import OnnxEarlyExitRunner, export_segments
+from dermkit.exits.policy import MEASURES, NEVER, ExitPolicy, confidence
 from dermkit.exits.scan import mamba_forward, scan_all, scan_last, segment_sums
+from dermkit.models.backbones import create_backbone
+
+C = 7
 
 
 def _sequential(log_a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -76,3 +87,81 @@ def test_ssm_head_eval_uses_the_parallel_scan_and_agrees_with_the_sequential_one
             assert (head(tokens) - sequential).abs().max() > 1e-3
     finally:
         heads.mamba_forward = real
+
+
+# ----------------------------------------------------------------------------- fused gates
+
+
+def _model(head_type="ssm", seed=0) -> EarlyExitViT:
+    """vit_micro (4 blocks) with exits after blocks 1, 2 and 3, random weights."""
+    torch.manual_seed(seed)
+    backbone = create_backbone("vit_micro_patch4_32", num_classes=C, img_size=32)
+    model = EarlyExitViT(backbone, [1, 2, 3], head_type, C, {"ssm_d_model": 16})
+    for p in model.heads.parameters():  # confident enough to differ per sample
+        torch.nn.init.normal_(p, std=0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_exit_gate_decides_like_the_numpy_policy(measure):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (400, C)).astype(np.float32)
+    for protected in ([], [4]):
+        policy = ExitPolicy([0.3, 0.6], measure, [0.8, 1.3, 1.0], protected)
+        for j in range(2):
+            want = policy.exits_now(logits, j)
+            got = ExitGate(policy, j)(torch.from_numpy(logits)).numpy()
+            assert 0 < want.sum() < len(want)
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="not an early exit"):
+        ExitGate(policy, 2)
+
+
+def test_prune_exits_drops_never_firing_exits_and_keeps_predictions():
+    model, x = _model("linear"), torch.randn(40, 3, 32, 32)
+    with torch.no_grad():
+        per_exit = [lg.numpy() for lg in model.forward_all(x)]
+    t1 = float(np.median(confidence(per_exit[1])[0]))
+    policy = ExitPolicy([NEVER, t1, NEVER], temperatures=[1.0, 1.0, 1.0, 1.0])
+    pruned, small = prune_exits(model, policy)
+    assert pruned.exit_depths == (2, 4) and small.thresholds == [t1]
+    full = predict_reference(model, x, policy)
+    out = predict_early_exit(pruned, x, small)
+    np.testing.assert_array_equal(out.blocks_used.numpy(), full.blocks_used.numpy())
+    torch.testing.assert_close(out.logits, full.logits)
+    plain, none = prune_exits(model, ExitPolicy([NEVER] * 3))
+    assert plain.exit_depths == (4,) and none.thresholds == []
+    with torch.no_grad():
+        torch.testing.assert_close(plain.forward_all(x)[0], model.backbone(x))
+
+
+@pytest.mark.parametrize("head_type", ["ssm", "attention"])
+def test_fused_segments_return_the_exit_flag_and_match_pytorch(head_type, tmp_path):
+    model, x = _model(head_type), torch.randn(48, 3, 32, 32)
+    with torch.no_grad():
+        per_exit = [lg.numpy() for lg in model.forward_all(x)]
+    first = float(np.median(confidence(per_exit[0])[0]))
+    stay = confidence(per_exit[0])[0] < first
+    third = float(np.median(confidence(per_exit[2][stay])[0]))  # half of those left
+    early = np.concatenate([per_exit[0].argmax(1), per_exit[2].argmax(1)])
+    rare = int(np.bincount(early, minlength=C).argmin())  # protected, yet exits still fire
+    policy = ExitPolicy([first, NEVER, third], protected_classes=[rare])
+    folder = export_segments(model, tmp_path / "fused", 32, policy=policy)
+    manifest = json.loads((folder / "segments.json").read_text())
+    assert manifest["fused"] and manifest["kept_exits"] == [0, 2]
+    assert manifest["exit_depths"] == [1, 3, 4]
+    small = ExitPolicy.load(folder / "policy.json")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / "segment_0.onnx"))
+    assert [o.name for o in session.get_outputs()] == ["tokens_out", "logits", "exit"]
+    runner = OnnxEarlyExitRunner(folder, small, threads=2)
+    logits, _, blocks = runner.predict(x.numpy())
+    ref = predict_reference(model, x, policy)
+    assert len(set(blocks.tolist())) == 3  # every kept exit answers some images
+    np.testing.assert_array_equal(blocks, ref.blocks_used.numpy())
+    np.testing.assert_allclose(logits, ref.logits.numpy(), atol=1e-4, rtol=1e-4)
+    one = [runner.predict(x[i : i + 1].numpy())[2][0] for i in range(8)]  # batch 1
+    assert one == blocks[:8].tolist()
+    with pytest.raises(ValueError, match="decide with the policy exported"):
+        OnnxEarlyExitRunner(folder, ExitPolicy([0.1, 0.2], protected_classes=[rare]))

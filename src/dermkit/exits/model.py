@@ -90,6 +90,20 @@ class EarlyExitViT(nn.Module):
             for _ in blocks
         )
 
+    def keep_exits(self, keep: Sequence[int]) -> EarlyExitViT:
+        """A model with only the early exits ``keep`` (indices into ``exit_blocks``); it
+        shares this one's backbone and heads. ``keep = []`` leaves the final exit alone."""
+        keep = sorted(set(keep))
+        if keep and not 0 <= keep[0] <= keep[-1] < len(self.exit_blocks):
+            raise ValueError(f"keep {keep}: this model has {len(self.exit_blocks)} early exits")
+        view = EarlyExitViT.__new__(EarlyExitViT)
+        nn.Module.__init__(view)
+        view.backbone = self.backbone
+        view.heads = nn.ModuleList(self.heads[j] for j in keep)
+        view.head_type, view.num_classes, view.depth = self.head_type, self.num_classes, self.depth
+        view.exit_blocks = tuple(self.exit_blocks[j] for j in keep)
+        return view.train(self.training)
+
     @property
     def n_exits(self) -> int:
         """Early exits + the final one."""

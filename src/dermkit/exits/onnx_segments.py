@@ -7,6 +7,11 @@ returns (tokens, logits_j); the last returns the final logits only. The batch ax
 dynamic. :class:`OnnxEarlyExitRunner` chains the segments with the same
 :class:`~dermkit.exits.policy.ExitPolicy` code as the PyTorch path, removing the rows that
 left before running the next segment.
+
+Exported with a policy (``fused``), the exit decision is part of the graph: each early
+segment also returns ``exit`` (B,) bool from :class:`~dermkit.exits.gate.ExitGate`, so one
+ONNX call answers "leave or continue"; exits the policy never uses are pruned first
+(their blocks join the next segment), and the folder gets the pruned ``policy.json``.
 """
 
 from __future__ import annotations
@@ -19,30 +24,45 @@ import numpy as np
 import torch
 from torch import nn
 
+from dermkit.exits.gate import ExitGate, kept_exits, prune_exits
 from dermkit.exits.model import EarlyExitViT
 from dermkit.exits.policy import ExitPolicy
 
 MANIFEST = "segments.json"
+POLICY = "policy.json"
 
 
 class _Segment(nn.Module):
     """Segment j of an EarlyExitViT as a module: inputs -> (tokens, logits) or logits."""
 
-    def __init__(self, model: EarlyExitViT, j: int):
+    def __init__(self, model: EarlyExitViT, j: int, policy: ExitPolicy | None = None):
         super().__init__()
         self.model, self.j = model, j
         self.last = j == model.n_exits - 1
+        self.gate = ExitGate(policy, j) if policy is not None and not self.last else None
 
     def forward(self, inputs: torch.Tensor):
         tokens, logits = self.model.segment(inputs, self.j)
-        return logits if self.last else (tokens, logits)
+        if self.last:
+            return logits
+        if self.gate is not None:
+            return tokens, logits, self.gate(logits)
+        return tokens, logits
 
 
 @torch.no_grad()
 def export_segments(
-    model: EarlyExitViT, out_dir: str | Path, img_size: int, opset: int = 17
+    model: EarlyExitViT,
+    out_dir: str | Path,
+    img_size: int,
+    opset: int = 17,
+    policy: ExitPolicy | None = None,
+    class_names: list[str] | None = None,
 ) -> Path:
     """Write ``segment_{j}.onnx`` per exit and ``segments.json``; returns the folder.
+
+    With ``policy``: fused segments (logits + exit flag) of the pruned model, and the
+    pruned policy as ``policy.json`` (``class_names`` name its protected classes).
 
     Uses the TorchScript-based exporter (``dynamo=False``, deprecated by torch but still
     shipped): it traces the SSM head's fixed-length sequential scan into plain ONNX ops in
@@ -51,14 +71,20 @@ def export_segments(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    kept = None
+    if policy is not None:
+        kept = kept_exits(policy)
+        model, policy = prune_exits(model, policy)
     model = model.eval()
     device = next(model.parameters()).device
     h = torch.zeros(2, 3, img_size, img_size, device=device)
     files = []
     for j in range(model.n_exits):
-        seg = _Segment(model, j)
+        seg = _Segment(model, j, policy)
         last = seg.last
         outputs = ["logits"] if last else ["tokens_out", "logits"]
+        if seg.gate is not None:
+            outputs.append("exit")
         name = f"segment_{j}.onnx"
         in_name = "images" if j == 0 else "tokens"
         with warnings.catch_warnings():  # tracer warnings on python-int shape arithmetic
@@ -82,7 +108,12 @@ def export_segments(
         "num_classes": model.num_classes,
         "head_type": model.head_type,
         "img_size": img_size,
+        "fused": policy is not None,
     }
+    if policy is not None:
+        manifest["kept_exits"] = kept
+        manifest["policy"] = policy.to_dict()
+        policy.save(out_dir / POLICY, class_names)
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out_dir
 
@@ -94,9 +125,18 @@ class OnnxEarlyExitRunner:
         folder: a folder written by :func:`export_segments`.
         policy: the exit policy (same thresholds/temperatures as the PyTorch model).
         providers: onnxruntime execution providers (default CPU).
+        threads: intra-op threads per session (None: onnxruntime's default).
+
+    Fused segments decide in the graph; their policy must be the one baked in.
     """
 
-    def __init__(self, folder: str | Path, policy: ExitPolicy, providers: list[str] | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        policy: ExitPolicy,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+    ):
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -109,13 +149,24 @@ class OnnxEarlyExitRunner:
                 f"{manifest_path}: {len(self.manifest['segments'])} segments, but the policy "
                 f"has {policy.n_exits} exits"
             )
+        self.fused = bool(self.manifest.get("fused", False))
+        if self.fused and ExitPolicy.from_dict(self.manifest["policy"]) != policy:
+            raise ValueError(
+                f"{manifest_path}: the segments decide with the policy exported with them "
+                f"({self.manifest['policy']}); got a different one: {policy.to_dict()}"
+            )
         self.policy = policy
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
         self.sessions = [
             ort.InferenceSession(
-                str(folder / name), providers=providers or ["CPUExecutionProvider"]
+                str(folder / name), options, providers=providers or ["CPUExecutionProvider"]
             )
             for name in self.manifest["segments"]
         ]
+        self.input_names = [s.get_inputs()[0].name for s in self.sessions]
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Images (B, 3, S, S) float32 (normalised) -> (logits (B, C), exit (B,), blocks (B,))."""
@@ -125,10 +176,16 @@ class OnnxEarlyExitRunner:
         exit_index = np.full(B, len(self.sessions) - 1, dtype=np.int64)
         active = np.arange(B)
         h = np.ascontiguousarray(images, dtype=np.float32)
+        last = len(self.sessions) - 1
         for j, session in enumerate(self.sessions):
-            out = session.run(None, {session.get_inputs()[0].name: h})
-            logits = out[-1]
-            leave = self.policy.exits_now(logits, j)
+            out = session.run(None, {self.input_names[j]: h})
+            logits = out[0] if j == last else out[1]
+            if j == last:
+                leave = np.ones(len(logits), dtype=bool)
+            elif self.fused:
+                leave = out[2]
+            else:
+                leave = self.policy.exits_now(logits, j)
             logits_out[active[leave]] = logits[leave]
             exit_index[active[leave]] = j
             if leave.all() or j == len(self.sessions) - 1:

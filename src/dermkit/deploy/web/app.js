@@ -141,7 +141,9 @@
         const seg = state.segments[j];
         const out = await seg.run({ [seg.inputNames[0]]: h });
         const logits = Array.from(out.logits.data);
-        if (core.exitsNow(policy, logits, j)) {
+        // fused segments (dermkit exits export --fused) decide in the graph
+        const leave = out.exit ? Boolean(out.exit.data[0]) : core.exitsNow(policy, logits, j);
+        if (leave) {
           const last = j === n - 1;
           probs = last
             ? core.decisionRule(logits, cfg.temperature, cfg.class_scales)
