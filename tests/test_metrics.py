@@ -34,6 +34,8 @@ from dermkit.eval.metrics import (
 )
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+# The one macro-F1 (dermkit.core.metrics): all K classes, an undefined F1 counting 0.
+ALL_CLASSES = {"average": "macro", "labels": range(7), "zero_division": 0}
 
 
 def tied_probs(rng: np.random.Generator, n: int, c: int, never_predicted: int | None = None):
@@ -78,7 +80,7 @@ def test_point_estimates_match_sklearn_with_ties(never_predicted):
     m = {k: v["value"] for k, v in r["metrics"].items()}
     assert m["accuracy"] == pytest.approx(accuracy_score(y, y_pred))
     assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, y_pred))
-    assert m["macro_f1"] == pytest.approx(f1_score(y, y_pred, average="macro"))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, y_pred, **ALL_CLASSES))
     assert m["weighted_f1"] == pytest.approx(f1_score(y, y_pred, average="weighted"))
     assert m["macro_auroc"] == pytest.approx(
         roc_auc_score(y, probs, multi_class="ovr", average="macro")
@@ -120,7 +122,8 @@ def test_missing_true_class_is_left_out_of_macro_auroc_and_balanced_accuracy():
     with pytest.warns(UserWarning):  # sklearn warns about the predicted-but-absent class
         expected_bacc = balanced_accuracy_score(y, y_pred)
     assert r["metrics"]["balanced_accuracy"]["value"] == pytest.approx(expected_bacc)
-    assert r["metrics"]["macro_f1"]["value"] == pytest.approx(f1_score(y, y_pred, average="macro"))
+    # macro-F1 runs over all 7 classes (dermkit.core.metrics): the absent "df" counts 0.
+    assert r["metrics"]["macro_f1"]["value"] == pytest.approx(f1_score(y, y_pred, **ALL_CLASSES))
 
 
 def test_weighted_replicate_equals_sklearn_on_explicitly_resampled_data():
@@ -138,7 +141,7 @@ def test_weighted_replicate_equals_sklearn_on_explicitly_resampled_data():
         pred = pb.argmax(axis=1)
         assert out["accuracy"][b] == pytest.approx(accuracy_score(yb, pred))
         assert out["balanced_accuracy"][b] == pytest.approx(balanced_accuracy_score(yb, pred))
-        assert out["macro_f1"][b] == pytest.approx(f1_score(yb, pred, average="macro"))
+        assert out["macro_f1"][b] == pytest.approx(f1_score(yb, pred, **ALL_CLASSES))
         assert out["weighted_f1"][b] == pytest.approx(f1_score(yb, pred, average="weighted"))
         for k in range(7):
             assert out["auroc"][b, k] == pytest.approx(roc_auc_score(yb == k, pb[:, k]))
@@ -341,3 +344,12 @@ def test_fit_temperature_rejects_bad_input():
         fit_temperature(np.zeros((3, 2)), np.array([0, 1]))
     with pytest.raises(ValueError, match="logits"):
         fit_temperature(np.full((2, 2), np.nan), np.array([0, 1]))
+
+
+def test_a_class_neither_true_nor_predicted_counts_zero_in_macro_f1_only():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.full((6, 7), 0.01)
+    probs[np.arange(6), y] = 0.94
+    r = evaluate_predictions(y, probs, CLASSES, n_boot=0)
+    assert r["metrics"]["macro_f1"]["value"] == pytest.approx(3 / 7)  # 4 classes unseen
+    assert r["per_class"][CLASSES[5]]["f1"] is None  # undefined per class, reported as such

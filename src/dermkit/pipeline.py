@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from dermkit import __version__
 from dermkit.config import PRESETS, ConfigError, Strict, _merge, _read_yaml, parse_override
+from dermkit.core.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -351,13 +352,6 @@ def read_marker(path: Path) -> dict | None:
         return None
 
 
-def write_json_atomic(obj: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
-
-
 def stage_status(planned: Planned) -> str:
     """``cached`` (finished, same key), ``partial`` (started, no marker) or ``todo``."""
     marker = read_marker(planned.path)
@@ -488,8 +482,9 @@ def _attempt_clock(path: Path) -> Iterator[dict]:
         out["wall_s"] = round(before_wall + out["last_wall_s"], 2)
         out["cpu_s"] = round(before_cpu + out["last_cpu_s"], 2)
         write_json_atomic(
-            {"wall_s": out["wall_s"], "cpu_s": out["cpu_s"], "attempts": attempts},
             path / ATTEMPTS,
+            {"wall_s": out["wall_s"], "cpu_s": out["cpu_s"], "attempts": attempts},
+            default=str,
         )
 
     stop = threading.Event()
@@ -546,7 +541,7 @@ def _run_stage(planned: Planned, resume: bool, quiet: bool) -> StageRecord:
         "metric": record.metric,
         "config": planned.material.get("config"),
     }
-    write_json_atomic(marker, planned.path / MARKER)  # last: the stage is done
+    write_json_atomic(planned.path / MARKER, marker, default=str)  # last: the stage is done
     # the marker holds the total now; a forced re-run of the folder starts a fresh count
     (planned.path / ATTEMPTS).unlink(missing_ok=True)
     return record
@@ -674,7 +669,7 @@ def _write_state(result: PipelineResult, seconds: float) -> Path:
         "stages": {n: r.__dict__ for n, r in result.records.items()},
         "pipeline": cfg.model_dump(mode="json"),
     }
-    return write_json_atomic(state, Path(cfg.out_dir) / STATE_FILE)
+    return write_json_atomic(Path(cfg.out_dir) / STATE_FILE, state, default=str)
 
 
 class _ProgressView:

@@ -47,6 +47,7 @@ from dermkit.config import (
     VaePretrainRunConfig,
     load_config,
 )
+from dermkit.core.files import write_json_atomic
 from dermkit.eval.report import HtmlReport, format_estimate, to_jsonable
 from dermkit.pipeline import PhantomsSource, Stage, StageContext, flatten_overrides
 from dermkit.runs import RunDir
@@ -55,9 +56,7 @@ log = logging.getLogger(__name__)
 
 
 def _write_json(obj, path: Path) -> Path:
-    from dermkit.pipeline import write_json_atomic
-
-    return write_json_atomic(to_jsonable(obj), path)
+    return write_json_atomic(path, to_jsonable(obj), default=str)
 
 
 def _metrics(path: Path) -> dict:

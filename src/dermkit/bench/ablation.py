@@ -30,13 +30,13 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 
 from dermkit.config import ConfigError, Strict, _read_yaml
+from dermkit.core.files import write_json_atomic, write_text_atomic
 from dermkit.pipeline import (
     PipelineResult,
     load_pipeline,
     plan_status,
     resolve_pipeline_path,
     run_pipeline,
-    write_json_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def run_ablation(
         if row.ensemble:
             seed = load_pipeline(ablation.pipeline, [*ablation.overrides, *extra]).seed
             records.append(_ensemble_record(row, records, out, ablation.n_boot, seed))
-            write_json_atomic(records, out / "ablation.json")
+            write_json_atomic(out / "ablation.json", records, default=str)
             continue
         cfg = row_pipeline(ablation, row, extra)
         started = time.time()
@@ -259,7 +259,7 @@ def run_ablation(
         )
         records.append(_row_record(row, result, summary, time.time() - started))
         # Written after every row, so a long ablation can be followed (and is never lost).
-        write_json_atomic(records, out / "ablation.json")
+        write_json_atomic(out / "ablation.json", records, default=str)
     table = ablation_table_markdown([(r["name"], r["summary"]) for r in records])
     base = load_pipeline(ablation.pipeline, [*ablation.overrides, *extra])
     source = base.data.path or f"{base.data.phantoms.n_lesions} phantom lesions"
@@ -290,9 +290,7 @@ def run_ablation(
             f"| {scratch:.0f} |"
         )
     path = out / "ablation.md"
-    tmp = out / ".ablation.md.tmp"
-    tmp.write_text("\n".join(header) + "\n" + table + "\n".join(footer) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(header) + "\n" + table + "\n".join(footer) + "\n")
     _write_report(out, records, table, header[2])
     return path
 

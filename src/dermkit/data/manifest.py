@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from dermkit.core.files import atomic_path
+
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "image_id",
     "path",
@@ -112,12 +114,11 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     check_manifest(df)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".parquet":
-        df.to_parquet(tmp, index=False)
-    else:
-        df.to_csv(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
     return path
 
 

@@ -49,6 +49,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from dermkit.core.files import atomic_path
 from dermkit.data.labels import HAM10000_CLASSES, HAM10000_METADATA_COLUMNS, MELANOMA
 
 METADATA_COLUMNS: tuple[str, ...] = (*HAM10000_METADATA_COLUMNS, "thickness")
@@ -1186,7 +1187,6 @@ def generate_phantoms(
         if stale.stem not in written:
             stale.unlink()
     csv = out_dir / "metadata.csv"
-    tmp = csv.with_name(csv.name + ".tmp")
-    pd.DataFrame(rows, columns=list(METADATA_COLUMNS)).to_csv(tmp, index=False)
-    tmp.replace(csv)
+    with atomic_path(csv) as tmp:
+        pd.DataFrame(rows, columns=list(METADATA_COLUMNS)).to_csv(tmp, index=False)
     return csv

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -38,6 +37,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from dermkit import __version__
+from dermkit.core.files import sha256_file
 from dermkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_float
 from dermkit.deploy.model_card import (
     NOT_A_DIAGNOSIS,
@@ -197,10 +197,6 @@ def quantize_int8_static(fp32_path: Path, out_path: Path, calibration: np.ndarra
 # ----------------------------------------------------------------------------- the run
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _run_data(run_dir: Path, cfg):
     """The run's prepared data, split exactly as the run split it (its split.csv)."""
     from dermkit.data.prepare import prepare_data
@@ -316,7 +312,7 @@ def export_run(
                 path=path.name,
                 format=fmt,
                 size_bytes=path.stat().st_size,
-                sha256=_sha256(path),
+                sha256=sha256_file(path),
                 parity=Parity(**p),
             )
         )

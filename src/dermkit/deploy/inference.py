@@ -26,7 +26,6 @@ Imports stay light (no torch) unless exits or saliency are used, so the server s
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import threading
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dermkit.core.files import sha256_file
 from dermkit.data.cache import resize_short_side_center_crop
 from dermkit.data.labels import HAM10000_DESCRIPTIONS, MALIGNANT_CLASSES
 from dermkit.deploy.model_card import CARD_FILE, NOT_A_DIAGNOSIS, ModelCard
@@ -63,14 +63,6 @@ MESSAGES = {
 
 class ModelFolderError(ValueError):
     """An export or exits folder cannot be served; the message names the file."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def ort_session(path: Path, threads: int = 1):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import socket
 import subprocess
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from dermkit.core.files import write_json_atomic
 
 LOOPBACK = "127.0.0.1"
 
@@ -224,7 +225,4 @@ def markdown_row(result: dict) -> str:
 def write_bench(result: dict, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "serve.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out_dir / "serve.json")
-    return out_dir / "serve.json"
+    return write_json_atomic(out_dir / "serve.json", result)

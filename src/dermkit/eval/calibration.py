@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
-from sklearn.metrics import f1_score
+
+from dermkit.core.metrics import macro_f1
 
 # Search range for the inverse temperature 1/T (T from 0.01 to 100). The NLL is convex in
 # 1/T, so a bounded scalar search over this range finds the global minimum inside it.
@@ -156,19 +157,13 @@ def tune_class_scales(probs: np.ndarray, y: np.ndarray, rounds: int = 3) -> np.n
     c = probs.shape[1]
     scales = np.ones(c)
     grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 25))
-    best = f1_score(y, probs.argmax(1), average="macro", labels=np.arange(c), zero_division=0)
+    best = macro_f1(y, probs.argmax(1), c)
     for _ in range(rounds):
         for k in range(c):
             for g in grid:
                 trial = scales.copy()
                 trial[k] = g
-                f1 = f1_score(
-                    y,
-                    (probs * trial).argmax(1),
-                    average="macro",
-                    labels=np.arange(c),
-                    zero_division=0,
-                )
+                f1 = macro_f1(y, (probs * trial).argmax(1), c)
                 if f1 > best + 1e-9:
                     best, scales = f1, trial
     return scales

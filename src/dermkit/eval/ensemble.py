@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dermkit.core.metrics import macro_f1 as core_macro_f1
 from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.paired import align_prediction_files
 from dermkit.eval.predictions import write_predictions
@@ -89,17 +90,8 @@ def geometric_mean(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def macro_f1(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
-    """Macro-F1 of argmax predictions over the classes present in y or the predictions.
-
-    The same definition as ``evaluate_predictions`` (scikit-learn's), vectorised: the
-    greedy search evaluates it M times per round.
-    """
-    pred = probs.argmax(1)
-    tp = np.bincount(y[pred == y], minlength=n_classes)
-    n_true, n_pred = np.bincount(y, minlength=n_classes), np.bincount(pred, minlength=n_classes)
-    present = (n_true + n_pred) > 0
-    f1 = 2 * tp[present] / (n_true[present] + n_pred[present])
-    return float(f1.mean())
+    """Macro-F1 of the argmax of probabilities (N, C) (:mod:`dermkit.core.metrics`)."""
+    return core_macro_f1(y, probs.argmax(1), n_classes)
 
 
 def greedy_weights(

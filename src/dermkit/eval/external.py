@@ -20,7 +20,6 @@ which is said in the report.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from dermkit.config import ConfigError
+from dermkit.core.files import atomic_path
 from dermkit.data.labels import load_label_map
 from dermkit.eval.calibration import DecisionRule
 from dermkit.eval.metrics import evaluate_predictions
@@ -68,16 +68,15 @@ def _write_external_predictions(
 ) -> Path:
     """``predictions.csv`` format (read by ``dermkit evaluate``) plus ``source_label`` and
     ``top_class_all`` (the argmax over every model class, before restriction); atomic."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write_predictions(tmp, manifest, probs, classes)
-    # Re-read as text so the probability columns keep write_predictions' formatting.
-    df = pd.read_csv(tmp, dtype=str, keep_default_na=False)
-    position = df.columns.get_loc("pred") + 1
-    df.insert(position, "top_class_all", top_all)
-    if "source_label" in manifest.columns:
-        df.insert(position, "source_label", manifest["source_label"].to_numpy())
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write_predictions(tmp, manifest, probs, classes)
+        # Re-read as text so the probability columns keep write_predictions' formatting.
+        df = pd.read_csv(tmp, dtype=str, keep_default_na=False)
+        position = df.columns.get_loc("pred") + 1
+        df.insert(position, "top_class_all", top_all)
+        if "source_label" in manifest.columns:
+            df.insert(position, "source_label", manifest["source_label"].to_numpy())
+        df.to_csv(tmp, index=False)
     return path
 
 

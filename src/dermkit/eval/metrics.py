@@ -14,6 +14,8 @@ vector (how often each image's lesion was drawn, see ``bootstrap.py``):
 
 The point estimate is the same code with every weight equal to 1, and the tests check it
 against scikit-learn (accuracy, balanced accuracy, F1, ROC AUC) on random data with ties.
+Macro-F1 is :mod:`dermkit.core.metrics`' definition (all K classes, 0/0 counts 0); the
+per-class ``f1`` stays NaN where undefined (a class neither true nor predicted).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dermkit.core.metrics import macro_f1_from_counts
 from dermkit.eval.bootstrap import group_index, lesion_bootstrap_weights, percentile_interval
 from dermkit.eval.calibration import confidence_bins, reliability_curve
 
@@ -226,7 +229,8 @@ class _PerImageStatistics:
         out = {
             "accuracy": tp.sum(axis=1) / total,
             "balanced_accuracy": _nanmean_rows(recall),
-            "macro_f1": _nanmean_rows(f1),
+            # Over all K classes, an undefined F1 counting 0 (dermkit.core.metrics).
+            "macro_f1": macro_f1_from_counts(tp, support, predicted),
             "weighted_f1": weighted_f1,
             "macro_auroc": _nanmean_rows(auroc),
             "ece": np.abs(ece_gap).sum(axis=1) / total,

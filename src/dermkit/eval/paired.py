@@ -14,14 +14,13 @@ The metrics come from :func:`dermkit.eval.metrics.metric_replicates`, the code b
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from dermkit.core.files import write_json_atomic, write_text_atomic
 from dermkit.eval.bootstrap import percentile_interval
 from dermkit.eval.metrics import (
     metric_replicates,
@@ -418,17 +417,11 @@ def comparison_table(result: dict):
     return table
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_comparison(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``paired.json`` and ``paired.md`` into ``out_dir`` (atomically) -> their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "paired.json", out_dir / "paired.md"
-    _write_text_atomic(json_path, json.dumps(result, indent=2, allow_nan=False))
-    _write_text_atomic(md_path, comparison_markdown(result))
+    write_json_atomic(json_path, result, allow_nan=False)
+    write_text_atomic(md_path, comparison_markdown(result))
     return json_path, md_path

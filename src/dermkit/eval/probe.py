@@ -21,11 +21,11 @@ import time
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from dermkit.core.metrics import macro_f1
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import to_float
 
@@ -52,23 +52,23 @@ def extract_features(
     return torch.cat(out).numpy() if out else np.zeros((0, width), np.float32)
 
 
-def _macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
-    # Only the classes present in y: a split without a rare class must not score 0 for it.
-    return float(f1_score(y, pred, average="macro", labels=np.unique(y), zero_division=0))
-
-
 def probe_features(
     train_x: np.ndarray,
     train_y: np.ndarray,
     evals: dict[str, tuple[np.ndarray, np.ndarray]],
     k: int = 20,
     seed: int = 0,
+    n_classes: int | None = None,
 ) -> dict:
     """Fit both probes on (train_x (N, D), train_y (N,)); score each named (x, y) set.
+
+    ``n_classes``: the task's K for macro-F1 (default: 1 + the largest label seen).
 
     Returns:
         {"linear_<name>_macro_f1": ..., "knn_<name>_macro_f1": ...} for each name in evals.
     """
+    if n_classes is None:
+        n_classes = 1 + int(max(train_y.max(), *(y.max(initial=0) for _, y in evals.values())))
     linear = make_pipeline(
         StandardScaler(),
         LogisticRegression(class_weight="balanced", max_iter=2000, random_state=seed),
@@ -79,8 +79,8 @@ def probe_features(
     ).fit(train_x, train_y)
     result = {}
     for name, (x, y) in evals.items():
-        result[f"linear_{name}_macro_f1"] = _macro_f1(y, linear.predict(x))
-        result[f"knn_{name}_macro_f1"] = _macro_f1(y, knn.predict(x))
+        result[f"linear_{name}_macro_f1"] = macro_f1(y, linear.predict(x), n_classes)
+        result[f"knn_{name}_macro_f1"] = macro_f1(y, knn.predict(x), n_classes)
     return result
 
 
@@ -113,7 +113,9 @@ def probe_encoder(
         name: (extract_features(model, ds, batch_size, device), ds.labels.numpy())
         for name, ds in sets.items()
     }
-    result = probe_features(train_x, train_ds.labels.numpy(), evals, k=k, seed=seed)
+    result = probe_features(
+        train_x, train_ds.labels.numpy(), evals, k=k, seed=seed, n_classes=len(train_ds.class_names)
+    )
     result |= {"feature_dim": int(train_x.shape[1]), "n_train": len(train_ds), "k": k}
     result |= {f"n_{name}": len(ds) for name, ds in sets.items()}
     result["seconds"] = round(time.perf_counter() - start, 2)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from dermkit.core.files import write_text_atomic
 from dermkit.eval.metrics import PER_CLASS_METRICS
 from dermkit.eval.plots import (
     plot_confusion_matrix,
@@ -252,9 +253,7 @@ def link_into_report(report_path: str | Path, target: str | Path, text: str) -> 
     link = f'<p><a href="{html.escape(href, quote=True)}">{html.escape(text)}</a></p>'
     if link in page or "</body>" not in page:
         return False
-    tmp = report_path.with_suffix(".html.tmp")
-    tmp.write_text(page.replace("</body>", link + "\n</body>", 1), encoding="utf-8")
-    tmp.replace(report_path)
+    write_text_atomic(report_path, page.replace("</body>", link + "\n</body>", 1))
     return True
 
 

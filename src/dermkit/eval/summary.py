@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dermkit.core.files import update_sha256, write_json_atomic
 from dermkit.data.labels import MELANOMA
 from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.predictions import read_predictions
@@ -165,9 +165,7 @@ def _sha256(*paths: Path) -> str:
     h = hashlib.sha256()
     for path in paths:
         h.update(path.name.encode() + b"\x1f")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        update_sha256(h, path)
     return h.hexdigest()
 
 
@@ -186,9 +184,7 @@ def _read_cache(path: Path, key: str) -> dict | None:
 
 
 def _write_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(to_jsonable(data), indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    write_json_atomic(path, to_jsonable(data), allow_nan=False)
 
 
 def _stage(run_dir: Path) -> str | None:

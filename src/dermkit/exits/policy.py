@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dermkit.core.metrics import macro_f1
 from dermkit.eval.calibration import fit_temperature
 
 MEASURES = ("max_prob", "margin", "neg_entropy")
@@ -179,15 +180,6 @@ def parse_objective(text: str) -> Objective:
     if value < 0 or (kind == "compute" and value <= 0):
         raise ValueError(f"objective {text!r}: the value must be positive")
     return Objective(kind, value)
-
-
-def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
-    """Macro-F1 over classes present in y or pred (scikit-learn's default ``labels``)."""
-    tp = np.bincount(y[y == pred], minlength=n_classes).astype(float)
-    n_true = np.bincount(y, minlength=n_classes)
-    n_pred = np.bincount(pred, minlength=n_classes)
-    present = (n_true + n_pred) > 0
-    return float((2 * tp[present] / (n_true + n_pred)[present]).mean())
 
 
 def fit_temperatures(per_exit_logits: Sequence[np.ndarray], y: np.ndarray) -> list[float]:

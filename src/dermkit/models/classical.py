@@ -30,9 +30,9 @@ from scipy.stats import skew
 from skimage.color import rgb2hsv, rgb2lab
 from skimage.feature import local_binary_pattern
 from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.metrics import f1_score
 from sklearn.utils.class_weight import compute_sample_weight
 
+from dermkit.core.metrics import macro_f1
 from dermkit.eval.calibration import tune_class_scales
 
 
@@ -140,11 +140,10 @@ class ClassicalBaseline:
             early_stopping=False,
             random_state=self.seed,
         ).fit(x_train, y_train, sample_weight=weights)
-        labels = np.arange(self.n_classes)
         curve = []
         for it, p in enumerate(self.model_.staged_predict_proba(x_val), start=1):
             if it % 10 == 0 or it == self.max_iter:
-                f1 = f1_score(y_val, p.argmax(1), average="macro", labels=labels, zero_division=0)
+                f1 = macro_f1(y_val, p.argmax(1), self.n_classes)
                 curve.append((it, f1))
         self.best_iter_ = max(curve, key=lambda t: t[1])[0]
         self.model_.set_params(max_iter=self.best_iter_)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from dermkit.core.files import atomic_path
 
 
 def to_signed(images: torch.Tensor) -> torch.Tensor:
@@ -41,9 +42,8 @@ def apply_dihedral(x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
 def write_png(image: np.ndarray, path: str | Path) -> Path:
     """Write (H, W, 3) uint8 as PNG atomically: a file at ``path`` is always complete."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
     return path
 
 

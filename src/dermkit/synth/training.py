@@ -17,6 +17,7 @@ import numpy as np
 from accelerate import Accelerator
 
 from dermkit.config import ConfigError, SynthOptimConfig
+from dermkit.core.files import write_json_atomic
 from dermkit.eval.report import to_jsonable
 from dermkit.train.loop import plan_epoch
 
@@ -100,11 +101,7 @@ class TrainLog:
 
 def write_json(obj, path: str | Path) -> Path:
     """Write JSON (numpy values converted) atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(to_jsonable(obj), indent=2))
-    tmp.replace(path)
-    return path
+    return write_json_atomic(path, to_jsonable(obj))
 
 
 def progress_bar(enabled: bool, total: int, completed: int, description: str):

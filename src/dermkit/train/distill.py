@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dermkit.config import AugmentSettings, ConfigError, DistillRunConfig, FinetuneRunConfig
+from dermkit.core.files import sha256_file
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import write_split_file
 from dermkit.eval.calibration import DecisionRule
@@ -172,14 +173,6 @@ class _IndexRecorder:
         return self.dataset.__getitems__(indices)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached_teacher_logits(
     teacher: nn.Module,
     teacher_dir: Path,
@@ -192,7 +185,7 @@ def cached_teacher_logits(
     The file name carries a hash of (teacher weights, image ids), so a changed teacher or
     data never reuses stale logits, and a resumed run skips the teacher pass.
     """
-    weights_sha = _sha256(teacher_dir / WEIGHTS_FILE)
+    weights_sha = sha256_file(teacher_dir / WEIGHTS_FILE)
     ids = [str(i) for i in dataset.image_ids]
     key = hashlib.sha256((weights_sha + "\n" + "\n".join(ids)).encode()).hexdigest()[:16]
     path = run_dir / f"teacher_logits_{key}.safetensors"

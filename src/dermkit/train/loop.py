@@ -20,7 +20,6 @@ import atexit
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -32,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
-from sklearn.metrics import balanced_accuracy_score, f1_score
+from sklearn.metrics import balanced_accuracy_score
 
 from dermkit.config import FinetuneRunConfig
+from dermkit.core.files import atomic_path
+from dermkit.core.metrics import macro_f1
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize, to_float
 from dermkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -202,14 +203,14 @@ def score(
     probs = to_probs(logits) if to_probs is not None else None
     pred = (logits if probs is None else probs).argmax(1).numpy()
     y = labels.numpy()
-    present = np.unique(y)
     if probs is None:
         loss = F.cross_entropy(logits, labels)
     else:
         loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels)
     out = {
         "loss": float(loss),
-        "macro_f1": float(f1_score(y, pred, average="macro", labels=present, zero_division=0)),
+        # Over all K classes (dermkit.core.metrics): the same value the reports show.
+        "macro_f1": macro_f1(y, pred, (logits if probs is None else probs).shape[1]),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
     }
     if probs is not None:
@@ -525,12 +526,9 @@ def _end_epoch(
     if selected > state.best_metric:
         state.best_metric, state.best_epoch, state.bad_epochs = selected, epoch, 0
         if accelerator.is_main_process:
-            tmp = run_dir / ".best.safetensors.tmp"
-            save_file(
-                {k: v.detach().contiguous().clone() for k, v in eval_model.state_dict().items()},
-                tmp,
-            )
-            os.replace(tmp, run_dir / "best.safetensors")
+            with atomic_path(run_dir / "best.safetensors") as tmp:
+                state_dict = eval_model.state_dict()
+                save_file({k: v.detach().contiguous().clone() for k, v in state_dict.items()}, tmp)
     else:
         state.bad_epochs += 1
         if cfg.optim.patience and state.bad_epochs >= cfg.optim.patience:
