@@ -31,7 +31,11 @@ class DataConfig(Strict):
     path: str = Field("demo/phantoms", description="dataset root (HAM10000, ISIC or folder layout)")
     layout: Literal["auto", "ham10000", "isic", "folder"] = "auto"
     image_size: int = Field(64, ge=16, le=1024, description="square side after crop (px)")
-    crop: Literal["short_side_center"] = "short_side_center"
+    crop: Literal["short_side_center", "full_frame"] = Field(
+        "short_side_center",
+        description="short_side_center: resize the short side, centre-crop square; "
+        "full_frame: resize the long side, pad square by reflection (data/cache.py)",
+    )
     split_file: str | None = Field(None, description="CSV image_id,lesion_id,split to reuse")
     train: float = Field(0.7, ge=0)
     val: float = Field(0.1, ge=0)
@@ -86,7 +90,15 @@ class ModelConfig(Strict):
 
     name: str = Field("vit_tiny_patch8_64", description="dermkit variant or any timm name")
     weights: str | None = Field(
-        None, description="local .safetensors/.pth file or dermkit run folder; never a hub"
+        None,
+        description="local .safetensors/.pth file, dermkit run folder, or a weights file "
+        "shipped inside an installed package: 'imagenet' / 'pkg:<name>' "
+        "(models/packaged.py); never a hub",
+    )
+    input_norm: Literal["auto", "imagenet", "symmetric"] = Field(
+        "auto",
+        description="input normalisation: imagenet mean/std or symmetric [-1, 1] (TF-Lite); "
+        "auto = the weights source's own (packaged source or run folder), else imagenet",
     )
     drop_path_rate: float = Field(0.1, ge=0, lt=1)
     drop_rate: float = Field(0.0, ge=0, lt=1)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from dermkit.data.images import load_rgb
 
-CROP_POLICIES = ("short_side_center",)
+CROP_POLICIES = ("short_side_center", "full_frame")
 DEFAULT_CACHE_DIR = Path(os.environ.get("DERMKIT_CACHE", Path.home() / ".cache" / "dermkit"))
 
 
@@ -41,6 +41,40 @@ def resize_short_side_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     resized = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return np.asarray(resized.crop((left, top, left + size, top + size)))
+
+
+def resize_full_frame(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize so the long side is ``size``, then pad the short side to a square by reflection.
+
+    The whole frame stays in view: HAM10000's 4:3 dermoscopy frames lose their left and
+    right eighths under a centre crop, where a large lesion's border can lie. Padding keeps
+    the input square, so every model, augmentation (90-degree rotations), export and the
+    web page work unchanged. A square source (lesion-centred crops) is only resized: no
+    padding, no loss. Reflection rather than a constant keeps the pad skin-coloured.
+
+    Args:
+        image: (H, W, 3) uint8.
+    Returns:
+        (size, size, 3) uint8.
+    """
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    new_w, new_h = min(size, max(1, round(w * scale))), min(size, max(1, round(h * scale)))
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC))
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    pad = ((top, size - new_h - top), (left, size - new_w - left), (0, 0))
+    # reflection needs a pad shorter than the image; a very thin image falls back to edges
+    mode = "reflect" if max(pad[0]) < new_h and max(pad[1]) < new_w else "edge"
+    return np.pad(resized, pad, mode=mode)
+
+
+def crop_image(image: np.ndarray, size: int, policy: str = "short_side_center") -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 under a crop policy of ``CROP_POLICIES``."""
+    if policy == "short_side_center":
+        return resize_short_side_center_crop(image, size)
+    if policy == "full_frame":
+        return resize_full_frame(image, size)
+    raise ValueError(f"unknown crop policy '{policy}', expected one of {CROP_POLICIES}")
 
 
 def cache_key(df: pd.DataFrame, size: int, crop: str) -> str:
@@ -114,7 +148,7 @@ def build_cache(
 
     def decode(i_path):
         i, path = i_path
-        arr[i] = resize_short_side_center_crop(load_rgb(path), size)
+        arr[i] = crop_image(load_rgb(path), size, crop)
 
     # PIL decoding releases the GIL, so threads use both cores without pickling arrays.
     jobs = list(enumerate(df["path"]))

@@ -38,7 +38,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from dermkit import __version__
 from dermkit.core.files import sha256_file
-from dermkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_float
+from dermkit.data.transforms import to_float
 from dermkit.deploy.model_card import (
     NOT_A_DIAGNOSIS,
     Evaluation,
@@ -51,6 +51,7 @@ from dermkit.deploy.model_card import (
     TrainingData,
     write_card,
 )
+from dermkit.models.backbones import input_stats
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +274,7 @@ def export_run(
     n_images = min(len(val), max(n_parity, n_calibration))
     if n_images == 0:
         raise ValueError(f"{run_dir}: the val split is empty; parity needs val images")
-    images = to_float(val.__getitems__(np.arange(n_images))[0]).numpy()
+    images = to_float(val.__getitems__(np.arange(n_images))[0], *input_stats(model)).numpy()
     parity_images, calib_images = images[:n_parity], images[:n_calibration]
     reference = torch_logits(model, parity_images)
 
@@ -372,14 +373,15 @@ def build_card(run_dir: Path, cfg, classes, model, data, files: list[ModelFile])
         source_run=str(run_dir.resolve()),
         architecture=cfg.model.name,
         parameters=sum(p.numel() for p in model.parameters()),
+        pretrained_weights=run_info.get("pretrained_weights"),
         classes=list(classes),
         preprocessing=Preprocessing(
             image_size=size,
             resize=f"resize the short side to {size} px (PIL bicubic, antialiased)",
             crop=f"centre crop {size}x{size} ({cfg.data.crop}), after the resize",
             scale=1 / 255,
-            mean=list(IMAGENET_MEAN),
-            std=list(IMAGENET_STD),
+            mean=list(input_stats(model)[0]),
+            std=list(input_stats(model)[1]),
             channel_order="RGB",
             input_layout="NCHW",
             input_dtype="float32",

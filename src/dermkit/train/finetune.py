@@ -45,6 +45,7 @@ def build_model(cfg: FinetuneRunConfig, n_classes: int) -> tuple[torch.nn.Module
         img_size=cfg.data.image_size,
         drop_path_rate=m.drop_path_rate,
         drop_rate=m.drop_rate,
+        input_norm=m.input_norm,
     )
     report = "random initialisation"
     if m.weights:
@@ -52,8 +53,22 @@ def build_model(cfg: FinetuneRunConfig, n_classes: int) -> tuple[torch.nn.Module
 
         key_report = load_pretrained(model, m.weights)
         report = f"weights from {m.weights}: {key_report}"
+        if key_report.provenance:
+            model.dermkit_weights_provenance = key_report.provenance
         log.info("%s", report)
     return model, report
+
+
+def resolve_model_config(cfg: FinetuneRunConfig) -> None:
+    """Fix ``model.input_norm`` from the weights source, so config.yaml records the value.
+
+    Why here: the normalisation must travel with the run (distill, export, serve and the
+    web page read it from config.yaml), and ``auto`` would mean something else once the
+    weights source is gone.
+    """
+    from dermkit.models.packaged import resolve_input_norm
+
+    cfg.model.input_norm = resolve_input_norm(cfg.model.input_norm, cfg.model.weights)
 
 
 def load_training_data(cfg: FinetuneRunConfig, run: RunDir) -> tuple[PreparedData, np.ndarray]:
@@ -80,10 +95,17 @@ def load_training_data(cfg: FinetuneRunConfig, run: RunDir) -> tuple[PreparedDat
 
 def run_finetune(cfg: FinetuneRunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Fine-tune end to end; returns the path of report.html."""
+    resolve_model_config(cfg)
     if cfg.task.kind == "ordinal":  # ordered classes of a column, CORN head
         from dermkit.train.ordinal_finetune import run_ordinal_finetune
 
-        return run_ordinal_finetune(cfg, resume=resume, progress=progress)
+        return run_ordinal_finetune(
+            cfg,
+            resume=resume,
+            progress=progress,
+            build_model=build_model,
+            load_training_data=load_training_data,
+        )
     accelerator = make_accelerator(cfg.optim.precision)
     # Under DDP every rank runs this function; rank 0 builds the image cache first and
     # writes every file, the others reuse its cache and only train.
@@ -96,6 +118,8 @@ def run_finetune(cfg: FinetuneRunConfig, resume: bool = False, progress: bool = 
         datasets = {s: CachedImageDataset(data.cache, p, data.classes) for s, p in parts.items()}
         torch.manual_seed(cfg.seed)
         model, weights_report = build_model(cfg, len(data.classes))
+        if getattr(model, "dermkit_weights_provenance", None):
+            run.info["pretrained_weights"] = model.dermkit_weights_provenance
         summary = train_classifier(
             cfg,
             model,

@@ -38,7 +38,8 @@ from dermkit.core.files import atomic_path
 from dermkit.core.metrics import macro_f1
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize, to_float
-from dermkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dermkit.models.backbones import input_stats
+from dermkit.train.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from dermkit.train.losses import ClassificationLoss, sampling_weights
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ def predict_logits(
     full result (needed for early stopping decisions that all ranks must agree on).
     """
     model.eval()
+    stats = input_stats(model)  # the model's own input normalisation (mean, std)
     world, rank = accelerator.num_processes, accelerator.process_index
     shards = np.array_split(np.asarray(indices), world)
     longest = max(len(s) for s in shards)
@@ -171,7 +173,7 @@ def predict_logits(
     mine = shards[rank]
     for i in range(0, len(mine), batch_size):
         x, _ = dataset.__getitems__(mine[i : i + batch_size])
-        x = to_float(x.to(accelerator.device))
+        x = to_float(x.to(accelerator.device), *stats)
         with accelerator.autocast():
             if tta:
                 logits = torch.stack([model(v).float() for v in _tta_views(x)]).mean(0)
@@ -294,6 +296,7 @@ def train_classifier(
     ``history.json`` (per-epoch train/val loss, macro-F1 and the overfitting gap).
     """
     oc, lc = cfg.optim, cfg.loss
+    stats = input_stats(model)  # (mean, std) of the model's weights source, before wrapping
     accelerator = accelerator or make_accelerator(oc.precision)
     precision = accelerator.mixed_precision
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -354,7 +357,7 @@ def train_classifier(
     # --- resume
     ckpt_dir = run_dir / "checkpoints"
     state = TrainState()
-    if resume and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+    if (ckpt := checkpoint_to_resume(ckpt_dir, resume)) is not None:
         saved = load_checkpoint(ckpt, model, optimizer, ema.module if ema else None)
         state = TrainState(**saved["train_state"])
         log.info("resumed from %s (step %d)", ckpt, state.step)
@@ -396,7 +399,7 @@ def train_classifier(
                 idx = mine[m * micro : (m + 1) * micro]
                 x, y = train_ds.__getitems__(idx)
                 x = x.to(accelerator.device, non_blocking=True).float().div_(255)
-                x = normalize(augment.apply(x, params, lo=lo + m * micro))
+                x = normalize(augment.apply(x, params, lo=lo + m * micro), *stats)
                 y = y.to(accelerator.device)
                 if mixup is not None:
                     x, y = mixup(x, y)

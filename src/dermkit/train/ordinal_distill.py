@@ -22,6 +22,7 @@ from dermkit.config import ConfigError, DistillRunConfig
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import write_split_file
 from dermkit.eval.ordinal import ordinal_metrics, write_ordinal_report
+from dermkit.models.backbones import input_norm_of
 from dermkit.models.runs_io import WEIGHTS_FILE
 from dermkit.models.weights import save_weights
 from dermkit.runs import RunDir
@@ -85,7 +86,8 @@ def run_ordinal_distill(
         datasets = {s: CachedImageDataset(data.cache, p, classes) for s, p in parts.items()}
 
         size = teacher_cfg.data.image_size
-        resized = ResizeInput(teacher_model, size).to(accelerator.device).eval()
+        resized = ResizeInput(teacher_model, size, input_norm_of(student_model))
+        resized = resized.to(accelerator.device).eval()
         resized.requires_grad_(False)
         student_model, summary, cache_file = train_student(
             cfg,
@@ -133,7 +135,7 @@ def run_ordinal_distill(
             )
 
         result, teacher_result = evaluate(probs["test"]), evaluate(teacher_probs["test"])
-        from dermkit.deploy.latency import model_cost
+        from dermkit.models.cost import model_cost
 
         cost = {
             "teacher": model_cost(teacher_model, size),
