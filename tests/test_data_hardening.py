@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+import yaml
 from PIL import Image
 
 from _image_faults import rgb_pixels, write_jpeg
 from dermkit.data.images import MAX_IMAGE_BYTES, inspect_image, max_image_bytes
 from dermkit.data.readers import DataValidationError, LayoutError, load_dataset
+from dermkit.train.checkpoint import checkpoint_to_resume, latest_checkpoint, save_checkpoint
 from test_readers import HAM_HEADER, ham_row
 
 # ------------------------------------------------------------------ non-UTF-8 metadata.csv
@@ -257,3 +265,75 @@ def test_split_skip_bad_writes_and_names_the_rejects(tmp_path, monkeypatch):
     out = _one_line(result.output)
     assert "2 rejected" in out and f"listed in {rejects}" in out
     assert "CUT (cannot decode image" in out and "GONE (image file not found" in out
+
+
+# ------------------------------------------------------------ checkpoints: resume and hints
+
+
+def _dead_pid() -> int:
+    """A process id that no live process has (a child that already exited)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_resume_without_a_checkpoint_warns_and_starts_afresh(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, "dermkit.train.checkpoint"):
+        assert checkpoint_to_resume(tmp_path / "checkpoints", resume=True) is None
+    assert f"--resume: no checkpoint in {tmp_path / 'checkpoints'}" in caplog.text
+    assert "starting from step 0" in caplog.text
+
+
+def test_fresh_run_over_a_checkpoint_names_it_and_the_resume_flag(tmp_path, caplog):
+    save_checkpoint(tmp_path, 12, torch.nn.Linear(2, 2))
+    with caplog.at_level(logging.WARNING, "dermkit.train.checkpoint"):
+        assert checkpoint_to_resume(tmp_path, resume=False) is None
+    assert f"{tmp_path / 'step-0000012'} holds a checkpoint of an earlier run (step 12)" in (
+        caplog.text
+    )
+    assert "rerun with --resume" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "dermkit.train.checkpoint"):
+        assert checkpoint_to_resume(tmp_path, resume=True) == tmp_path / "step-0000012"
+    assert caplog.text == ""  # resuming from a checkpoint needs no warning
+
+
+def test_stale_tmp_folders_are_removed_when_a_run_starts(tmp_path):
+    save_checkpoint(tmp_path, 1, torch.nn.Linear(2, 2))
+    stale = tmp_path / f".tmp-step-0000002-{_dead_pid()}"
+    (stale / "model.safetensors").parent.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    own = tmp_path / f".tmp-step-0000003-{os.getpid()}"  # this process is not writing yet
+    own.mkdir()
+    busy = tmp_path / f".tmp-step-0000004-{os.getppid()}"  # a live writer: keep
+    busy.mkdir()
+    assert checkpoint_to_resume(tmp_path, resume=True) == tmp_path / "step-0000001"
+    assert not stale.exists() and not own.exists()
+    assert busy.exists()
+
+
+@pytest.mark.slow
+def test_finetune_run_cleans_tmp_and_hints_at_resume(tiny_classifier_run, tmp_path, caplog):
+    """Wired into the training loop: a fresh run in a killed run's folder says so."""
+    from dermkit.config import FinetuneRunConfig, load_config
+    from dermkit.train.finetune import run_finetune
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_classifier_run / "checkpoints", run / "checkpoints")
+    old = latest_checkpoint(run / "checkpoints")
+    stale = run / "checkpoints" / f".tmp-step-0000099-{_dead_pid()}"
+    stale.mkdir()
+    fixture = yaml.safe_load((tiny_classifier_run / "config.yaml").read_text())["data"]
+    overrides = [
+        f"out_dir={run}",
+        *(f"data.{key}={fixture[key]}" for key in ("path", "cache_dir", "image_size")),
+        "optim.epochs=1",
+        "eval.n_boot=0",
+        "train_eval_images=0",
+    ]
+    cfg = load_config(FinetuneRunConfig, "finetune", "tiny", overrides=overrides)
+    with caplog.at_level(logging.WARNING, "dermkit.train.checkpoint"):
+        run_finetune(cfg, resume=False, progress=False)
+    assert f"{old} holds a checkpoint of an earlier run" in caplog.text
+    assert "rerun with --resume" in caplog.text
+    assert not stale.exists()

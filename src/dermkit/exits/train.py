@@ -56,7 +56,7 @@ from dermkit.models.distilled import DistilledViT
 from dermkit.models.runs_io import load_run_model
 from dermkit.runs import RunDir
 from dermkit.train.checkpoint import (
-    latest_checkpoint,
+    checkpoint_to_resume,
     load_checkpoint,
     load_checkpoint_tensors,
     save_checkpoint,
@@ -248,7 +248,7 @@ def train_exit_models(
     ckpt_dir = None if run_dir is None else Path(run_dir) / "checkpoints"
     state = ExitsTrainState()
     best_state: dict[str, dict[str, torch.Tensor]] = {h: {} for h in models}
-    if resume and ckpt_dir is not None and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+    if ckpt_dir is not None and (ckpt := checkpoint_to_resume(ckpt_dir, resume)) is not None:
         state, best_state = _resume(ckpt, bundle, optimizers)
         log.info("resumed from %s (step %d)", ckpt, state.step)
 

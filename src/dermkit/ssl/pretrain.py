@@ -58,7 +58,7 @@ from dermkit.eval.probe import probe_encoder
 from dermkit.eval.report import HtmlReport
 from dermkit.models.weights import load_pretrained, save_weights
 from dermkit.runs import RunDir
-from dermkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dermkit.train.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from dermkit.train.finetune import load_training_data
 from dermkit.train.loop import (
     MetricsLog,
@@ -224,7 +224,7 @@ def pretrain_loop(
 
     ckpt_dir = run_dir / "checkpoints"
     state = PretrainState()
-    if resume and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+    if (ckpt := checkpoint_to_resume(ckpt_dir, resume)) is not None:
         saved = load_checkpoint(ckpt, model, optimizer)
         state = PretrainState(**saved["train_state"])
         log.info("resumed from %s (step %d)", ckpt, state.step)

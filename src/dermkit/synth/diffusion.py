@@ -57,7 +57,7 @@ from dermkit.synth.training import (
     rank_slice,
     write_json,
 )
-from dermkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dermkit.train.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from dermkit.train.loop import lr_at, make_accelerator, seed_step
 
 log = logging.getLogger(__name__)
@@ -382,7 +382,7 @@ def train_diffusion(cfg: DiffusionRunConfig, resume: bool = False, progress: boo
         # --- resume
         ckpt_dir = run / "checkpoints"
         step, history = 0, []
-        if resume and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+        if (ckpt := checkpoint_to_resume(ckpt_dir, resume)) is not None:
             saved = load_checkpoint(ckpt, unet, optimizer, ema.module if ema else None)
             step, history = saved["step"], saved["history"]
             log.info("resumed from %s (step %d)", ckpt, step)

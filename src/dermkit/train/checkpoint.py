@@ -17,11 +17,17 @@ checkpoint here is a folder
 written to a temporary folder and renamed, after which ``latest`` (a one-line file,
 itself replaced atomically) points to it. A run killed at any instant therefore finds
 either the previous complete checkpoint or the new one, never half of one.
+
+A run starts through :func:`checkpoint_to_resume`, which removes the ``.tmp-step-*``
+folders such a kill leaves behind and says what happens to an existing checkpoint: a run
+with ``--resume`` but nothing to resume from warns and starts at step 0, and a run without
+``--resume`` in a folder that holds a checkpoint names it and the flag.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -35,6 +41,9 @@ from dermkit import __version__
 
 LATEST = "latest"
 TENSORS_FILE = "tensors.safetensors"
+TMP_PREFIX = ".tmp-step-"
+
+log = logging.getLogger(__name__)
 
 
 def _optimizer_file(name: str) -> str:
@@ -116,7 +125,7 @@ def save_checkpoint(
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:07d}"
-    tmp = ckpt_dir / f".tmp-step-{step:07d}-{os.getpid()}"
+    tmp = ckpt_dir / f"{TMP_PREFIX}{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
@@ -157,6 +166,71 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
         return None
     path = Path(ckpt_dir) / pointer.read_text().strip()
     return path if (path / "state.json").exists() else None
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when another live process has this id (it may be writing its checkpoint)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: the process exists under another user
+        return True
+    return True
+
+
+def clean_stale_tmp(ckpt_dir: str | Path) -> list[Path]:
+    """Remove ``.tmp-step-*`` folders left by a process killed mid-write; returns them.
+
+    A folder whose name ends in the id of another live process is kept: that process may
+    still be writing it.
+    """
+    removed = []
+    for tmp in sorted(Path(ckpt_dir).glob(f"{TMP_PREFIX}*")):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    if removed:
+        names = ", ".join(p.name for p in removed)
+        log.info(
+            "removed %d unfinished checkpoint folder(s) in %s: %s", len(removed), ckpt_dir, names
+        )
+    return removed
+
+
+def checkpoint_to_resume(ckpt_dir: str | Path, resume: bool) -> Path | None:
+    """The checkpoint a starting run continues from, or None to start at step 0.
+
+    Removes stale ``.tmp-step-*`` folders first (:func:`clean_stale_tmp`). ``resume``
+    without a checkpoint is a warning, not an error, because ``dermkit run --resume``
+    passes ``resume`` to every stage, including those killed before their first
+    checkpoint; refusing would make a killed pipeline impossible to resume. Without
+    ``resume``, an existing checkpoint is named with a hint, since the fresh run will
+    replace it.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.is_dir():
+        clean_stale_tmp(ckpt_dir)
+    ckpt = latest_checkpoint(ckpt_dir)
+    if resume and ckpt is None:
+        log.warning(
+            "--resume: no checkpoint in %s (no earlier run, or it stopped before its first "
+            "checkpoint); starting from step 0",
+            ckpt_dir,
+        )
+    elif not resume and ckpt is not None:
+        step = json.loads((ckpt / "state.json").read_text()).get("step", "?")
+        log.warning(
+            "%s holds a checkpoint of an earlier run (step %s); this run starts from step 0 "
+            "and replaces it. To continue that run instead, rerun with --resume.",
+            ckpt,
+            step,
+        )
+    return ckpt if resume else None
 
 
 def load_checkpoint(
