@@ -206,9 +206,9 @@ def checkpoint_to_resume(ckpt_dir: str | Path, resume: bool) -> Path | None:
     """The checkpoint a starting run continues from, or None to start at step 0.
 
     Removes stale ``.tmp-step-*`` folders first (:func:`clean_stale_tmp`). ``resume``
-    without a checkpoint is a warning, not an error, because ``dermkit run --resume``
-    passes ``resume`` to every stage, including those killed before their first
-    checkpoint; refusing would make a killed pipeline impossible to resume. Without
+    without a checkpoint is a warning, not an error, because ``dermkit run`` calls a
+    killed stage again with ``resume=True``, including one killed before its first
+    checkpoint; refusing would make such a pipeline impossible to finish. Without
     ``resume``, an existing checkpoint is named with a hint, since the fresh run will
     replace it.
     """
