@@ -13,6 +13,7 @@ from mambapy.mamba import Mamba, MambaConfig
 from dermkit.exits.gate import ExitGate, prune_exits
 from dermkit.exits.heads import SSMHead
 from dermkit.exits.infer import predict_early_exit, predict_reference
+from dermkit.exits.latency import calibrate_latency, latency_costs, measure_overhead
 from dermkit.exits.model import EarlyExitViT
 from dermkit.exits.onnx_segments import OnnxEarlyExitRunner, export_segments
 from dermkit.exits.policy import MEASURES, NEVER, ExitPolicy, confidence
@@ -165,3 +166,53 @@ def test_fused_segments_return_the_exit_flag_and_match_pytorch(head_type, tmp_pa
     assert one == blocks[:8].tolist()
     with pytest.raises(ValueError, match="decide with the policy exported"):
         OnnxEarlyExitRunner(folder, ExitPolicy([0.1, 0.2], protected_classes=[rare]))
+
+
+# ----------------------------------------------------------------------------- latency
+
+PROFILE = {"call": 0.02, "embed": 0.1, "block": 1.0, "head_gate": 0.3, "final": 0.05}
+
+
+def test_latency_costs_charge_kept_heads_and_switches_only():
+    depths = [2, 4, 6, 8]
+    plain = 0.02 + 0.1 + 8 * 1.0 + 0.05
+    costs = latency_costs(PROFILE, depths, [1])
+    np.testing.assert_allclose(costs, [(0.32 + 0.1 + 4) / plain, (plain + 0.32) / plain])
+    assert latency_costs(PROFILE, depths, []).tolist() == [1.0]
+    two = latency_costs(PROFILE, depths, [0, 2])
+    assert two[1] == pytest.approx((2 * 0.32 + 0.1 + 6) / plain)
+
+
+def _easy_exits(n=800, seed=0):
+    """Exit 0 is right and confident on 70% of samples, exit 1 adds nothing, exit 2 final."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, C, n)
+    onehot = np.eye(C)[y]
+    easy = rng.random(n) < 0.7
+    e0 = np.where(easy[:, None], 6 * onehot, rng.normal(0, 0.3, (n, C)))
+    e1 = e0 + rng.normal(0, 0.01, (n, C))
+    final = 4 * onehot + rng.normal(0, 1, (n, C))
+    return [e0, e1, final], y
+
+
+def test_latency_objective_meets_its_budget_and_prunes_useless_exits():
+    per_exit, y = _easy_exits()
+    cal = calibrate_latency(per_exit, y, [2, 4, 8], PROFILE, 0.6, temperatures=[1, 1, 1])
+    assert cal.compute <= 0.6 and cal.objective == "latency=0.6"
+    assert cal.policy.thresholds[1] == NEVER  # exit 1 costs a head and saves nothing
+    assert cal.policy.thresholds[0] <= 1.0 and cal.exit_fractions[0] > 0.5
+    # the reported latency is the pruned model's: recompute it from the exit fractions
+    costs = latency_costs(PROFILE, [2, 4, 8], [0])
+    assert cal.compute == pytest.approx(
+        cal.exit_fractions[0] * costs[0] + cal.exit_fractions[2] * costs[1]
+    )
+    with pytest.raises(ValueError, match="no exits and thresholds reach"):
+        calibrate_latency(per_exit, y, [2, 4, 8], PROFILE, 0.1, temperatures=[1, 1, 1])
+
+
+def test_measure_overhead_reports_every_part_for_both_backends():
+    result = measure_overhead(_model("ssm"), 32, rounds=5)
+    parts = {"embed", "block", "head", "head_gate", "final", "call"}
+    assert parts | {"scan_sequential", "scan_parallel"} <= set(result["onnx"])
+    assert parts | {"check_numpy", "check_torch", "scan_sequential"} <= set(result["eager"])
+    assert all(v > 0 for backend in ("onnx", "eager") for v in result[backend].values())

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.plots import save_figure
 from dermkit.eval.report import HtmlReport, format_estimate, to_jsonable
 from dermkit.exits.infer import predict_early_exit
+from dermkit.exits.latency import time_interleaved
 from dermkit.exits.policy import ExitPolicy, macro_f1, softmax
 from dermkit.exits.run_io import ExitRun
 
@@ -83,25 +82,6 @@ def exit_distribution(exit_index: np.ndarray, y: np.ndarray, n_classes: int, n_e
     counts = np.zeros((n_classes, n_exits))
     np.add.at(counts, (y, exit_index), 1)
     return counts / np.clip(counts.sum(1, keepdims=True), 1, None)
-
-
-def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, measured in ``rounds`` interleaved rounds.
-
-    Each round runs every function once, in an order rotated per round, so slow drifts of
-    the machine (other load, thermal state) hit all of them alike. One untimed warm-up
-    call each comes first.
-    """
-    names = list(fns)
-    for n in names:
-        fns[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - start)
-    return times
 
 
 def plot_curves(curves: dict, points: dict, plain: dict) -> Figure:

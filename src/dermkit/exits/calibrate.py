@@ -2,7 +2,9 @@
 
 Reads ``logits_<head>.safetensors`` (val part only: thresholds are never chosen on test),
 fits a temperature per exit, searches the thresholds for the objective
-(:func:`dermkit.exits.policy.calibrate`) and writes ``policy_<head>.json`` plus a
+(:func:`dermkit.exits.policy.calibrate`; for ``latency=B``, thresholds and which exits to
+keep, against the batch-1 ONNX Runtime latency measured on this machine,
+:func:`dermkit.exits.latency.calibrate_latency`) and writes ``policy_<head>.json`` plus a
 ``calibration.json`` summary. A head type whose exits cannot meet a compute budget (its
 cheapest operating point costs more) is reported there and gets no policy.
 """
@@ -11,11 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from dermkit.config import ConfigError
 from dermkit.eval.report import to_jsonable
-from dermkit.exits.policy import calibrate, fit_temperatures, parse_objective
+from dermkit.exits.latency import calibrate_latency, measure_overhead
+from dermkit.exits.policy import Objective, calibrate, fit_temperatures, parse_objective
 from dermkit.exits.run_io import ExitRun, policy_file
 
 log = logging.getLogger(__name__)
@@ -27,6 +31,30 @@ def resolve_classes(names: list[str], classes: list[str], what: str = "protect")
     if unknown:
         raise ConfigError(f"{what}: unknown classes {unknown}; the run's classes are {classes}")
     return [classes.index(n) for n in names]
+
+
+def parse_latency_objective(text: str) -> float | None:
+    """``"latency=0.5"`` -> 0.5 (mean batch-1 latency budget, fraction of the plain model);
+    None for the other objectives."""
+    m = re.fullmatch(r"\s*latency\s*=\s*([0-9.eE+-]+)\s*", text)
+    if not m:
+        return None
+    value = float(m.group(1))
+    if value <= 0:
+        raise ConfigError(f"objective {text!r}: the latency budget must be positive")
+    return value
+
+
+def latency_profile(run: ExitRun, head: str, rounds: int = 300, threads: int = 2) -> dict:
+    """Batch-1 part timings of the run's ``head`` model (``latency_<head>.json``), measured
+    on this machine the first time and read back after (delete the file to re-measure)."""
+    path = run.path / f"latency_{head}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    log.info("%s: measuring batch-1 latency of each part (%d rounds)", head, rounds)
+    profile = measure_overhead(run.model(head), run.info["img_size"], rounds, threads)
+    path.write_text(json.dumps(profile, indent=2))
+    return profile
 
 
 def run_exits_calibrate(
@@ -43,8 +71,9 @@ def run_exits_calibrate(
     run = ExitRun.open(exit_run)
     e = run.config.exits
     objective = objective or e.objective
+    budget = parse_latency_objective(objective)
     try:
-        parsed = parse_objective(objective)
+        parsed = Objective("latency", budget) if budget else parse_objective(objective)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     protect = e.protect if protect is None else protect
@@ -63,16 +92,29 @@ def run_exits_calibrate(
         val, y = list(logits["val"]), logits["val_labels"].astype(int)
         path = policy_file(run.path, head)
         try:
-            result = calibrate(
-                val,
-                y,
-                run.costs(head, compute),
-                parsed,
-                measure=measure,
-                protected_classes=protected,
-                temperatures=fit_temperatures(val, y),
-                grid=e.grid,
-            )
+            if budget:
+                result = calibrate_latency(
+                    val,
+                    y,
+                    run.info["exit_depths"],
+                    latency_profile(run, head)["onnx"],
+                    budget,
+                    measure=measure,
+                    protected_classes=protected,
+                    temperatures=fit_temperatures(val, y),
+                    grid=e.grid,
+                )
+            else:
+                result = calibrate(
+                    val,
+                    y,
+                    run.costs(head, compute),
+                    parsed,
+                    measure=measure,
+                    protected_classes=protected,
+                    temperatures=fit_temperatures(val, y),
+                    grid=e.grid,
+                )
         except ValueError as err:
             log.warning("%s: %s", head, err)
             summary["heads"][head] = {"error": str(err)}
