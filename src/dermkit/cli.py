@@ -848,7 +848,11 @@ def exits_train(
 def exits_calibrate(
     exit_run: Annotated[Path, typer.Argument(help="exit run folder (dermkit exits train)")],
     objective: Annotated[
-        str | None, typer.Option(help="f1-drop=X or compute=B (default: the run's config)")
+        str | None,
+        typer.Option(
+            help="f1-drop=X, compute=B or latency=B (batch-1 ONNX latency measured here; "
+            "default: the run's config)"
+        ),
     ] = None,
     protect: Annotated[
         list[str] | None, typer.Option(help="class never answered early (repeatable)")
@@ -887,11 +891,37 @@ def exits_bench(
     print(report)
 
 
+@exits_app.command("latency")
+def exits_latency(
+    exit_run: Annotated[Path, typer.Argument(help="calibrated exit run folder")],
+    head: Annotated[str, typer.Option(help="head type")],
+    images: Annotated[int, typer.Option(help="test images timed, one at a time")] = 300,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads")] = 2,
+) -> None:
+    """Batch-1 ONNX latency: exit model vs plain model, interleaved, + per-part overhead."""
+    from dermkit.exits.latency_bench import run_exits_latency
+
+    try:
+        r = run_exits_latency(exit_run, head, images, threads)
+    except (*_exits_errors(), ValueError) as e:
+        _fail(str(e))
+    ms, f1 = r["ms_per_image"], r["test_macro_f1"]
+    print(
+        f"{head}: plain {ms['plain']:.3f} ms, exits {ms['exits']:.3f} ms per image "
+        f"(ratio {r['ratio_exits_over_plain']:.3f}); test macro-F1 plain {f1['plain']:.4f}, "
+        f"exits {f1['exits']:.4f}; {r['path']}"
+    )
+
+
 @exits_app.command("export")
 def exits_export(
     exit_run: Annotated[Path, typer.Argument(help="calibrated exit run folder")],
     head: Annotated[str, typer.Option(help="head type to export")],
     out: Annotated[Path, typer.Option(help="folder for segment_*.onnx and policy.json")],
+    fused: Annotated[
+        bool,
+        typer.Option(help="exit decision inside each segment; unused exits pruned"),
+    ] = True,
 ) -> None:
     """ONNX segments (one per exit) + the exit policy, for the onnxruntime runner."""
     from dermkit.exits.onnx_segments import export_segments
@@ -900,8 +930,13 @@ def exits_export(
     try:
         run = ExitRun.open(exit_run)
         policy = run.policy(head)
-        export_segments(run.model(head), out, run.info["img_size"])
-        policy.save(out / "policy.json", run.classes)
+        if fused:
+            export_segments(
+                run.model(head), out, run.info["img_size"], policy=policy, class_names=run.classes
+            )
+        else:
+            export_segments(run.model(head), out, run.info["img_size"])
+            policy.save(out / "policy.json", run.classes)
     except (*_exits_errors(), ValueError) as e:
         _fail(str(e))
     print(out)
