@@ -337,3 +337,22 @@ def test_finetune_run_cleans_tmp_and_hints_at_resume(tiny_classifier_run, tmp_pa
     assert f"{old} holds a checkpoint of an earlier run" in caplog.text
     assert "rerun with --resume" in caplog.text
     assert not stale.exists()
+
+
+def test_max_image_mb_option_sets_the_limit_for_the_whole_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("DERMKIT_MAX_IMAGE_MB", "")  # restored (unset) after the test
+    root = write_ham_rows(tmp_path / "ham", ["A", "B"])
+    write_jpeg(root / "images" / "A.jpg", size=(16, 12))
+    write_jpeg(root / "images" / "B.jpg", size=(256, 192))
+    limit_mb = (root / "images" / "B.jpg").stat().st_size / 2**20 * 0.9
+    rejects = tmp_path / "rejects.csv"
+    result = _cli(
+        "data", "validate", root, "--skip-bad", "--rejects", rejects, "--max-image-mb", limit_mb
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(rejects)
+    assert table["image_id"].tolist() == ["B"]
+    assert table["reason"].iat[0].startswith("file too large")
+    assert max_image_bytes() == int(limit_mb * 2**20)  # the image cache sees the same limit
+    bad = _cli("data", "validate", root, "--max-image-mb", 0)
+    assert bad.exit_code == 2 and "--max-image-mb must be positive" in bad.output

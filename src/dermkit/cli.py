@@ -8,6 +8,7 @@ report is. Errors in user input exit with status 2 and a message naming the file
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -110,10 +111,15 @@ MaxImageMB = Annotated[
 ]
 
 
-def _mib_to_bytes(megabytes: float | None) -> int | None:
-    if megabytes is not None and megabytes <= 0:
+def _set_max_image_mb(megabytes: float | None) -> None:
+    """Apply --max-image-mb to the whole process, so the image cache obeys it as well."""
+    from dermkit.data.images import MAX_IMAGE_MB_ENV
+
+    if megabytes is None:
+        return
+    if megabytes <= 0:
         _fail(f"--max-image-mb must be positive, got {megabytes}")
-    return None if megabytes is None else int(megabytes * 2**20)
+    os.environ[MAX_IMAGE_MB_ENV] = str(megabytes)
 
 
 def _validation_advice(error: Exception, skip_bad: bool, rejects: Path) -> str:
@@ -158,14 +164,9 @@ def data_validate(
     from dermkit.data.manifest import write_manifest
     from dermkit.data.readers import DataValidationError, load_dataset
 
+    _set_max_image_mb(max_image_mb)
     try:
-        loaded = load_dataset(
-            path,
-            layout=layout,
-            skip_bad=skip_bad,
-            rejects_path=rejects,
-            max_image_bytes=_mib_to_bytes(max_image_mb),
-        )
+        loaded = load_dataset(path, layout=layout, skip_bad=skip_bad, rejects_path=rejects)
     except DataValidationError as e:
         console.print(str(e), highlight=False, markup=False)
         advice = _validation_advice(e, skip_bad, rejects)
@@ -224,13 +225,9 @@ def data_split(
         image_size=image_size,
         near_duplicate_distance=near_duplicate_distance,
     )
+    _set_max_image_mb(max_image_mb)
     try:
-        prepared = prepare_data(
-            cfg,
-            rejects_path=rejects if skip_bad else None,
-            progress=True,
-            max_image_bytes=_mib_to_bytes(max_image_mb),
-        )
+        prepared = prepare_data(cfg, rejects_path=rejects if skip_bad else None, progress=True)
     except DataValidationError as e:
         _fail(f"{e}\n{_validation_advice(e, skip_bad, rejects)}")
     except _user_errors() as e:

@@ -106,13 +106,11 @@ def prepare_data(
     rejects_path: str | Path | None = None,
     progress: bool = False,
     manifest: pd.DataFrame | None = None,
-    max_image_bytes: int | None = None,
 ) -> PreparedData:
     """Read, validate, split, cache and leak-check the dataset described by ``cfg``.
 
     ``manifest`` skips reading (e.g. a manifest with synthetic rows from a synthesis run);
-    it is still checked and split. ``max_image_bytes``: image files larger than this are
-    rejected unread (default 64 MiB or ``$DERMKIT_MAX_IMAGE_MB``).
+    it is still checked and split.
     """
     if manifest is None:
         label_map = load_label_map(cfg.label_map) if cfg.label_map else None
@@ -123,7 +121,6 @@ def prepare_data(
             label_map=label_map,
             classes=cfg.classes,
             rejects_path=rejects_path,
-            max_image_bytes=max_image_bytes,
         )
         df, rejects = loaded.manifest, loaded.rejects
     else:
