@@ -1325,5 +1325,56 @@ def explain_saliency_cmd(
     print(report)
 
 
+# --------------------------------------------------------------------------- thickness (issue 21)
+
+thickness_app = typer.Typer(help="Melanoma thickness (Breslow category).", no_args_is_help=True)
+app.add_typer(thickness_app, name="thickness")
+
+
+@thickness_app.command("study")
+def thickness_study_cmd(
+    data: Annotated[Path, typer.Option(help="thickness folder (HAM layout + thickness columns)")],
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/thickness"),
+    features: Annotated[
+        list[str] | None, typer.Option(help="BACKBONE@SIZE[:WEIGHTS][+tta], repeatable")
+    ] = None,
+    groupings: Annotated[str, typer.Option(help="comma-separated 3class,4class")] = "3class,4class",
+    folds: Annotated[int, typer.Option(help="outer stratified folds")] = 5,
+    seeds: Annotated[str, typer.Option(help="comma-separated CV seeds")] = "0,1,2",
+    inner_folds: Annotated[int, typer.Option(help="inner folds choosing each model")] = 3,
+    cs: Annotated[str | None, typer.Option(help="comma-separated probe C grid")] = None,
+    gradcam_per_class: Annotated[int, typer.Option(help="Grad-CAM images per category")] = 3,
+    random_copies: Annotated[int, typer.Option(help="randomised models (sanity check)")] = 3,
+    n_shuffle: Annotated[int, typer.Option(help="shuffled-label controls")] = 200,
+    n_boot: Annotated[int, typer.Option(help="bootstrap replicates of pooled metrics")] = 1000,
+    cache_dir: Annotated[Path | None, typer.Option(help="image cache root")] = None,
+) -> None:
+    """Nested-CV probes (CORN vs softmax) on frozen features, analyses and report.html."""
+    from dermkit.eval.thickness_study import ThicknessStudyConfig, run_thickness_study
+
+    cfg = ThicknessStudyConfig(
+        data=data,
+        out=out,
+        groupings=[g.strip() for g in groupings.split(",") if g.strip()],
+        n_folds=folds,
+        seeds=tuple(int(s) for s in seeds.split(",") if s.strip()),
+        inner_folds=inner_folds,
+        gradcam_per_class=gradcam_per_class,
+        n_random=random_copies,
+        n_shuffle=n_shuffle,
+        n_boot=n_boot,
+        cache_dir=cache_dir,
+    )
+    if features:
+        cfg.features = list(features)
+    if cs:
+        cfg.cs = tuple(float(c) for c in cs.split(",") if c.strip())
+    try:
+        report = run_thickness_study(cfg)
+    except (*_user_errors(), ValueError) as e:
+        _fail(str(e))
+    print(report)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -1,0 +1,185 @@
+"""Thickness study: reader, probes, nested CV and the whole command on a phantom thickness set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dermkit.data.readers import DataValidationError
+from dermkit.data.thickness import GROUPINGS, THICKNESS_CATEGORIES, load_thickness
+
+
+def _category(mm: float) -> int:
+    """Breslow depth (mm) -> category code: in situ, < 0.76, 0.76-1.5, > 1.5."""
+    return 0 if mm <= 0 else 1 if mm < 0.76 else 2 if mm <= 1.5 else 3
+
+
+@pytest.fixture(scope="module")
+def thickness_root(tmp_path_factory) -> Path:
+    """Phantom melanomas (one view each, 48 px) with thickness / thickness_class columns."""
+    from dermkit.data.phantoms import generate_phantoms
+
+    root = tmp_path_factory.mktemp("thickness")
+    csv = generate_phantoms(
+        root,
+        n_lesions=48,
+        views_per_lesion=(1, 1),
+        image_size=(48, 48),
+        class_weights={"mel": 1.0},
+        seed=0,
+    )
+    meta = pd.read_csv(csv, dtype={"lesion_id": str, "image_id": str})
+    codes = meta["thickness"].map(_category)
+    meta["thickness"] = [THICKNESS_CATEGORIES[c] for c in codes]
+    meta["thickness_class"] = codes
+    meta.to_csv(csv, index=False)
+    assert np.bincount(codes, minlength=4).min() >= 3, "every category needs 3 images"
+    return root
+
+
+def _copy_with(root: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the thickness folder whose metadata.csv went through ``edit``."""
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(root, dst)
+    meta = pd.read_csv(dst / "metadata.csv", dtype=str)
+    edited = edit(meta)  # edits in place (None) or returns a new frame
+    meta = meta if edited is None else edited
+    meta.to_csv(dst / "metadata.csv", index=False)
+    return dst
+
+
+def test_reader_keeps_categories_and_groups_them(thickness_root):
+    m = load_thickness(thickness_root)
+    raw = pd.read_csv(thickness_root / "metadata.csv")
+    assert m["category"].tolist() == raw["thickness_class"].tolist()
+    three = GROUPINGS["3class"].classes_of(m["category"].to_numpy())
+    # 0.76-1.5 and > 1.5 merge into ">= 0.76 mm"; the 4-class grouping keeps all four.
+    assert three.max() == 2 and set(three[m["category"].to_numpy() >= 2]) == {2}
+    assert GROUPINGS["4class"].classes_of(np.arange(4)).tolist() == [0, 1, 2, 3]
+
+
+def test_reader_names_row_and_field_of_bad_values(thickness_root, tmp_path):
+    def edit(meta):
+        meta.loc[2, "thickness_class"] = "7"
+        meta.loc[4, "thickness"] = "thick"
+        meta.loc[5, "thickness_class"] = str((int(meta.loc[5, "thickness_class"]) + 1) % 4)
+
+    with pytest.raises(DataValidationError) as e:
+        load_thickness(_copy_with(thickness_root, tmp_path, edit))
+    text = str(e.value)
+    assert "metadata.csv row 4" in text and "thickness_class '7'" in text
+    assert "metadata.csv row 6" in text and "thickness 'thick'" in text
+    assert "metadata.csv row 7" in text and "disagrees with thickness" in text
+
+
+def test_reader_requires_thickness_columns(thickness_root, tmp_path):
+    path = _copy_with(thickness_root, tmp_path, lambda m: m.drop(columns=["thickness_class"]))
+    with pytest.raises(DataValidationError, match="missing required column 'thickness_class'"):
+        load_thickness(path)
+
+
+def test_softmax_probe_equals_plain_logistic_regression():
+    """The span/scaler folding is exact: same probabilities as scikit-learn on raw features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    from dermkit.eval.thickness_cv import ProbeSpec, fit_probe
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 60)) * 2 + 1, rng.integers(0, 3, 40)  # D > N: span trick
+    test = rng.normal(size=(20, 60)) * 2 + 1
+    with threadpool_limits(limits=1):
+        probe = fit_probe(x, y, ProbeSpec("f", "softmax", 0.05, False), 3)
+        scaler = StandardScaler().fit(x)
+        ref = LogisticRegression(C=0.05, tol=1e-8, max_iter=2000).fit(scaler.transform(x), y)
+    np.testing.assert_allclose(
+        probe.predict_proba(test), ref.predict_proba(scaler.transform(test)), atol=2e-3
+    )
+
+
+def test_corn_probe_orders_an_ordinal_signal():
+    from dermkit.eval.thickness_cv import ProbeSpec, fit_probe, fold_metrics
+
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(4), 40)
+    x = np.c_[y + rng.normal(0, 0.4, len(y)), rng.normal(size=(len(y), 20))]
+    probe = fit_probe(x, y, ProbeSpec("f", "corn", 1.0, True), 4)
+    probs = probe.predict_proba(x)
+    assert probe.weight.shape == (3, 21)  # K-1 conditional tasks
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-9)
+    m = fold_metrics(y, probs)
+    assert m["balanced_accuracy"] > 0.8 and m["spearman"] > 0.9 and m["qwk"] > 0.9
+
+
+def test_nested_cv_chooses_informative_features_on_inner_folds():
+    from dermkit.eval.thickness_cv import SELECTED, candidate_grid, nested_cv
+
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(3), 20)
+    features = {
+        "noise": rng.normal(size=(60, 10)),
+        "signal": np.c_[y + rng.normal(0, 0.3, 60), rng.normal(size=(60, 9))],
+    }
+    grid = candidate_grid(["noise", "signal"], cs=(0.1,), balanced=(True,))
+    results = nested_cv(features, y, 3, grid, n_folds=3, seeds=(0, 1), inner_folds=2)
+    chosen = results[SELECTED].chosen_counts()
+    assert all("signal" in c for c in chosen)
+    for r in results.values():
+        assert len(r.folds) == 6
+        # every image is tested exactly once per seed
+        for seed in (0, 1):
+            tested = np.concatenate([t for (s, _), t in r.test_index.items() if s == seed])
+            assert sorted(tested.tolist()) == list(range(60))
+    summary = results[SELECTED].summary()
+    assert summary["balanced_accuracy"]["value"] > 0.6  # chance: 1/3
+    assert summary["balanced_accuracy"]["ci_low"] < summary["balanced_accuracy"]["value"]
+
+
+def test_study_command_end_to_end(thickness_root, tmp_path, cache_dir):
+    from typer.testing import CliRunner
+
+    from dermkit.cli import app
+
+    out = tmp_path / "study"
+    args = ["thickness", "study", "--data", str(thickness_root), "--out", str(out)]
+    args += ["--features", "vit_micro_patch4_32@32:random", "--folds", "3", "--seeds", "0"]
+    args += ["--inner-folds", "2", "--gradcam-per-class", "1", "--n-shuffle", "5"]
+    args += ["--n-boot", "10", "--cache-dir", str(cache_dir), "--cs", "0.01"]
+    args += ["--random-copies", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    for grouping, k in (("3class", 3), ("4class", 4)):
+        g = metrics["groupings"][grouping]
+        assert len(g["class_names"]) == k
+        assert 0 <= g["families"]["selected"]["balanced_accuracy"]["value"] <= 1
+        assert set(g["pooled"]["auroc"]) == {"invasive_vs_in_situ", "ge_0.76mm_vs_below"}
+        assert len(g["pooled"]["adjacent_auroc"]) == k - 1
+        assert (out / f"gradcam_{grouping}_class{k - 1}.png").is_file()
+        oof = pd.read_csv(out / f"oof_{grouping}.csv")
+        np.testing.assert_allclose(oof[[f"p_{c}" for c in range(k)]].sum(axis=1), 1.0, atol=1e-4)
+    sep = metrics["separability"]["scores"]["3class"]["PCA"]["silhouette"]
+    assert sep["shuffled_mean"] is not None
+    folds = pd.read_csv(out / "folds.csv")
+    assert len(folds) == 2 * 3 * 3  # groupings x families (corn, softmax, selected) x folds
+    html = (out / "report.html").read_text()
+    assert "Separability" in html and "features_pca.png" not in html  # figures are embedded
+    assert (out / "features_pca.png").is_file()
+
+
+def test_study_command_rejects_bad_feature_spec(thickness_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from dermkit.cli import app
+
+    args = ["thickness", "study", "--data", str(thickness_root), "--out", str(tmp_path / "x")]
+    result = CliRunner().invoke(app, [*args, "--features", "lite0-224"])
+    assert result.exit_code == 2
+    assert "BACKBONE@SIZE" in result.output
