@@ -292,3 +292,57 @@ def test_core_js_matches_python(tiny_export, tmp_path):
         }
         assert got["confidence"] == pytest.approx(want["confidence"], abs=1e-12)
         assert got["entropy"] == pytest.approx(want["entropy"], abs=1e-12)
+
+
+def _ready_page(browser, url: str):
+    """A page on ``url`` that records every request it makes to /predict."""
+    page = browser()
+    page.uploads = []
+    page.on("request", lambda r: page.uploads.append(r) if "/predict" in r.url else None)
+    page.goto(url)
+    page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+    return page
+
+
+def test_formats_the_api_refuses_are_refused_by_the_page(browser, tiny_export, tmp_path):
+    gif = tmp_path / "lesion.gif"
+    Image.new("RGB", (64, 48), (180, 120, 90)).save(gif, format="GIF")
+    with BackgroundServer(_app(tiny_export)) as url:
+        api = httpx.post(f"{url}/predict", files={"file": (gif.name, gif.read_bytes())})
+        assert api.status_code == 415
+        page = _ready_page(browser, url)
+        assert page.get_attribute("body", "data-engine") == "browser"
+        assert page.get_attribute("#file", "accept") == "image/jpeg,image/png,image/webp"
+        page.set_input_files("#file", str(gif))
+        page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+        assert page.inner_text("#error") == api.json()["error"]["message"]
+        assert page.is_hidden("#result") and page.uploads == []
+        assert page.errors == []
+
+
+def test_no_upload_without_consent_when_the_browser_cannot_decode(browser, tiny_export, tmp_path):
+    broken = tmp_path / "broken.jpg"  # a JPEG signature, then nothing a decoder can use
+    broken.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)
+    with BackgroundServer(_app(tiny_export)) as url:
+        page = _ready_page(browser, url)
+        assert page.get_attribute("body", "data-engine") == "browser"
+        assert "stays on this device" in page.inner_text("#status")
+        page.set_input_files("#file", str(broken))
+        page.wait_for_selector("#consent:not([hidden])", timeout=30_000)
+        assert "has not left this device" in page.inner_text("#consent-text")
+        page.wait_for_timeout(500)
+        assert page.uploads == []  # asked, not sent
+        page.click("#consent-keep")
+        page.wait_for_selector("#consent", state="hidden")
+        assert "stayed on this device" in page.inner_text("#status")
+        page.wait_for_timeout(500)
+        assert page.uploads == []
+        # asked again for the same file; this time the user agrees
+        page.set_input_files("#file", [])
+        page.set_input_files("#file", str(broken))
+        page.wait_for_selector("#consent:not([hidden])", timeout=30_000)
+        page.click("#consent-send")
+        page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+        assert len(page.uploads) == 1
+        assert "the server refused the image" in page.inner_text("#error")
+        assert page.errors == []

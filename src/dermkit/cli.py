@@ -612,7 +612,10 @@ def serve(
     int8: Annotated[str | None, typer.Option(help="serve the dynamic or static INT8 file")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="largest image upload (MB)")] = 10.0,
     timeout: Annotated[float, typer.Option(help="whole-request timeout (s)")] = 30.0,
-    workers: Annotated[int | None, typer.Option(help="concurrent inferences")] = None,
+    workers: Annotated[int | None, typer.Option(help="concurrent decodes + inferences")] = None,
+    decode_queue: Annotated[int, typer.Option(help="requests waiting for a worker")] = 64,
+    header_timeout: Annotated[float, typer.Option(help="request-header read timeout (s)")] = 10.0,
+    max_connections: Annotated[int, typer.Option(help="open connections at most")] = 128,
 ) -> None:
     """FastAPI server + web page: /predict, /health, /model-card, in-browser inference."""
     import uvicorn
@@ -633,14 +636,22 @@ def serve(
             api_key=api_key,
             max_upload_bytes=int(max_upload_mb * 1024 * 1024),
             request_timeout_s=timeout,
+    from dermkit.deploy.http_protocol import uvicorn_config
             workers=workers,
             exits_dir=exits,
             model_file=files[int8],
         )
-    except (*_user_errors(), ModelFolderError) as e:
+        config = uvicorn_config(
+            app_,
+            host,
+            port,
+            header_timeout_s=header_timeout,
+            max_connections=max_connections,
+        )
+    except (*_user_errors(), ModelFolderError, ValueError) as e:
         _fail(str(e))
     console.print(f"serving on http://{host}:{port}/ (API docs: /docs)", highlight=False)
-    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_keep_alive=5)
+    uvicorn.Server(config).run()
 
 
 @bench_app.command("serve")
@@ -650,6 +661,7 @@ def bench_serve_cmd(
     concurrency: Annotated[int, typer.Option(help="requests in flight")] = 16,
     image: Annotated[Path | None, typer.Option(help="image to send (default: built-in)")] = None,
     max_seconds: Annotated[float, typer.Option(help="stop sending after this long")] = 600.0,
+            decode_queue=decode_queue,
     out: Annotated[Path, typer.Option(help="folder for serve.json")] = Path("runs/bench/serve"),
 ) -> None:
     """Load test of `dermkit serve` on loopback: p50/p99 latency and failed requests."""
@@ -685,6 +697,36 @@ def _weights_errors():
 
 @pretrain_app.command("mae")
 def pretrain_mae(
+@bench_app.command("soak")
+def bench_soak_cmd(
+    run: Annotated[Path, typer.Argument(help="export folder or run folder to serve")],
+    junk: Annotated[int, typer.Option(help="concurrent junk uploads")] = 60,
+    junk_mb: Annotated[float, typer.Option(help="size of each junk upload (MB)")] = 10.0,
+    slow: Annotated[int, typer.Option(help="slow-header connections")] = 100,
+    requests: Annotated[int, typer.Option(help="normal requests after the attacks")] = 2000,
+    concurrency: Annotated[int, typer.Option(help="normal requests in flight")] = 16,
+    header_timeout: Annotated[float, typer.Option(help="the server's header timeout (s)")] = 10.0,
+    max_seconds: Annotated[float, typer.Option(help="time bound of each phase (s)")] = 600.0,
+    out: Annotated[Path, typer.Option(help="folder for soak.json")] = Path("runs/bench/serve"),
+) -> None:
+    """Hostile loopback soak of `dermkit serve`: junk uploads, slow headers, then load."""
+    from dermkit.core.files import write_json_atomic
+    from dermkit.deploy.soak import markdown_summary, soak_serve
+
+    try:
+        result = soak_serve(
+            run, junk, junk_mb, slow, requests, concurrency, header_timeout, max_seconds=max_seconds
+        )
+    except (*_user_errors(), RuntimeError, TimeoutError, ValueError) as e:
+        _fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "soak.json", result)
+    print(markdown_summary(result), end="")
+    if not result["passed"]:
+        failed = [name for name, ok in result["checks"].items() if not ok]
+        _fail(f"soak checks failed: {', '.join(failed)} (details in {out / 'soak.json'})", code=1)
+
+
     overrides: Overrides = None,
     preset: Preset = None,
     config: ConfigFile = None,

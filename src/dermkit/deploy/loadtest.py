@@ -53,15 +53,18 @@ class BackgroundServer:
     """Serve an ASGI app with uvicorn in a daemon thread on 127.0.0.1 (tests, the demo).
 
     ``with BackgroundServer(app) as url: ...``: the server is up when the block starts and
-    shut down (open connections closed) when it ends.
+    shut down (open connections closed) when it ends. It runs with ``dermkit serve``'s
+    connection limits (:func:`dermkit.deploy.http_protocol.uvicorn_config`); ``limits``
+    overrides them (``header_timeout_s``, ``keep_alive_s``, ``max_connections``).
     """
 
-    def __init__(self, app, port: int | None = None, start_timeout_s: float = 60):
+    def __init__(self, app, port: int | None = None, start_timeout_s: float = 60, **limits):
         import uvicorn
 
+        from dermkit.deploy.http_protocol import uvicorn_config
+
         self.port = port or free_port()
-        config = uvicorn.Config(app, host=LOOPBACK, port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(app, LOOPBACK, self.port, **limits))
         self.start_timeout_s = start_timeout_s
         self.url = f"http://{LOOPBACK}:{self.port}"
 
@@ -87,6 +90,16 @@ def start_server(run: str | Path, port: int, extra: list[str] | None = None) -> 
     cmd = [sys.executable, "-m", "dermkit.cli", "serve", str(run), "--host", LOOPBACK]
     cmd += ["--port", str(port), *(extra or [])]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Terminate a :func:`start_server` process (killed after 15 s)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 120) -> None:
@@ -182,12 +195,7 @@ def bench_serve(
             _hammer(url, data, requests, concurrency, max_seconds, headers)
         )
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
     ms = np.asarray(latencies) * 1e3
     return {
         "run": str(run),

@@ -10,25 +10,45 @@ ever becomes a filesystem path.
 
 Hostile input, in the order a request meets it:
 
+* connection limits (:mod:`dermkit.deploy.http_protocol`, run by ``dermkit serve``): a
+  header-read timeout (10 s; JSON 408), idle keep-alive connections closed after 5 s, at
+  most 128 open connections (JSON 503), malformed requests a JSON 400;
 * the API key (``X-API-Key``, constant-time comparison) when one is configured, before
-  the body is read: 401;
+  the body is read: 401. With a key, every path needs it except :data:`PUBLIC_PATHS` and
+  :data:`PUBLIC_PREFIXES`: what the page needs to run the model in the browser (the page,
+  ``/config``, ``/model/*``, ``/ort/*``) and ``/health`` (liveness probes). ``/predict``,
+  ``/model-card``, ``/docs``, ``/redoc`` and ``/openapi.json`` (and any unknown path)
+  need the key;
 * a request timeout over the whole request (upload included): 408 while the body is still
   arriving (slow clients), 503 when the server itself was too slow;
 * an upload size limit: ``Content-Length`` checked before reading, then bytes counted as
   they arrive (chunked uploads), 413 either way; the multipart part is checked again;
-* type sniffing from the magic bytes (JPEG, PNG, WebP; the client's content type and
-  filename are ignored): 415; then a real, full decode restricted to the sniffed format
-  with dermkit's decoder (truncation, transparency, modes): 422;
-* a decompression-bomb guard and dimension limits from the image header, before any pixel
-  is decoded: 413.
+* a cheap header check before any decode (:mod:`dermkit.deploy.image_probe`, a few KiB
+  read whatever the size): type from the magic bytes (:data:`IMAGE_FORMATS`, the list the
+  page gets from ``/config``; the client's content type and filename are ignored): 415;
+  a malformed header: 422; width x height over the pixel limit or a side over the side
+  limit: 413;
+* decoding and inference in a bounded pool (:class:`BoundedPool`: ``workers`` threads,
+  ``decode_queue`` waiting; more is a JSON 503 at once), so the event loop and ``/health``
+  stay free; there, a real, full decode restricted to the sniffed format with dermkit's
+  decoder (truncation, transparency, modes, bomb guard): 422 / 413.
 
-Every error is JSON ``{"error": {"status", "code", "message"}}``; bad input is always 4xx.
-Inference runs in worker threads bounded by a capacity limiter.
+Memory: an upload is parsed into a spooled temporary file (1 MiB in memory, the rest on
+disk) and is read into memory only by its pool job, so upload bytes in memory are at most
+``workers x max_upload_bytes`` plus 1 MiB per open connection (128 at most), and decoded
+pixels at most ``workers x max_image_pixels x 3`` bytes (plus PIL's working copy). With the
+defaults on 2 cores: 2 x 10 MiB + 128 MiB, and 2 x 120 MB of pixels.
+
+No response carries a server path: the model card is served through
+:func:`dermkit.deploy.redact.public_card`. Every error is JSON
+``{"error": {"status", "code", "message"}}``, a wrong method is a 405 with ``Allow``; bad
+input is always 4xx.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
 from pathlib import Path
@@ -43,7 +63,15 @@ from starlette.exceptions import HTTPException
 
 from dermkit import __version__
 from dermkit.data.images import ImageDecodeError, decode_rgb_bytes
+from dermkit.deploy.decode_pool import BoundedPool, PoolFullError
+from dermkit.deploy.image_probe import (
+    IMAGE_FORMATS,
+    UNSUPPORTED_MESSAGE,
+    ProbeError,
+    probe_header,
+)
 from dermkit.deploy.inference import ServedModel
+from dermkit.deploy.redact import public_card
 
 WEB_DIR = Path(__file__).with_name("web")
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -56,20 +84,18 @@ PAGE_FILES = {
     "style.css": "text/css",
 }
 MEDIA_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm"}
-# Magic bytes -> PIL format name. Only these are decoded; everything else is a 415.
-SNIFFED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 MULTIPART_OVERHEAD = 64 * 1024
+# Open with --api-key: the page and what it needs to run the model in the browser, and
+# liveness. Everything else (/predict, /model-card, /docs, /redoc, /openapi.json, unknown
+# paths) needs X-API-Key.
+PUBLIC_PATHS = frozenset({"/", "/health", "/config", *(f"/{name}" for name in PAGE_FILES)})
+PUBLIC_PREFIXES = ("/model/", "/ort/")
+DECODE_QUEUE = 64
 
 
-def sniff_image_type(data: bytes) -> str | None:
-    """PIL format name from the first bytes ("JPEG", "PNG", "WEBP"), else None."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "JPEG"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "PNG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
+def is_public(path: str) -> bool:
+    """Whether ``path`` is served without the API key when one is configured."""
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
 def default_ort_dist() -> Path:
@@ -138,8 +164,9 @@ ERRORS = {
         413: "upload or image too large (bytes, pixels or sides)",
         415: "not a JPEG, PNG or WebP file",
         422: "not a usable image, or invalid parameters",
-        503: "the server could not answer in time",
+        503: "the server is busy or could not answer in time",
     }.items()
+        405: "wrong method for this path",
 }
 
 
@@ -174,7 +201,9 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     code = getattr(exc, "code", None) or _DEFAULT_CODES.get(exc.status_code, "error")
-    return error_response(exc.status_code, code, str(exc.detail))
+    response = error_response(exc.status_code, code, str(exc.detail))
+    response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+    return response
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -213,17 +242,16 @@ class LimitsMiddleware:
         max_body_bytes: int,
         timeout_s: float,
         api_key: str | None = None,
-        protected: tuple[str, ...] = ("/predict",),
     ):
         self.app, self.max_body, self.timeout_s = app, max_body_bytes, timeout_s
-        self.api_key, self.protected = api_key, protected
+        self.api_key = api_key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        needs_key = self.api_key is not None and scope["path"] in self.protected
+        needs_key = self.api_key is not None and not is_public(scope["path"])
         if needs_key and not key_matches(headers.get(b"x-api-key"), self.api_key):
             response = error_response(401, "unauthorized", "missing or wrong X-API-Key header")
             await response(scope, receive, send)
@@ -293,6 +321,7 @@ def create_app(
     exits_dir: str | Path | None = None,
     model_file: str = "model.onnx",
     saliency_run: str | Path | None = None,
+    decode_queue: int = DECODE_QUEUE,
     ort_dist: str | Path | None = None,
     threads: int = 1,
     malignant_threshold: float = 0.3,
@@ -301,12 +330,14 @@ def create_app(
 
     Args:
         model_dir: export folder (model_card.json + ONNX); see :class:`ServedModel`.
-        api_key: when set, ``/predict`` needs header ``X-API-Key`` with this value.
+        api_key: when set, every path but the public ones (:func:`is_public`) needs header
+            ``X-API-Key`` with this value.
         max_upload_bytes: largest accepted image file (the request may carry 64 KiB more
             multipart framing).
         max_image_pixels / max_image_side: decoded size limits, checked from the header.
         request_timeout_s: whole-request limit, upload included.
-        workers: concurrent inferences (default: CPU count).
+        workers: concurrent decodes + inferences (default: CPU count).
+        decode_queue: requests that may wait for a worker; beyond, a 503 at once.
         exits_dir, model_file, saliency_run, threads, malignant_threshold: see
             :class:`ServedModel`.
         ort_dist: onnxruntime-web's dist folder (default :func:`default_ort_dist`); when
@@ -320,12 +351,12 @@ def create_app(
         threads=threads,
         malignant_threshold=malignant_threshold,
     )
-    limiter = anyio.CapacityLimiter(workers or os.cpu_count() or 1)
+    pool = BoundedPool(workers or os.cpu_count() or 1, decode_queue)
     ort_dir = Path(ort_dist) if ort_dist else default_ort_dist()
     ort_files = {name: ort_dir / name for name in ORT_FILES if (ort_dir / name).is_file()}
     page = {name: (WEB_DIR / name).read_bytes() for name in [*PAGE_FILES, "index.html"]}
     model_files = model.model_files()
-    card_json = (model.dir / "model_card.json").read_bytes()
+    card = public_card(json.loads((model.dir / "model_card.json").read_text()))
 
     app = FastAPI(
         title="dermkit",
@@ -348,19 +379,34 @@ def create_app(
 
     def check_key(given: str | None) -> None:
         # the middleware already refused a bad key before the upload; this keeps the
+    app.state.pool = pool
         # endpoint safe on its own (and documents the header in the OpenAPI spec)
         if api_key is not None and not key_matches(given, api_key):
             raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header")
 
-    def decode(data: bytes) -> tuple:
-        fmt = sniff_image_type(data)
-        if fmt is None:
+    def check_header(f) -> str:
+        """The upload's format, from a few KiB of its header; 415/422/413 otherwise."""
+        try:
+            info = probe_header(f)
+        except ProbeError as e:
+            if e.kind == "unsupported":
+                raise ApiError(415, "unsupported_media_type", UNSUPPORTED_MESSAGE) from None
+            code = "truncated_image" if "truncated" in e.reason else "invalid_image"
+            raise ApiError(422, code, e.reason) from None
+        w, h = info.width, info.height
+        if w * h > max_image_pixels or max(w, h) > max_image_side:
             raise ApiError(
-                415, "unsupported_media_type", "not a JPEG, PNG or WebP image (by content)"
+                413,
+                "image_too_large",
+                f"image too large: {w}x{h} pixels (limits: {max_image_pixels:,} pixels, "
+                f"{max_image_side:,} per side)",
             )
         try:
             rgb, _ = decode_rgb_bytes(
                 data,
+        return info.format
+
+    def decode(data: bytes, fmt: str) -> tuple:
                 "upload",
                 max_pixels=max_image_pixels,
                 max_side=max_image_side,
@@ -374,8 +420,9 @@ def create_app(
             raise ApiError(422, code, e.reason) from None
         return rgb, fmt
 
-    def answer(data: bytes, saliency: bool) -> dict:
-        rgb, fmt = decode(data)
+    def answer(f, fmt: str, saliency: bool) -> dict:
+        f.seek(0)
+        rgb, fmt = decode(f.read(), fmt)  # the only full read of an upload: in the pool
         pred = model.predict(rgb)
         summary = model.summarise(pred.probabilities)
         png = base64.b64encode(model.saliency_png(pred)).decode() if saliency else None
@@ -402,17 +449,21 @@ def create_app(
             raise ApiError(
                 422, "saliency_unavailable", "saliency needs the run's model.safetensors"
             )
-        data = await file.read(max_upload_bytes + 1)
-        await file.close()
-        if len(data) > max_upload_bytes:
-            raise ApiError(
-                413, "upload_too_large", f"file exceeds the {max_upload_bytes:,} byte limit"
-            )
-        if not data:
-            raise ApiError(422, "invalid_image", "empty file")
-        return await anyio.to_thread.run_sync(
-            answer, data, saliency, limiter=limiter, abandon_on_cancel=True
-        )
+        try:
+            size = file.size if file.size is not None else file.file.seek(0, 2)
+            if size > max_upload_bytes:
+                raise ApiError(
+                    413, "upload_too_large", f"file exceeds the {max_upload_bytes:,} byte limit"
+                )
+            if not size:
+                raise ApiError(422, "invalid_image", "empty file")
+            fmt = check_header(file.file)
+            try:
+                return await pool.run(answer, file.file, fmt, saliency)
+            except PoolFullError as e:
+                raise ApiError(503, "busy", f"{e}; try again shortly") from None
+        finally:
+            await file.close()
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> dict:
@@ -428,8 +479,8 @@ def create_app(
 
     @app.get("/model-card", responses={200: {"description": "the model card JSON"}})
     async def model_card() -> Response:
-        """The exported model's card (schema: model_card.schema.json)."""
-        return Response(card_json, media_type="application/json")
+        """The exported model's card (schema: model_card.schema.json), without server paths."""
+        return JSONResponse(card)
 
     @app.get("/config")
     async def config() -> dict:
@@ -444,13 +495,19 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> Response:
+            "image_formats": [fmt.to_json() for fmt in IMAGE_FORMATS],
+            "unsupported_message": UNSUPPORTED_MESSAGE,
         return Response(page["index.html"], media_type="text/html; charset=utf-8")
 
-    @app.get("/{name}", include_in_schema=False)
-    async def page_file(name: str) -> Response:
-        if name not in PAGE_FILES:
-            raise ApiError(404, "not_found", "not found")
-        return Response(page[name], media_type=PAGE_FILES[name])
+    # one route per page file (no catch-all "/{name}", which turned GET /predict into a 404)
+    def page_file(name: str):
+        async def serve_page_file() -> Response:
+            return Response(page[name], media_type=PAGE_FILES[name])
+
+        return serve_page_file
+
+    for name in PAGE_FILES:
+        app.add_api_route(f"/{name}", page_file(name), methods=["GET"], include_in_schema=False)
 
     @app.get("/ort/{name}", include_in_schema=False)
     async def ort_file(name: str) -> Response:

@@ -4,6 +4,12 @@
  * server's POST /predict when that is impossible (no WebAssembly, ort files missing, a
  * model that fails to load) or when the page is opened with ?engine=server.
  *
+ * Once the page has said that images stay on the device (the browser engine), nothing is
+ * uploaded without the user's explicit consent: an image the browser cannot decode or run
+ * (a truncated file, a bomb) brings up a question, and only "Send" uploads it. Files that
+ * are not one of the server's formats (GET /config image_formats, sniffed from the bytes
+ * as the API does) are refused before anything else, in both engines.
+ *
  * The preprocessing and post-processing live in core.js and mirror the server's
  * (dermkit.deploy.inference), so both answer the same for the same image.
  * The last result is in #result-json (and window.dermkitResult) for tests and debugging.
@@ -70,6 +76,11 @@
     const forced = new URLSearchParams(location.search).get("engine");
     if (forced === "server") {
       state.why = "requested with ?engine=server";
+    const mimes = cfg.image_formats.map((f) => f.mime).join(",");
+    $("file").accept = mimes;
+    $("camera-file").accept = mimes;
+    const names = cfg.image_formats.map((f) => f.name);
+    $("formats-hint").textContent = names.slice(0, -1).join(", ") + " or " + names.slice(-1);
     } else {
       try {
         await initBrowserEngine(cfg);
@@ -289,8 +300,36 @@
     $("saliency-img").hidden = true;
     document.body.dataset.result = "";
     setStatus("Analysing…");
+  /** The format of ``blob`` by its first bytes, as the API sniffs it; throws when none. */
+  async function checkFormat(blob) {
+    const head = new Uint8Array(await blob.slice(0, 16).arrayBuffer());
+    if (!core.sniffFormat(head, state.cfg.image_formats)) {
+      throw new Error(state.cfg.unsupported_message);
+    }
+  }
+
+  /** Ask before uploading an image the page promised to keep; resolves true for "Send". */
+  function askToUpload(reason) {
+    const box = $("consent");
+    $("consent-text").textContent =
+      "Your browser could not analyse this image (" + reason + "). It has not left this " +
+      "device. Send it to the server to be analysed there?";
+    box.hidden = false;
+    return new Promise((resolve) => {
+      const done = (answer) => {
+        box.hidden = true;
+        $("consent-send").onclick = null;
+        $("consent-keep").onclick = null;
+        resolve(answer);
+      };
+      $("consent-send").onclick = () => done(true);
+      $("consent-keep").onclick = () => done(false);
+    });
+  }
+
     const cfg = state.cfg;
     const wantSaliency = $("saliency").checked;
+    $("consent").hidden = true;
     try {
       if (blob.size > cfg.max_upload_bytes) {
         throw new Error(`the file is larger than ${(cfg.max_upload_bytes / 1048576).toFixed(0)} MB`);
@@ -298,12 +337,19 @@
       let result;
       if (state.engine === "browser") {
         try {
+      await checkFormat(blob);
           const pixels = await getPixels();
           result = await predictInBrowser(pixels);
           drawCrop(result.crop, cfg.image_size);
         } catch (err) {
           if (/too large|transparent/.test(err.message)) throw err;
-          console.warn("in-browser inference failed, asking the server:", err);
+          console.warn("in-browser inference failed:", err);
+          setStatus("");
+          if (!(await askToUpload(err.message || "unknown error"))) {
+            setStatus("Not sent: your image stayed on this device.");
+            return;
+          }
+          setStatus("Analysing on the server…");
           result = await predictOnServer(blob, false);
         }
       } else {

@@ -174,6 +174,24 @@
     return out;
   }
 
+  /**
+   * The accepted format whose signature the first bytes match, else null. ``formats`` is
+   * the server's list (GET /config image_formats: [{name, mime, magic: [[offset, hex]]}]),
+   * the same table the API sniffs uploads with (dermkit.deploy.image_probe.IMAGE_FORMATS).
+   */
+  function sniffFormat(head, formats) {
+    for (const f of formats) {
+      const ok = f.magic.every(([offset, hex]) => {
+        for (let i = 0; i < hex.length / 2; i++) {
+          if (head[offset + i] !== parseInt(hex.substr(2 * i, 2), 16)) return false;
+        }
+        return true;
+      });
+      if (ok) return f.name;
+    }
+    return null;
+  }
+
   /** RGBA bytes (canvas ImageData.data) -> RGB bytes; null if any pixel is transparent. */
   function rgbaToRgb(rgba, w, h) {
     const n = w * h;
@@ -289,6 +307,7 @@
     pilResizeBicubic,
     resizeShortSideCenterCrop,
     rgbaToRgb,
+    sniffFormat,
     normalise,
     softmax,
     decisionRule,
