@@ -101,7 +101,7 @@ def test_distill_presets_build_their_student(preset):
 
 
 def test_model_cost_counts_flops_of_a_known_network():
-    from dermkit.deploy.latency import model_cost
+    from dermkit.models.cost import model_cost
 
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1),

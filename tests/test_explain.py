@@ -22,7 +22,6 @@ from dermkit.explain.features import (
     silhouette,
     umap_2d,
 )
-from dermkit.explain.run_model import load_explain_run
 from dermkit.explain.saliency import (
     attention_rollout,
     captured_attention,
@@ -32,6 +31,7 @@ from dermkit.explain.saliency import (
 )
 from dermkit.models.backbones import create_backbone
 from dermkit.train.finetune import run_finetune
+from dermkit.train.run_model import load_explain_run
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_randomised_copy_changes_every_weight():
 
 def test_saliency_sanity_check_trained_vs_random(trained_run):
     run = load_explain_run(trained_run)
-    from dermkit.explain.run_model import run_data
+    from dermkit.train.run_model import run_data
 
     data = run_data(run)
     from dermkit.data.dataset import CachedImageDataset

@@ -250,8 +250,8 @@ def test_ordinal_finetune_learns_phantom_thickness(melanoma_root, cache_dir, tmp
     from typer.testing import CliRunner
 
     from dermkit.cli import app
-    from dermkit.explain.run_model import load_explain_run
     from dermkit.train.finetune import run_finetune
+    from dermkit.train.run_model import load_explain_run
 
     run = tmp_path / "run"
     overrides = [f"data.path={melanoma_root}", f"data.cache_dir={cache_dir}", f"out_dir={run}"]

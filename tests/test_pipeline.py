@@ -135,7 +135,7 @@ def test_tiny_pipeline_produces_every_stage_artifact(demo_out):
 
 
 def test_unchanged_rerun_reuses_everything_and_keys_ignore_the_folder(demo_out, tmp_path):
-    result = run_pipeline(_pipeline(demo_out), progress=False)
+    result = run_pipeline(_pipeline(demo_out), DERMAE_STAGES, progress=False)
     assert result.executed == []
     assert all(r.status == "cached" for r in result.records.values())
     here = plan_pipeline(_pipeline(demo_out), DERMAE_STAGES)
@@ -153,7 +153,7 @@ def test_changing_distill_temperature_reruns_distill_and_later_stages_only(demo_
         for s in UPSTREAM_OF_DISTILL
     }
     result = run_pipeline(
-        _pipeline(demo_out, "stages.distill.distill.temperature=2.0"), progress=False
+        _pipeline(demo_out, "stages.distill.distill.temperature=2.0"), DERMAE_STAGES, progress=False
     )
     assert result.executed == DOWNSTREAM_OF_DISTILL
     for s in UPSTREAM_OF_DISTILL:
@@ -213,7 +213,9 @@ def test_killed_during_sampling_resumes_without_redoing_or_duplicating(demo_out,
     killed = json.loads((sample_dir / ATTEMPTS).read_text())
     assert killed["attempts"] == 1 and killed["wall_s"] >= 0
 
-    result = run_pipeline(_pipeline(demo_out, *overrides), targets=["sample"], progress=False)
+    result = run_pipeline(
+        _pipeline(demo_out, *overrides), DERMAE_STAGES, targets=["sample"], progress=False
+    )
     assert result.executed == ["sample"] and result.records["sample"].status == "resumed"
     for s, d in before.items():
         assert result.records[s].status == "cached" and result.path(s) == d

@@ -1230,13 +1230,14 @@ def run_cmd(
     of the summary report.html.
     """
     from dermkit.pipeline import load_pipeline, plan_status, run_pipeline
+    from dermkit.stages import DERMAE_STAGES
 
     try:
         cfg = load_pipeline(pipeline, overrides or [])
         if dry_run:
-            _print_plan(plan_status(cfg, targets=until))
+            _print_plan(plan_status(cfg, DERMAE_STAGES, targets=until))
             return
-        result = run_pipeline(cfg, targets=until, progress=progress)
+        result = run_pipeline(cfg, DERMAE_STAGES, targets=until, progress=progress)
     except _pipeline_errors() as e:
         _fail(str(e))
     console.print(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dermkit.pipeline import PipelineResult, load_pipeline, run_pipeline
+from dermkit.stages import DERMAE_STAGES
 
 DEMO_PIPELINE = "dermae-tiny"
 
@@ -39,5 +40,7 @@ def run_demo(
     progress: bool = True,
 ) -> Path:
     """Run the demo pipeline; returns the summary report's path."""
-    result: PipelineResult = run_pipeline(demo_pipeline(out, n_lesions, seed), progress=progress)
+    result: PipelineResult = run_pipeline(
+        demo_pipeline(out, n_lesions, seed), DERMAE_STAGES, progress=progress
+    )
     return Path(result.report)

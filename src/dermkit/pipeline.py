@@ -564,15 +564,9 @@ def _cached_record(planned: Planned) -> StageRecord:
     )
 
 
-def _default_stages() -> Sequence[Stage]:
-    from dermkit.stages import DERMAE_STAGES
-
-    return DERMAE_STAGES
-
-
 def plan_status(
     cfg: PipelineConfig,
-    stages: Sequence[Stage] | None = None,
+    stages: Sequence[Stage],
     targets: Sequence[str] | None = None,
 ) -> list[dict]:
     """What ``run_pipeline`` would do, without running: one row per stage.
@@ -580,7 +574,6 @@ def plan_status(
     status: cached (reused), partial (resumed), todo (computed), off, or not needed (for
     ``targets``).
     """
-    stages = stages if stages is not None else _default_stages()
     plans = plan_pipeline(cfg, stages)
     order = set(needed_stages(plans, targets))
     rows = []
@@ -606,7 +599,7 @@ def plan_status(
 
 def run_pipeline(
     cfg: PipelineConfig,
-    stages: Sequence[Stage] | None = None,
+    stages: Sequence[Stage],
     targets: Sequence[str] | None = None,
     progress: bool = True,
     summary: bool = True,
@@ -616,7 +609,6 @@ def run_pipeline(
     Returns the records; writes ``<out_dir>/pipeline.json`` and (``summary``) the summary
     ``<out_dir>/report.html``. A failing stage is recorded, then its error re-raised.
     """
-    stages = stages if stages is not None else _default_stages()
     t0 = time.time()
     plans = plan_pipeline(cfg, stages)
     order = needed_stages(plans, targets)

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from dermkit.eval.report import HtmlReport
+from dermkit.eval.report import HtmlReport, markdown_rows
 
 
 def _source_text(result) -> str:
@@ -61,8 +61,6 @@ def write_summary_report(result, seconds: float) -> Path:
             report.add_link(r.report, f"{name}: {r.title}")
     evaluate = result.records.get("evaluate")
     if evaluate is not None and evaluate.path and evaluate.status in ("ran", "resumed", "cached"):
-        from dermkit.stages import markdown_rows
-
         table = Path(evaluate.path) / "table.md"
         if table.exists():
             report.add_heading("Classifiers (evaluate stage)")

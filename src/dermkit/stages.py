@@ -48,7 +48,7 @@ from dermkit.config import (
     load_config,
 )
 from dermkit.core.files import write_json_atomic
-from dermkit.eval.report import HtmlReport, format_estimate, to_jsonable
+from dermkit.eval.report import HtmlReport, format_estimate, markdown_rows, to_jsonable
 from dermkit.pipeline import PhantomsSource, Stage, StageContext, flatten_overrides
 from dermkit.runs import RunDir
 
@@ -716,13 +716,6 @@ def _run_evaluate(cfg: EvaluateStageConfig, out: Path, resume: bool) -> Path:
     for name, run in cfg.runs.items():
         report.add_link(os.path.relpath(Path(run, "report.html"), out), f"{name}: full report")
     return report.write(out / "report.html")
-
-
-def markdown_rows(table: str) -> list[dict]:
-    """The rows of a GitHub markdown table as dicts (for an HtmlReport table)."""
-    lines = [ln for ln in table.strip().splitlines() if ln.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
 
 
 def _metric_evaluate(path: Path) -> str:

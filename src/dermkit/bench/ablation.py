@@ -38,6 +38,7 @@ from dermkit.pipeline import (
     resolve_pipeline_path,
     run_pipeline,
 )
+from dermkit.stages import DERMAE_STAGES
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def plan_ablation(
         if row.ensemble:  # computed from its members' folders in seconds: no stages
             plans.append((row, []))
             continue
-        rows = plan_status(row_pipeline(ablation, row, extra), targets=[row.target])
+        rows = plan_status(row_pipeline(ablation, row, extra), DERMAE_STAGES, targets=[row.target])
         plans.append((row, rows))
     return plans
 
@@ -253,7 +254,9 @@ def run_ablation(
             continue
         cfg = row_pipeline(ablation, row, extra)
         started = time.time()
-        result = run_pipeline(cfg, targets=[row.target], progress=progress, summary=False)
+        result = run_pipeline(
+            cfg, DERMAE_STAGES, targets=[row.target], progress=progress, summary=False
+        )
         summary = summarize_run(
             result.path(row.target), latency=latency, n_boot=ablation.n_boot, seed=cfg.seed
         )
@@ -296,8 +299,7 @@ def run_ablation(
 
 
 def _write_report(out: Path, records: list[dict], table: str, text: str) -> Path:
-    from dermkit.eval.report import HtmlReport
-    from dermkit.stages import markdown_rows
+    from dermkit.eval.report import HtmlReport, markdown_rows
 
     report = HtmlReport("dermkit ablation")
     report.add_paragraph(text)

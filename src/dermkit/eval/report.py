@@ -234,6 +234,13 @@ def ci_method_note(result: dict) -> str:
     )
 
 
+def markdown_rows(table: str) -> list[dict]:
+    """The rows of a GitHub markdown table as dicts (for an HtmlReport table)."""
+    lines = [ln for ln in table.strip().splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+
+
 def link_into_report(report_path: str | Path, target: str | Path, text: str) -> bool:
     """Add a link to ``target`` at the end of an existing report.html; True when added.
 

@@ -9,7 +9,7 @@ headline numbers (DESIGN.md) in one flat dict:
   P(mel), at the lowest threshold whose specificity is >= 90%) and ece (15 bins);
 * model facts when the run has a torch model: ``params`` (parameter count), ``gflops``
   (one image at the run's image size, ``torch.utils.flop_counter.FlopCounterMode`` via
-  :func:`dermkit.deploy.latency.model_cost`: a multiply-add counts as 2 FLOPs; only the
+  :func:`dermkit.models.cost.model_cost`: a multiply-add counts as 2 FLOPs; only the
   operations FlopCounterMode knows are counted, i.e. matrix products and convolutions) and
   ``latency_ms_batch1`` (median of batch-1 fp32 forward passes on the CPU after warm-up,
   with torch's intra-op threads as the caller configured them). None where not applicable.
@@ -273,7 +273,7 @@ def _summarize_classifier_run(run_dir: Path, latency: bool, n_boot: int, seed: i
     else:  # metrics are current; only the latency is missing
         summary = cached
     if has_model:
-        from dermkit.deploy.latency import model_cost
+        from dermkit.models.cost import model_cost
         from dermkit.models.runs_io import load_run_model
 
         model, cfg, _ = load_run_model(run_dir)

@@ -387,7 +387,7 @@ def run_explain_features(
     ``color_by`` None: the DEFAULT_COLOR_BY columns present, plus ``thickness`` and the
     ordinal column of an ordinal run. Returns the report path.
     """
-    from dermkit.explain.run_model import load_explain_run, run_data
+    from dermkit.train.run_model import load_explain_run, run_data
 
     run = load_explain_run(run_dir)
     data = run_data(run, data_path)

@@ -318,7 +318,7 @@ def run_explain_saliency(
     (default ``RUN/explain-saliency``); returns the report path.
     """
     from dermkit.eval.report import HtmlReport, to_jsonable
-    from dermkit.explain.run_model import load_explain_run, run_data
+    from dermkit.train.run_model import load_explain_run, run_data
 
     run = load_explain_run(run_dir)
     data = run_data(run, data_path)

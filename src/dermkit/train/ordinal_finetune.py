@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,7 +41,6 @@ from dermkit.eval.ordinal import (
 )
 from dermkit.eval.predictions import write_predictions
 from dermkit.runs import RunDir
-from dermkit.train.finetune import build_model, load_training_data
 from dermkit.train.loop import load_best, make_accelerator, predict_logits, train_classifier
 from dermkit.train.ordinal import (
     DIAGNOSIS_COLUMN,
@@ -92,9 +93,19 @@ def write_ordinal_predictions(
 
 
 def run_ordinal_finetune(
-    cfg: FinetuneRunConfig, resume: bool = False, progress: bool = True
+    cfg: FinetuneRunConfig,
+    resume: bool = False,
+    progress: bool = True,
+    *,
+    build_model: Callable[[FinetuneRunConfig, int], tuple[torch.nn.Module, str]],
+    load_training_data: Callable[[FinetuneRunConfig, RunDir], tuple[Any, np.ndarray]],
 ) -> Path:
-    """Fine-tune an ordinal (CORN) classifier end to end; returns the path of report.html."""
+    """Fine-tune an ordinal (CORN) classifier end to end; returns the path of report.html.
+
+    ``build_model`` and ``load_training_data`` are ``dermkit.train.finetune``'s, passed in by
+    ``run_finetune`` (the caller that dispatches on ``task.kind``), so this module does not
+    import finetune back: no import circle.
+    """
     _check(cfg)
     accelerator = make_accelerator(cfg.optim.precision)
     with RunDir(cfg.out_dir, cfg, "finetune", write=accelerator.is_main_process) as run:
