@@ -137,6 +137,9 @@ def test_nested_cv_chooses_informative_features_on_inner_folds():
         for seed in (0, 1):
             tested = np.concatenate([t for (s, _), t in r.test_index.items() if s == seed])
             assert sorted(tested.tolist()) == list(range(60))
+    # outer folds in parallel processes give the same predictions
+    parallel = nested_cv(features, y, 3, grid, n_folds=3, seeds=(0, 1), inner_folds=2, n_jobs=2)
+    np.testing.assert_allclose(parallel[SELECTED].mean_oof(), results[SELECTED].mean_oof())
     summary = results[SELECTED].summary()
     assert summary["balanced_accuracy"]["value"] > 0.6  # chance: 1/3
     assert summary["balanced_accuracy"]["ci_low"] < summary["balanced_accuracy"]["value"]
@@ -149,7 +152,8 @@ def test_study_command_end_to_end(thickness_root, tmp_path, cache_dir):
 
     out = tmp_path / "study"
     args = ["thickness", "study", "--data", str(thickness_root), "--out", str(out)]
-    args += ["--features", "vit_micro_patch4_32@32:random", "--folds", "3", "--seeds", "0"]
+    args += ["--features", "vit_micro_patch4_32@32:random", "--features", "classical@32"]
+    args += ["--folds", "3", "--seeds", "0"]
     args += ["--inner-folds", "2", "--gradcam-per-class", "1", "--n-shuffle", "5"]
     args += ["--n-boot", "10", "--cache-dir", str(cache_dir), "--cs", "0.01"]
     args += ["--random-copies", "1"]
@@ -168,7 +172,15 @@ def test_study_command_end_to_end(thickness_root, tmp_path, cache_dir):
     sep = metrics["separability"]["scores"]["3class"]["PCA"]["silhouette"]
     assert sep["shuffled_mean"] is not None
     folds = pd.read_csv(out / "folds.csv")
-    assert len(folds) == 2 * 3 * 3  # groupings x families (corn, softmax, selected) x folds
+    # groupings x families (corn, softmax per feature set; selected) x folds
+    assert len(folds) == 2 * 5 * 3
+    assert set(folds["family"]) >= {
+        "corn | classical@32",
+        "softmax | vit_micro_patch4_32@32:random",
+    }
+    # Grad-CAM only ever explains probes of a network
+    for g in metrics["groupings"].values():
+        assert "classical" not in g["gradcam_family"]
     html = (out / "report.html").read_text()
     assert "Separability" in html and "features_pca.png" not in html  # figures are embedded
     assert (out / "features_pca.png").is_file()

@@ -1391,6 +1391,7 @@ def thickness_study_cmd(
     n_shuffle: Annotated[int, typer.Option(help="shuffled-label controls")] = 200,
     n_boot: Annotated[int, typer.Option(help="bootstrap replicates of pooled metrics")] = 1000,
     cache_dir: Annotated[Path | None, typer.Option(help="image cache root")] = None,
+    jobs: Annotated[int, typer.Option(help="outer folds run in parallel")] = 1,
 ) -> None:
     """Nested-CV probes (CORN vs softmax) on frozen features, analyses and report.html."""
     from dermkit.eval.thickness_study import ThicknessStudyConfig, run_thickness_study
@@ -1407,6 +1408,7 @@ def thickness_study_cmd(
         n_shuffle=n_shuffle,
         n_boot=n_boot,
         cache_dir=cache_dir,
+        n_jobs=jobs,
     )
     if features:
         cfg.features = list(features)

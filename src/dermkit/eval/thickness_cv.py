@@ -271,6 +271,7 @@ def nested_cv(
     n_folds: int = 5,
     seeds: tuple[int, ...] = (0, 1, 2),
     inner_folds: int = 3,
+    n_jobs: int = 1,
 ) -> dict[str, FamilyResult]:
     """Outer stratified K-fold x seeds; each family chosen on inner CV of the training fold.
 
@@ -278,6 +279,7 @@ def nested_cv(
         features: {feature set name: (N, D) features}, rows aligned with ``y``.
         y: (N,) class codes 0..K-1.
         grid: the candidates (every ``spec.features`` must be a key of ``features``).
+        n_jobs: outer folds run in parallel (joblib processes); 1 runs them in turn.
 
     Returns:
         {family: FamilyResult}: one family per (head, feature set), and ``selected``.
@@ -292,52 +294,68 @@ def nested_cv(
             f"got counts {np.bincount(y, minlength=k).tolist()}"
         )
     families = [*sorted({s.family for s in grid}), SELECTED]
+    tasks = []
+    for seed in seeds:
+        outer = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
+        for fold, (train, test) in enumerate(outer.split(np.zeros(len(y)), y)):
+            tasks.append((seed, fold, train, test))
+    if n_jobs == 1:
+        done = [_outer_fold(features, y, k, grid, families, inner_folds, *t) for t in tasks]
+    else:
+        from joblib import Parallel, delayed
+
+        done = Parallel(n_jobs=n_jobs)(
+            delayed(_outer_fold)(features, y, k, grid, families, inner_folds, *t) for t in tasks
+        )
+    results = {f: FamilyResult() for f in families}
+    for (seed, fold, _, test), per_family in zip(tasks, done, strict=True):
+        for family, (probe, probs, row) in per_family.items():
+            r = results[family]
+            r.oof.setdefault(seed, np.zeros((len(y), k)))[test] = probs
+            r.probes[(seed, fold)] = probe
+            r.test_index[(seed, fold)] = test
+            r.folds.append(row)
+    return results
+
+
+def _outer_fold(features, y, k, grid, families, inner_folds, seed, fold, train, test) -> dict:
+    """{family: (probe refit on ``train``, test probabilities, fold row)} of one outer fold.
+
+    Only ``train`` rows are seen until the chosen probes predict ``test``.
+    """
     # Matrices of ~200 x 200: BLAS threads only fight each other (10-100x slower on a
     # busy 2-core machine than one thread).
     with threadpool_limits(limits=1):
-        return _nested_cv(features, y, k, grid, families, n_folds, seeds, inner_folds)
-
-
-def _nested_cv(features, y, k, grid, families, n_folds, seeds, inner_folds):
-    results = {f: FamilyResult() for f in families}
-    for seed in seeds:
-        for f in families:
-            results[f].oof[seed] = np.zeros((len(y), k))
-        outer = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
-        for fold, (train, test) in enumerate(outer.split(np.zeros(len(y)), y)):
-            inner = list(
-                StratifiedKFold(inner_folds, shuffle=True, random_state=seed).split(
-                    np.zeros(len(train)), y[train]
-                )
+        inner = list(
+            StratifiedKFold(inner_folds, shuffle=True, random_state=seed).split(
+                np.zeros(len(train)), y[train]
             )
-            scores = {
-                spec: _inner_score(features[spec.features][train], y[train], spec, k, inner)
-                for spec in grid
+        )
+        scores = {
+            spec: _inner_score(features[spec.features][train], y[train], spec, k, inner)
+            for spec in grid
+        }
+        out = {}
+        for family in families:
+            members = [s for s in grid if family in (SELECTED, s.family)]
+            best = max(members, key=lambda s: scores[s])
+            probe = fit_probe(features[best.features][train], y[train], best, k)
+            probs = probe.predict_proba(features[best.features][test])
+            row = {
+                "seed": seed,
+                "fold": fold,
+                "chosen": str(best),
+                "inner_balanced_accuracy": scores[best][0],
+                **fold_metrics(y[test], probs),
             }
-            for family in families:
-                members = [s for s in grid if family in (SELECTED, s.family)]
-                best = max(members, key=lambda s: scores[s])
-                probe = fit_probe(features[best.features][train], y[train], best, k)
-                probs = probe.predict_proba(features[best.features][test])
-                r = results[family]
-                r.oof[seed][test] = probs
-                r.probes[(seed, fold)] = probe
-                r.test_index[(seed, fold)] = test
-                r.folds.append(
-                    {
-                        "seed": seed,
-                        "fold": fold,
-                        "chosen": str(best),
-                        "inner_balanced_accuracy": scores[best][0],
-                        **fold_metrics(y[test], probs),
-                    }
-                )
-            log.info(
-                "seed %d fold %d: selected %s (inner bacc %.3f), test bacc %.3f",
-                seed,
-                fold,
-                results[SELECTED].folds[-1]["chosen"],
-                results[SELECTED].folds[-1]["inner_balanced_accuracy"],
-                results[SELECTED].folds[-1]["balanced_accuracy"],
-            )
-    return results
+            out[family] = (probe, probs, row)
+    row = out[SELECTED][2]
+    log.info(
+        "seed %d fold %d: selected %s (inner bacc %.3f), test bacc %.3f",
+        seed,
+        fold,
+        row["chosen"],
+        row["inner_balanced_accuracy"],
+        row["balanced_accuracy"],
+    )
+    return out

@@ -87,6 +87,7 @@ class ThicknessStudyConfig:
     n_boot: int = 1000
     cache_dir: Path | None = None
     seed: int = 0
+    n_jobs: int = 1
 
     def check(self) -> None:
         unknown = [g for g in self.groupings if g not in GROUPINGS]
@@ -235,6 +236,22 @@ def _extract_all(cfg: ThicknessStudyConfig, manifest: pd.DataFrame) -> dict[str,
     return out
 
 
+def gradcam_family(results: dict[str, FamilyResult], sets: dict[str, _FeatureSet]) -> str | None:
+    """The family whose probes Grad-CAM explains: the selected model when every choice it
+    made has a network; else the network family the selection chose most (None: none)."""
+    chosen = results[SELECTED].chosen_counts()
+    deep = {c: n for c, n in chosen.items() if sets[c.split(" | ")[1]].encoder is not None}
+    if deep and len(deep) == len(chosen):
+        return SELECTED
+    by_family = Counter()
+    for c, n in deep.items():
+        by_family[" | ".join(c.split(" | ")[:2])] += n
+    networks = [f for f in results if f != SELECTED and sets[f.split(" | ")[1]].encoder]
+    if by_family:
+        return by_family.most_common(1)[0][0]
+    return networks[0] if networks else None
+
+
 def _gradcam_panels(
     cfg: ThicknessStudyConfig,
     sets: dict[str, _FeatureSet],
@@ -247,7 +264,8 @@ def _gradcam_panels(
     """One PNG per true class: images, out-of-fold Grad-CAM, randomised-copy Grad-CAM.
 
     Images are drawn per class, then explained in one batch per outer fold (seed of the
-    first CV repeat), each by the probe of the fold that held it out.
+    first CV repeat), each by the probe of the fold that held it out (``result``: a family
+    whose probes all read network features, see :func:`gradcam_family`).
     """
     seed = min(result.oof)
     fold_of = {}
@@ -380,7 +398,14 @@ def run_thickness_study(cfg: ThicknessStudyConfig) -> Path:
         y = grouping.classes_of(category)
         grid = candidate_grid(list(features), cfg.cs, cfg.heads, cfg.balanced)
         results = nested_cv(
-            features, y, grouping.n_classes, grid, cfg.n_folds, cfg.seeds, cfg.inner_folds
+            features,
+            y,
+            grouping.n_classes,
+            grid,
+            cfg.n_folds,
+            cfg.seeds,
+            cfg.inner_folds,
+            cfg.n_jobs,
         )
         for family, r in results.items():
             fold_frames.append(pd.DataFrame(r.folds).assign(grouping=gname, family=family))
@@ -401,12 +426,18 @@ def run_thickness_study(cfg: ThicknessStudyConfig) -> Path:
         }
         for png, fig in pngs.items():
             save_figure(fig, out / png)
-        gradcams, rhos = _gradcam_panels(cfg, sets, headline, y, grouping, manifest, out)
+        cam_family = gradcam_family(results, sets)
+        gradcams, rhos = (
+            _gradcam_panels(cfg, sets, results[cam_family], y, grouping, manifest, out)
+            if cam_family
+            else ({}, [])
+        )
         metrics["groupings"][gname] = {
             "class_names": grouping.class_names,
             "families": {f: r.summary() for f, r in results.items()},
             "chosen": headline.chosen_counts(),
             "pooled": pooled,
+            "gradcam_family": cam_family,
             "gradcam_sanity_rho_mean": float(np.mean(rhos)) if rhos else None,
         }
         report.add_heading(f"{gname}: {' / '.join(grouping.class_names)}")
@@ -442,7 +473,8 @@ def run_thickness_study(cfg: ThicknessStudyConfig) -> Path:
             report.add_figure(out / png, png.removesuffix(".png").replace("_", " "))
         if rhos:
             report.add_paragraph(
-                f"Grad-CAM sanity check: mean Spearman rho between trained and randomised "
+                f"Grad-CAM of the '{cam_family}' probes. Sanity check: mean Spearman rho "
+                "between trained and randomised "
                 f"maps {np.mean(rhos):.3f} over {len(rhos)} images (low: the maps depend "
                 "on the learned weights)."
             )

@@ -7,6 +7,9 @@
 - ``resnet18d_64@64:runs/ham-cnn``: a HAM10000-trained dermkit run's encoder (its config's
   normalisation);
 - ``vit_micro_patch4_32@32:random``: random initialisation (a floor, and the tests);
+- ``classical@160``: no network, the classical baseline's colour + texture features
+  (``models/classical.py``: HSV/Lab histograms, lesion-vs-skin colour moments, LBP,
+  gradients), a hand-crafted lever (a blue-white veil is a colour);
 - ``+tta``: features averaged over the image and its horizontal and vertical flips.
 
 Features are the pooled penultimate output ``forward_head(forward_features(x),
@@ -40,6 +43,7 @@ from dermkit.data.transforms import normalize
 log = logging.getLogger(__name__)
 
 RANDOM = "random"
+CLASSICAL = "classical"
 
 
 @dataclass(frozen=True)
@@ -65,15 +69,22 @@ class FeatureSpec:
         return cls(name, int(size_text), weights or RANDOM, tta)
 
     def __str__(self) -> str:
-        return f"{self.backbone}@{self.size}:{self.weights}{'+tta' if self.tta else ''}"
+        weights = "" if self.backbone == CLASSICAL else f":{self.weights}"
+        return f"{self.backbone}@{self.size}{weights}{'+tta' if self.tta else ''}"
 
 
-def build_encoder(spec: FeatureSpec) -> tuple[nn.Module, tuple, tuple]:
-    """(model without head, mean, std) of a feature set; the normalisation its weights want."""
+def build_encoder(spec: FeatureSpec) -> tuple[nn.Module | None, tuple, tuple]:
+    """(model without head, mean, std) of a feature set; the normalisation its weights want.
+
+    The classical feature set has no network: (None, ImageNet mean, std).
+    """
     from dermkit.models.backbones import create_backbone
     from dermkit.models.packaged import INPUT_NORMS, resolve_input_norm
 
     weights = None if spec.weights == RANDOM else spec.weights
+    if spec.backbone == CLASSICAL:
+        mean, std = INPUT_NORMS["imagenet"]
+        return None, mean, std
     model = create_backbone(spec.backbone, num_classes=0, img_size=spec.size, weights=weights)
     mean, std = INPUT_NORMS[resolve_input_norm("auto", weights)]
     return model.eval(), mean, std
@@ -93,9 +104,16 @@ def to_input(images: np.ndarray, mean, std) -> torch.Tensor:
 
 @torch.no_grad()
 def extract(
-    model: nn.Module, images: np.ndarray, mean, std, tta: bool, batch_size: int = 64
+    model: nn.Module | None, images: np.ndarray, mean, std, tta: bool, batch_size: int = 64
 ) -> np.ndarray:
-    """Pooled penultimate features (N, D) float64 of uint8 images (N, S, S, 3)."""
+    """Pooled penultimate features (N, D) float64 of uint8 images (N, S, S, 3).
+
+    ``model`` None: the classical colour + texture features (flips do not change them).
+    """
+    if model is None:
+        from dermkit.models.classical import extract_features
+
+        return extract_features(images).astype(np.float64)
     out = []
     for i in range(0, len(images), batch_size):
         x = to_input(images[i : i + batch_size], mean, std)
