@@ -4,7 +4,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dermkit.data.cache import build_cache, resize_short_side_center_crop
+from dermkit.data.cache import (
+    build_cache,
+    crop_image,
+    resize_full_frame,
+    resize_short_side_center_crop,
+)
 from dermkit.data.dataset import CachedImageDataset, batch_collate
 from dermkit.data.manifest import new_manifest
 from dermkit.data.transforms import AugmentConfig, BatchAugment, to_float
@@ -30,6 +35,23 @@ def test_short_side_resize_then_centre_crop():
     assert out.shape == (60, 60, 3)
     assert out[:, :3].max() < 255  # the far-left band is gone
     assert abs(int(out[30, 30, 0]) - 128) <= 2  # the centre stays the centre
+
+
+def test_full_frame_keeps_the_whole_frame_and_pads_by_reflection():
+    """4:3 -> the long side fits, the border band survives, rows above/below mirror the image."""
+    image = np.zeros((120, 160, 3), np.uint8)
+    image[:, :20] = 255  # the far-left band that a centre crop loses
+    image[:10] = 77  # a top stripe: reflection puts it into the padding
+    out = resize_full_frame(image, 64)
+    assert out.shape == (64, 64, 3)
+    assert out[32, 2].min() > 200  # the left band is still in view
+    assert resize_short_side_center_crop(image, 64)[32, 2].max() == 0  # (a centre crop loses it)
+    # content rows 8..55 (48 = 120 * 64/160); rows 0..7 mirror rows 9..16 (reflection)
+    assert np.array_equal(out[:8][::-1], out[9:17])
+    square = np.random.default_rng(0).integers(0, 255, (50, 50, 3), dtype=np.uint8)
+    assert np.array_equal(crop_image(square, 50, "full_frame"), square)  # a square: untouched
+    with pytest.raises(ValueError, match="unknown crop policy 'zoom'"):
+        crop_image(square, 50, "zoom")
 
 
 def test_cache_built_once_and_reused(tmp_path):

@@ -7,38 +7,53 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure
 
+CURVES = (
+    ("loss", "cross-entropy"),
+    ("accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("macro_f1", "macro-F1"),
+)
+GAPS = (("macro_f1", "-"), ("balanced_accuracy", "--"), ("accuracy", ":"))
+
 
 def plot_learning_curves(histories: dict[str, list[dict]]) -> Figure:
-    """Loss, macro-F1 and the train-minus-val macro-F1 gap per epoch.
+    """Per-epoch loss, accuracy, balanced accuracy, macro-F1 and the overfitting gaps.
 
     Args:
-        histories: run name -> per-epoch rows with train_/val_ loss and macro_f1 and
-            gap_macro_f1 (``TrainState.history``). One colour per run; solid = val,
-            dashed = train.
+        histories: run name -> per-epoch rows with ``train_``/``val_`` metrics and
+            ``gap_<metric>`` = train - val (``TrainState.history``). One colour per run;
+            solid = val, dashed = the clean train subset. The last panel has one line per
+            gap: macro-F1 (solid), balanced accuracy (dashed), accuracy (dotted). Metrics
+            a history lacks (runs from before they were logged) are left out.
     """
-    fig = Figure(figsize=(13, 3.8))
-    ax_loss, ax_f1, ax_gap = fig.subplots(1, 3)
+    fig = Figure(figsize=(16, 3.8))
+    axes = fig.subplots(1, len(CURVES) + 1)
     for i, (name, rows) in enumerate(histories.items()):
         colour = f"C{i}"
         epochs = [r["epoch"] + 1 for r in rows]
-        for ax, key in ((ax_loss, "loss"), (ax_f1, "macro_f1")):
-            ax.plot(epochs, [r[f"val_{key}"] for r in rows], color=colour, label=f"{name} val")
-            if rows and f"train_{key}" in rows[0]:
-                ax.plot(
-                    epochs,
-                    [r[f"train_{key}"] for r in rows],
-                    color=colour,
-                    ls="--",
-                    label=f"{name} train",
+        for ax, (key, _) in zip(axes, CURVES):
+            for side, ls in (("val", "-"), ("train", "--")):
+                if rows and f"{side}_{key}" in rows[0]:
+                    ax.plot(
+                        epochs,
+                        [r[f"{side}_{key}"] for r in rows],
+                        color=colour,
+                        ls=ls,
+                        label=f"{name} {side}",
+                    )
+        for key, ls in GAPS:
+            if rows and f"gap_{key}" in rows[0]:
+                label = name if key == "macro_f1" else None
+                axes[-1].plot(
+                    epochs, [r[f"gap_{key}"] for r in rows], color=colour, ls=ls, label=label
                 )
-        if rows and "gap_macro_f1" in rows[0]:
-            ax_gap.plot(epochs, [r["gap_macro_f1"] for r in rows], color=colour, label=name)
-    ax_loss.set(title="cross-entropy", xlabel="epoch")
-    ax_f1.set(title="macro-F1", xlabel="epoch")
-    ax_gap.set(title="overfitting gap (train − val macro-F1)", xlabel="epoch")
-    ax_gap.axhline(0, color="grey", lw=0.8)
-    for ax in (ax_loss, ax_f1, ax_gap):
+    for ax, (_, title) in zip(axes, CURVES):
+        ax.set(title=title, xlabel="epoch")
+    axes[-1].set(title="overfitting gap (train − val)", xlabel="epoch")
+    axes[-1].axhline(0, color="grey", lw=0.8)
+    for ax in axes:
         ax.grid(alpha=0.3)
-    ax_f1.legend(fontsize=7)
+    axes[-2].legend(fontsize=7)
+    axes[-1].legend(fontsize=7, title="— F1  -- bal. acc.  ··· acc.", title_fontsize=7)
     fig.tight_layout()
     return fig

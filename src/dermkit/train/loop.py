@@ -196,7 +196,7 @@ def score(
     labels: torch.Tensor,
     to_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
-    """Loss, macro-F1 and balanced accuracy of logits (N, C) against labels (N,).
+    """Loss, accuracy, macro-F1 and balanced accuracy of logits (N, C) against labels (N,).
 
     ``to_probs(logits) -> class probabilities (N, K)`` marks a non-softmax head (ordinal
     CORN): predictions and the loss (NLL) use its probabilities, and the quadratic weighted
@@ -214,6 +214,7 @@ def score(
         # Over all K classes (dermkit.core.metrics): the same value the reports show.
         "macro_f1": macro_f1(y, pred, (logits if probs is None else probs).shape[1]),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "accuracy": float((pred == y).mean()) if len(y) else 0.0,
     }
     if probs is not None:
         from dermkit.eval.ordinal import quadratic_kappa
@@ -520,8 +521,9 @@ def _end_epoch(
         **{f"val_{k}": v for k, v in val.items()},
         **{f"train_{k}": v for k, v in train.items()},
     }
-    if train:
-        row["gap_macro_f1"] = train["macro_f1"] - val["macro_f1"]
+    if train:  # the overfitting gaps: train minus val (val minus train for the loss)
+        for k in ("macro_f1", "balanced_accuracy", "accuracy"):
+            row[f"gap_{k}"] = train[k] - val[k]
         row["gap_loss"] = val["loss"] - train["loss"]
     state.history.append(row)
     metrics_log.write(row)
