@@ -620,6 +620,7 @@ def serve(
     """FastAPI server + web page: /predict, /health, /model-card, in-browser inference."""
     import uvicorn
 
+    from dermkit.deploy.http_protocol import uvicorn_config
     from dermkit.deploy.inference import ModelFolderError
     from dermkit.deploy.server import create_app, resolve_model_dir
 
@@ -636,8 +637,8 @@ def serve(
             api_key=api_key,
             max_upload_bytes=int(max_upload_mb * 1024 * 1024),
             request_timeout_s=timeout,
-    from dermkit.deploy.http_protocol import uvicorn_config
             workers=workers,
+            decode_queue=decode_queue,
             exits_dir=exits,
             model_file=files[int8],
         )
@@ -661,7 +662,6 @@ def bench_serve_cmd(
     concurrency: Annotated[int, typer.Option(help="requests in flight")] = 16,
     image: Annotated[Path | None, typer.Option(help="image to send (default: built-in)")] = None,
     max_seconds: Annotated[float, typer.Option(help="stop sending after this long")] = 600.0,
-            decode_queue=decode_queue,
     out: Annotated[Path, typer.Option(help="folder for serve.json")] = Path("runs/bench/serve"),
 ) -> None:
     """Load test of `dermkit serve` on loopback: p50/p99 latency and failed requests."""
@@ -680,23 +680,6 @@ def bench_serve_cmd(
         _fail(f"{result['failed']} of {result['requests']} requests failed", code=1)
 
 
-# --------------------------------------------------------------------------- pretrain (SSL)
-
-pretrain_app = typer.Typer(
-    help="Self-supervised domain pretraining (MAE on a ViT, or a convolutional VAE).",
-    no_args_is_help=True,
-)
-app.add_typer(pretrain_app, name="pretrain")
-
-
-def _weights_errors():
-    from dermkit.models.weights import WeightsError
-
-    return (*_user_errors(), WeightsError)
-
-
-@pretrain_app.command("mae")
-def pretrain_mae(
 @bench_app.command("soak")
 def bench_soak_cmd(
     run: Annotated[Path, typer.Argument(help="export folder or run folder to serve")],
@@ -727,6 +710,23 @@ def bench_soak_cmd(
         _fail(f"soak checks failed: {', '.join(failed)} (details in {out / 'soak.json'})", code=1)
 
 
+# --------------------------------------------------------------------------- pretrain (SSL)
+
+pretrain_app = typer.Typer(
+    help="Self-supervised domain pretraining (MAE on a ViT, or a convolutional VAE).",
+    no_args_is_help=True,
+)
+app.add_typer(pretrain_app, name="pretrain")
+
+
+def _weights_errors():
+    from dermkit.models.weights import WeightsError
+
+    return (*_user_errors(), WeightsError)
+
+
+@pretrain_app.command("mae")
+def pretrain_mae(
     overrides: Overrides = None,
     preset: Preset = None,
     config: ConfigFile = None,

@@ -163,10 +163,10 @@ ERRORS = {
         408: "the upload did not arrive in time",
         413: "upload or image too large (bytes, pixels or sides)",
         415: "not a JPEG, PNG or WebP file",
+        405: "wrong method for this path",
         422: "not a usable image, or invalid parameters",
         503: "the server is busy or could not answer in time",
     }.items()
-        405: "wrong method for this path",
 }
 
 
@@ -318,10 +318,10 @@ def create_app(
     max_image_side: int = 10_000,
     request_timeout_s: float = 30.0,
     workers: int | None = None,
+    decode_queue: int = DECODE_QUEUE,
     exits_dir: str | Path | None = None,
     model_file: str = "model.onnx",
     saliency_run: str | Path | None = None,
-    decode_queue: int = DECODE_QUEUE,
     ort_dist: str | Path | None = None,
     threads: int = 1,
     malignant_threshold: float = 0.3,
@@ -376,10 +376,10 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
     app.state.model = model
+    app.state.pool = pool
 
     def check_key(given: str | None) -> None:
         # the middleware already refused a bad key before the upload; this keeps the
-    app.state.pool = pool
         # endpoint safe on its own (and documents the header in the OpenAPI spec)
         if api_key is not None and not key_matches(given, api_key):
             raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header")
@@ -401,12 +401,12 @@ def create_app(
                 f"image too large: {w}x{h} pixels (limits: {max_image_pixels:,} pixels, "
                 f"{max_image_side:,} per side)",
             )
-        try:
-            rgb, _ = decode_rgb_bytes(
-                data,
         return info.format
 
     def decode(data: bytes, fmt: str) -> tuple:
+        try:
+            rgb, _ = decode_rgb_bytes(
+                data,
                 "upload",
                 max_pixels=max_image_pixels,
                 max_side=max_image_side,
@@ -491,12 +491,12 @@ def create_app(
             "max_image_pixels": max_image_pixels,
             "max_image_side": max_image_side,
             "ort_available": len(ort_files) == len(ORT_FILES),
+            "image_formats": [fmt.to_json() for fmt in IMAGE_FORMATS],
+            "unsupported_message": UNSUPPORTED_MESSAGE,
         }
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> Response:
-            "image_formats": [fmt.to_json() for fmt in IMAGE_FORMATS],
-            "unsupported_message": UNSUPPORTED_MESSAGE,
         return Response(page["index.html"], media_type="text/html; charset=utf-8")
 
     # one route per page file (no catch-all "/{name}", which turned GET /predict into a 404)

@@ -73,14 +73,14 @@
     $("model-name").textContent = "Model: " + cfg.name;
     $("disclaimer").textContent = cfg.not_a_diagnosis;
     $("api-key-row").hidden = !cfg.api_key_required;
-    const forced = new URLSearchParams(location.search).get("engine");
-    if (forced === "server") {
-      state.why = "requested with ?engine=server";
     const mimes = cfg.image_formats.map((f) => f.mime).join(",");
     $("file").accept = mimes;
     $("camera-file").accept = mimes;
     const names = cfg.image_formats.map((f) => f.name);
     $("formats-hint").textContent = names.slice(0, -1).join(", ") + " or " + names.slice(-1);
+    const forced = new URLSearchParams(location.search).get("engine");
+    if (forced === "server") {
+      state.why = "requested with ?engine=server";
     } else {
       try {
         await initBrowserEngine(cfg);
@@ -294,12 +294,6 @@
 
   // ------------------------------------------------------------------ flow
 
-  async function analyse(getPixels, blob) {
-    showError("");
-    $("result").hidden = true;
-    $("saliency-img").hidden = true;
-    document.body.dataset.result = "";
-    setStatus("Analysing…");
   /** The format of ``blob`` by its first bytes, as the API sniffs it; throws when none. */
   async function checkFormat(blob) {
     const head = new Uint8Array(await blob.slice(0, 16).arrayBuffer());
@@ -327,17 +321,23 @@
     });
   }
 
+  async function analyse(getPixels, blob) {
+    showError("");
+    $("consent").hidden = true;
+    $("result").hidden = true;
+    $("saliency-img").hidden = true;
+    document.body.dataset.result = "";
+    setStatus("Analysing…");
     const cfg = state.cfg;
     const wantSaliency = $("saliency").checked;
-    $("consent").hidden = true;
     try {
+      await checkFormat(blob);
       if (blob.size > cfg.max_upload_bytes) {
         throw new Error(`the file is larger than ${(cfg.max_upload_bytes / 1048576).toFixed(0)} MB`);
       }
       let result;
       if (state.engine === "browser") {
         try {
-      await checkFormat(blob);
           const pixels = await getPixels();
           result = await predictInBrowser(pixels);
           drawCrop(result.crop, cfg.image_size);
