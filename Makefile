@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: on the project's CPU machines pip takes these from local disk.
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -e ".[dev,imagenet]"
+	$(PY) -m pip install -e ".[all,dev,imagenet]"
 	touch $(STAMP)
 
 $(WEB_STAMP): web/package.json web/package-lock.json

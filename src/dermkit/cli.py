@@ -44,6 +44,18 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _needs(*extras: str) -> None:
+    """Stop with the pip line when an optional dependency group (extra) is not installed."""
+    from rich.markup import escape
+
+    from dermkit.core.optional import MissingExtraError, require_extra
+
+    try:
+        require_extra(*extras)
+    except MissingExtraError as e:
+        _fail(escape(str(e)))  # escaped: rich would take "[serve]" for markup
+
+
 def _user_errors():
     """Exceptions that mean bad input (reported without a traceback)."""
     from dermkit.config import ConfigError
@@ -386,6 +398,7 @@ def export_cmd(
     ] = 64,
 ) -> None:
     """ONNX export (dynamic batch) + optional INT8, parity vs PyTorch and a model card."""
+    _needs("export")
     import json
 
     from dermkit.deploy.export import export_run
@@ -556,6 +569,7 @@ def bench_pipeline_cmd(
     rounds: Annotated[int, typer.Option(help="interleaved rounds (best is kept)")] = 3,
 ) -> None:
     """Training images/s of the full loop vs model-only steps on the same batches."""
+    _needs("synth", "exits", "export", "explain")
     import json
 
     from dermkit.bench.pipeline import bench_pipeline
@@ -583,6 +597,7 @@ def bench_latency_cmd(
     threads: Annotated[int, typer.Option(help="threads for PyTorch and ONNX Runtime")] = 1,
 ) -> None:
     """Batch-1 latency and batch-32 throughput: teacher, student PyTorch/ONNX/INT8, interleaved."""
+    _needs("export")
     from dermkit.deploy.latency import bench_latency, markdown_table, write_latency
 
     if int8 not in ("dynamic", "static"):
@@ -618,6 +633,7 @@ def serve(
     max_connections: Annotated[int, typer.Option(help="open connections at most")] = 128,
 ) -> None:
     """FastAPI server + web page: /predict, /health, /model-card, in-browser inference."""
+    _needs("serve", "export")
     import uvicorn
 
     from dermkit.deploy.http_protocol import uvicorn_config
@@ -665,6 +681,7 @@ def bench_serve_cmd(
     out: Annotated[Path, typer.Option(help="folder for serve.json")] = Path("runs/bench/serve"),
 ) -> None:
     """Load test of `dermkit serve` on loopback: p50/p99 latency and failed requests."""
+    _needs("serve", "export")
     import json
 
     from dermkit.deploy.loadtest import bench_serve, markdown_row, write_bench
@@ -871,6 +888,7 @@ def exits_train(
     ] = False,
 ) -> None:
     """Train exit heads (frozen backbone, or jointly) of every configured head type."""
+    _needs("exits")
     from dermkit.config import ExitsRunConfig, load_config
     from dermkit.exits.train import run_exits_train
 
@@ -900,6 +918,7 @@ def exits_calibrate(
     compute: Annotated[str | None, typer.Option(help="compute counts gflops or blocks")] = None,
 ) -> None:
     """Choose exit thresholds on val for an objective; writes policy_<head>.json."""
+    _needs("exits")
     from dermkit.exits.calibrate import run_exits_calibrate
 
     if measure not in (None, "max_prob", "margin", "neg_entropy"):
@@ -921,6 +940,7 @@ def exits_bench(
     max_images: Annotated[int | None, typer.Option(help="test images timed")] = None,
 ) -> None:
     """Test accuracy vs compute per head type, exit distribution, wall time vs plain."""
+    _needs("exits")
     from dermkit.exits.bench import run_exits_bench
 
     try:
@@ -963,6 +983,7 @@ def exits_export(
     ] = True,
 ) -> None:
     """ONNX segments (one per exit) + the exit policy, for the onnxruntime runner."""
+    _needs("exits", "export")
     from dermkit.exits.onnx_segments import export_segments
     from dermkit.exits.run_io import ExitRun
 
@@ -1007,6 +1028,7 @@ def synth_autoencoder(
     ] = False,
 ) -> None:
     """Train the KL autoencoder (diffusers AutoencoderKL) on the train split's images."""
+    _needs("synth")
     from dermkit.config import AutoencoderRunConfig, load_config
     from dermkit.synth.autoencoder import train_autoencoder
 
@@ -1033,6 +1055,7 @@ def synth_diffusion(
     ] = False,
 ) -> None:
     """Train the class-conditional latent diffusion UNet (DDPM, label dropout for CFG)."""
+    _needs("synth")
     from dermkit.config import DiffusionRunConfig, load_config
     from dermkit.synth.diffusion import train_diffusion
 
@@ -1064,6 +1087,7 @@ def synth_sample(
     config: ConfigFile = None,
 ) -> None:
     """Generate a class-balanced synthetic set (resumable) and its manifest."""
+    _needs("synth")
     from dermkit.config import SampleConfig, load_config
     from dermkit.synth.sample import run_sample
 
@@ -1123,6 +1147,7 @@ def bench_sampling_cmd(
     ] = "auto",
 ) -> None:
     """Images/s of dermkit's DDIM sampler vs a plain two-call (cond, uncond) fp32 loop."""
+    _needs("synth")
     import json
 
     import torch
@@ -1174,6 +1199,7 @@ def demo(
     seed: Annotated[int | None, typer.Option(help="seed of phantoms, split and training")] = None,
 ) -> None:
     """The whole pipeline on phantom data (no download): `dermkit run dermae-tiny`."""
+    _needs("synth", "exits", "export", "explain")
     from dermkit.demo import run_demo
 
     try:
@@ -1229,6 +1255,7 @@ def run_cmd(
     only what a change affects, and a killed run resumes where it stopped. Prints the path
     of the summary report.html.
     """
+    _needs("synth", "exits", "export", "explain")
     from dermkit.pipeline import load_pipeline, plan_status, run_pipeline
     from dermkit.stages import DERMAE_STAGES
 
@@ -1266,6 +1293,7 @@ def bench_ablation_cmd(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """The ablation table: one lesion-grouped split and seed, rows sharing stage caches."""
+    _needs("synth", "exits", "export", "explain")
     from dermkit.bench.ablation import (
         load_ablation,
         plan_ablation,
@@ -1357,6 +1385,7 @@ def explain_saliency_cmd(
     seed: int = 0,
 ) -> None:
     """Grad-CAM (+ attention rollout for ViTs) overlays per class, and the sanity check."""
+    _needs("explain")
     from dermkit.explain.saliency import run_explain_saliency
 
     try:
