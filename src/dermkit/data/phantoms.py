@@ -33,11 +33,16 @@ with one seed gives the same first 100 lesions. The first ``2 * C`` lesions (C =
 with positive weight) cycle through the classes, so every class appears at least twice
 once ``n_lesions >= 2 * C`` (14 with the default weights).
 
+Provenance: every dataset carries ``phantoms.json`` (:data:`PROVENANCE_FILE`) beside its
+metadata, naming this generator and its arguments, so that anything trained on it can say
+so (:func:`is_phantom_dataset`; the model card flags such models as demo models).
+
 Hand-written because no maintained library draws dermoscopy-like phantoms.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -73,6 +78,9 @@ SKIN_TONES: np.ndarray = np.array(
     [(232, 186, 172), (222, 170, 152), (236, 198, 186), (214, 160, 134), (228, 180, 176)],
     dtype=np.float32,
 )
+
+PROVENANCE_FILE = "phantoms.json"
+GENERATOR = "dermkit.data.phantoms"
 
 _CLASS_ORDER_STREAM = 2**32 - 1  # seed-stream key of the class-guarantee order (no lesion index)
 _N_BASIS = 12  # smooth Fourier basis functions per lesion (colour mixing, warps, patchiness)
@@ -1143,7 +1151,8 @@ def generate_phantoms(
     ``views_per_lesion`` (inclusive). ``class_weights`` maps HAM10000 class names to
     unnormalised weights (missing classes get 0; default: HAM10000-like imbalance).
     ``thickness`` is the Breslow depth in mm for melanomas (0.0 = in situ) and 0.0 for
-    every other class. metadata.csv is written last and atomically, so its presence
+    every other class. ``phantoms.json`` records the generator and these arguments (see
+    :func:`is_phantom_dataset`). metadata.csv is written last and atomically, so its presence
     means the dataset is complete; phantom images (PHM_*.jpg) left in ``out_dir/images``
     by an earlier run that are not part of this dataset are removed.
     """
@@ -1186,7 +1195,33 @@ def generate_phantoms(
     for stale in image_dir.glob("PHM_*.jpg"):
         if stale.stem not in written:
             stale.unlink()
+    # Provenance before metadata.csv: a complete dataset always says what it is.
+    provenance = {
+        "generator": GENERATOR,
+        "real_lesions": False,
+        "n_lesions": n_lesions,
+        "views_per_lesion": [min_views, max_views],
+        "image_size": [width, height],
+        "class_weights": weights,
+        "seed": seed,
+        "jpeg_quality": int(jpeg_quality),
+    }
+    (out_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     csv = out_dir / "metadata.csv"
     with atomic_path(csv) as tmp:
         pd.DataFrame(rows, columns=list(METADATA_COLUMNS)).to_csv(tmp, index=False)
     return csv
+
+
+def is_phantom_dataset(root: str | Path) -> bool:
+    """Whether the dataset folder ``root`` was drawn by :func:`generate_phantoms`.
+
+    The marker is the ``phantoms.json`` provenance file naming this generator; a folder
+    without it (real HAM10000, ISIC, a folder layout) or with another generator is not.
+    """
+    path = Path(root) / PROVENANCE_FILE
+    try:
+        provenance = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(provenance, dict) and provenance.get("generator") == GENERATOR

@@ -38,9 +38,12 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from dermkit import __version__
 from dermkit.core.files import sha256_file
+from dermkit.data.phantoms import is_phantom_dataset
 from dermkit.data.transforms import to_float
 from dermkit.deploy.model_card import (
+    DEMO_NOTICE,
     NOT_A_DIAGNOSIS,
+    SCHEMA_VERSION,
     Evaluation,
     MetricEstimate,
     ModelCard,
@@ -239,6 +242,7 @@ def _training_data(data, cfg) -> TrainingData:
             if syn
             else "none"
         ),
+        phantoms=is_phantom_dataset(cfg.data.path),
     )
 
 
@@ -365,8 +369,9 @@ def build_card(run_dir: Path, cfg, classes, model, data, files: list[ModelFile])
         run_info = json.loads((run_dir / "run.json").read_text())
     size = cfg.data.image_size
     level = result.get("ci_level", 0.95)
+    phantoms = is_phantom_dataset(cfg.data.path)
     return ModelCard(
-        schema_version="1.0",
+        schema_version=SCHEMA_VERSION,
         name=f"dermkit {cfg.model.name} ({run_info.get('stage', 'classifier')})",
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         dermkit_version=__version__,
@@ -416,6 +421,7 @@ def build_card(run_dir: Path, cfg, classes, model, data, files: list[ModelFile])
             "the target population, camera and workflow."
         ),
         limitations=[
+            *([DEMO_NOTICE] if phantoms else []),
             f"Trained on {cfg.data.path}; performance on other devices, skin types, body sites "
             "or non-dermoscopic photographs is unknown.",
             f"Input resolution is {size} px; finer detail than that is not seen.",
@@ -424,4 +430,5 @@ def build_card(run_dir: Path, cfg, classes, model, data, files: list[ModelFile])
             "INT8 files may disagree with the FP32 model on some images (see parity).",
         ],
         not_a_diagnosis=NOT_A_DIAGNOSIS,
+        demo_notice=DEMO_NOTICE if phantoms else None,
     )

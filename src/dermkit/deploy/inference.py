@@ -310,6 +310,8 @@ class ServedModel:
             "exits": None,
             "messages": MESSAGES,
             "not_a_diagnosis": NOT_A_DIAGNOSIS,
+            # Set for models trained on phantoms: the page shows it above every answer.
+            "demo_notice": self.card.demo_notice,
         }
         if self.exits is not None:
             cfg["exits"] = {

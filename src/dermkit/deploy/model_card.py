@@ -4,11 +4,14 @@ One JSON file says what the model is for and how to feed it: class order, the ex
 preprocessing (resize, crop, scaling, mean/std, layout), how logits become the reported
 probabilities, what data it was trained on, its test metrics with confidence intervals,
 the export's numerical parity with PyTorch, intended use and limitations, and that it does
-not diagnose. Every field is required (no silent defaults), and extra keys are refused, so
-a card that lost a field fails validation. :func:`write_card` writes the card and the
-schema (``model_card.schema.json``, JSON Schema 2020-12 from pydantic) and validates the
-written file against the written schema with ``jsonschema``, so a consumer in another
-language can check cards without dermkit.
+not diagnose. A model trained on dermkit's phantom images says so in ``demo_notice`` (and
+``training_data.phantoms``): it is a demo of the toolkit, never a model of real lesions,
+and the server and the page repeat the notice with every answer. Every field is required
+(no silent defaults), and extra keys are refused, so a card that lost a field fails
+validation. :func:`write_card` writes the card and the schema (``model_card.schema.json``,
+JSON Schema 2020-12 from pydantic) and validates the written file against the written
+schema with ``jsonschema``, so a consumer in another language can check cards without
+dermkit.
 """
 
 from __future__ import annotations
@@ -19,9 +22,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: training_data.phantoms, demo_notice
 CARD_FILE = "model_card.json"
 SCHEMA_FILE = "model_card.schema.json"
+
+DEMO_NOTICE = (
+    "demo model: not for real lesions. It was trained on phantom images drawn by dermkit's "
+    "generator, so its answers say nothing about real skin."
+)
 
 NOT_A_DIAGNOSIS = (
     "This model does not diagnose. Its output is a statistical estimate from a single "
@@ -89,6 +97,9 @@ class TrainingData(_Card):
     lesions: dict[str, int] = Field(description="lesions per split")
     train_class_counts: dict[str, int]
     synthetic: str = Field(description="synthetic training rows, if any")
+    phantoms: bool = Field(
+        description="true: the images are dermkit phantoms (procedurally drawn), not lesions"
+    )
 
 
 class Evaluation(_Card):
@@ -123,6 +134,10 @@ class ModelCard(_Card):
     intended_use: str
     limitations: list[str]
     not_a_diagnosis: str
+    demo_notice: str | None = Field(
+        description="set (DEMO_NOTICE) when trained on phantom images: a demo model, not "
+        "for real lesions; null for models of real data"
+    )
 
 
 def card_schema() -> dict:

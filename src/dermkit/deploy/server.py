@@ -144,6 +144,9 @@ class PredictResponse(BaseModel):
         description="Grad-CAM overlay PNG (base64) when ?saliency=true"
     )
     not_a_diagnosis: str
+    demo_notice: str | None = Field(
+        description="set when the model was trained on phantom images: not for real lesions"
+    )
 
 
 class HealthResponse(BaseModel):
@@ -435,6 +438,7 @@ def create_app(
             "image": {"width": int(rgb.shape[1]), "height": int(rgb.shape[0]), "format": fmt},
             "saliency_png_base64": png,
             "not_a_diagnosis": model.card.not_a_diagnosis,
+            "demo_notice": model.card.demo_notice,
         }
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS)

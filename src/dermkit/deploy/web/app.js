@@ -72,6 +72,9 @@
     const cfg = state.cfg;
     $("model-name").textContent = "Model: " + cfg.name;
     $("disclaimer").textContent = cfg.not_a_diagnosis;
+    // A model trained on phantom images is a demo: say so before anyone uploads a photo.
+    $("demo-notice").hidden = !cfg.demo_notice;
+    $("demo-notice").textContent = cfg.demo_notice || "";
     $("api-key-row").hidden = !cfg.api_key_required;
     const mimes = cfg.image_formats.map((f) => f.mime).join(",");
     $("file").accept = mimes;
@@ -229,6 +232,9 @@
   function render(result) {
     const cfg = state.cfg;
     $("result").hidden = false;
+    if (result.demo_notice === undefined) result.demo_notice = cfg.demo_notice || null;
+    $("result-demo").hidden = !result.demo_notice;
+    $("result-demo").textContent = result.demo_notice || "";
     const advice = $("advice");
     advice.className = "advice advice-" + result.advice;
     advice.setAttribute("role", result.advice === "standard" ? "note" : "alert");
