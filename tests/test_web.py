@@ -346,3 +346,61 @@ def test_no_upload_without_consent_when_the_browser_cannot_decode(browser, tiny_
         assert len(page.uploads) == 1
         assert "the server refused the image" in page.inner_text("#error")
         assert page.errors == []
+
+
+def test_page_says_demo_model_after_a_prediction(browser, tiny_export, test_png):
+    """The tiny model was trained on phantoms: the page says so before and with the answer."""
+    from dermkit.deploy.model_card import DEMO_NOTICE
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with BackgroundServer(_app(tiny_export)) as url:
+        page = browser(DESKTOP)
+        result = _page_answer(page, url, test_png)
+        assert result["demo_notice"] == DEMO_NOTICE
+        for selector in ("#demo-notice", "#result-demo"):
+            assert page.is_visible(selector), selector
+            assert page.inner_text(selector) == DEMO_NOTICE
+        page.screenshot(path=str(ARTIFACTS / "web-demo-prediction.png"), full_page=True)
+        assert not page.errors, page.errors
+
+
+def test_pipeline_report_renders_its_pictures_and_the_phantom_label(
+    browser, tiny_classifier_run, tmp_path
+):
+    """The summary report of a phantom pipeline in Chromium: every embedded PNG decodes,
+    the demo notice shows, the config is a YAML block. Screenshot: pipeline-report.png."""
+    import yaml
+
+    from dermkit.pipeline import PipelineResult, StageRecord, load_pipeline
+    from dermkit.pipeline_report import DEMO_DATA_NOTICE, write_summary_report
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    cfg = load_pipeline("dermae-tiny", [f"out_dir={tmp_path}"])
+    records = {
+        "teacher": StageRecord(
+            "teacher",
+            "fine-tuned teacher",
+            "cached",
+            "0" * 64,
+            str(tiny_classifier_run),
+            str(tiny_classifier_run / "report.html"),
+            metric="test macro-F1 (tiny fixture)",
+        ),
+        "distill": StageRecord("distill", "distilled student", "off"),
+    }
+    report = write_summary_report(PipelineResult(cfg, records, None, {}), 1.0)
+    page = browser(DESKTOP)
+    page.goto(report.as_uri())
+    sizes = page.eval_on_selector_all(
+        "img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.alt])"
+    )
+    assert len(sizes) >= 2  # the teacher's learning curves and confusion matrix at least
+    assert all(done and width > 0 for done, width, _ in sizes), sizes
+    assert {alt for *_, alt in sizes} >= {
+        "teacher: learning curves",
+        "teacher: confusion matrix (test)",
+    }
+    assert page.is_visible(".demo") and page.inner_text(".demo") == DEMO_DATA_NOTICE
+    shown = yaml.safe_load(page.inner_text("pre.config"))
+    assert shown == cfg.model_dump(mode="json", exclude={"source"})
+    page.screenshot(path=str(ARTIFACTS / "pipeline-report.png"), full_page=True)

@@ -56,6 +56,9 @@ class PhantomsSource(Strict):
     n_lesions: int = Field(150, ge=14)
     seed: int = 0
     image_size: tuple[int, int] = Field((160, 120), description="(width, height) in px")
+    class_weights: dict[str, float] | None = Field(
+        None, description="class -> unnormalised share of lesions; null: HAM10000-like"
+    )
 
 
 class PipelineData(Strict):

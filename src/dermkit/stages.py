@@ -169,6 +169,9 @@ def _data_wiring(ctx: StageContext) -> dict:
     }
 
 
+PHANTOM_GRID = "phantom_grid.png"
+
+
 def _phantom_grid(root: Path, n: int = 14):
     """A figure with the first phantom image of each class, then more, with labels."""
     import matplotlib
@@ -200,7 +203,9 @@ def _run_data(cfg: DataStageConfig, out: Path, resume: bool) -> Path:
     root = Path(data_root(cfg, out))
     if cfg.phantoms is not None and not (root / "metadata.csv").exists():
         p = cfg.phantoms
-        generate_phantoms(root, p.n_lesions, image_size=p.image_size, seed=p.seed)
+        generate_phantoms(
+            root, p.n_lesions, image_size=p.image_size, seed=p.seed, class_weights=p.class_weights
+        )
     with RunDir(out, cfg, "data") as run:
         data_cfg = DataConfig(
             path=str(root),
@@ -259,7 +264,14 @@ def _run_data(cfg: DataStageConfig, out: Path, resume: bool) -> Path:
                 "Phantoms are procedurally drawn lesions: they exercise the code path; their "
                 "numbers say nothing about real dermoscopy."
             )
-            report.add_figure(_phantom_grid(root), "phantom images, one per class first")
+            import matplotlib.pyplot as plt
+
+            from dermkit.eval.plots import save_figure
+
+            fig = _phantom_grid(root)
+            grid = save_figure(fig, run / PHANTOM_GRID)  # the pipeline's summary embeds it
+            plt.close(fig)
+            report.add_figure(grid, "phantom images, one per class first")
         return report.write(run / "report.html")
 
 

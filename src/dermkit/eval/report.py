@@ -47,6 +47,12 @@ figure { margin: 1.2rem 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: .9rem; }
 .note { color: #555; font-size: .9rem; }
+.demo { background: #fde8e8; color: #8a1c1c; border-left: 4px solid #c62828;
+        padding: .5rem .8rem; font-weight: 600; }
+pre { background: #f6f8fa; border: 1px solid #e1e4e8; padding: .6rem .8rem; overflow-x: auto;
+      font-size: .85rem; line-height: 1.35; }
+.figures { display: flex; flex-wrap: wrap; gap: .8rem; align-items: flex-start; }
+.figures figure { margin: .4rem 0; flex: 1 1 460px; max-width: 100%; }
 """
 
 
@@ -166,6 +172,22 @@ class HtmlReport:
             parts.append(f"<figcaption>{html.escape(caption)}</figcaption>")
         parts.append("</figure>")
         self._body.append("".join(parts))
+        return self
+
+    def add_preformatted(self, text: str, css_class: str | None = None) -> HtmlReport:
+        """Add a ``<pre>`` block of plain (escaped) text, e.g. a config as YAML."""
+        attr = f' class="{html.escape(css_class)}"' if css_class else ""
+        self._body.append(f"<pre{attr}>{html.escape(str(text))}</pre>")
+        return self
+
+    def begin_group(self, css_class: str) -> HtmlReport:
+        """Open a ``<div class=...>`` (e.g. ``figures``: figures side by side) until
+        :meth:`end_group`."""
+        self._body.append(f'<div class="{html.escape(css_class)}">')
+        return self
+
+    def end_group(self) -> HtmlReport:
+        self._body.append("</div>")
         return self
 
     def add_metrics_table(self, result: dict, caption: str | None = None) -> HtmlReport:
