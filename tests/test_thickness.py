@@ -90,7 +90,7 @@ def test_softmax_probe_equals_plain_logistic_regression():
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
-    from dermkit.eval.thickness_cv import ProbeSpec, fit_probe
+    from dermkit.explain.thickness_cv import ProbeSpec, fit_probe
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(40, 60)) * 2 + 1, rng.integers(0, 3, 40)  # D > N: span trick
@@ -105,7 +105,7 @@ def test_softmax_probe_equals_plain_logistic_regression():
 
 
 def test_corn_probe_orders_an_ordinal_signal():
-    from dermkit.eval.thickness_cv import ProbeSpec, fit_probe, fold_metrics
+    from dermkit.explain.thickness_cv import ProbeSpec, fit_probe, fold_metrics
 
     rng = np.random.default_rng(1)
     y = np.repeat(np.arange(4), 40)
@@ -119,7 +119,7 @@ def test_corn_probe_orders_an_ordinal_signal():
 
 
 def test_nested_cv_chooses_informative_features_on_inner_folds():
-    from dermkit.eval.thickness_cv import SELECTED, candidate_grid, nested_cv
+    from dermkit.explain.thickness_cv import SELECTED, candidate_grid, nested_cv
 
     rng = np.random.default_rng(2)
     y = np.repeat(np.arange(3), 20)

@@ -1423,7 +1423,7 @@ def thickness_study_cmd(
     jobs: Annotated[int, typer.Option(help="outer folds run in parallel")] = 1,
 ) -> None:
     """Nested-CV probes (CORN vs softmax) on frozen features, analyses and report.html."""
-    from dermkit.eval.thickness_study import ThicknessStudyConfig, run_thickness_study
+    from dermkit.explain.thickness_study import ThicknessStudyConfig, run_thickness_study
 
     cfg = ThicknessStudyConfig(
         data=data,

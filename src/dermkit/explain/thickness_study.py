@@ -5,7 +5,7 @@ Steps (each explained in its module):
 1. read the thickness folder (``data/thickness.py``: HAM layout + thickness columns);
 2. extract frozen features for every feature set (``explain/thickness.py``);
 3. per grouping (3-class clinical, 4 categories): nested CV of linear probes, CORN and
-   softmax heads, every choice on inner validation (``eval/thickness_cv.py``);
+   softmax heads, every choice on inner validation (``explain/thickness_cv.py``);
 4. analyses of the headline (``selected``) model's pooled out-of-fold predictions (the
    mean of the seeds' out-of-fold probabilities, one row per image): confusion matrix,
    ROC of invasive vs in situ and >= 0.76 mm vs below with bootstrap CIs, error and recall
@@ -34,15 +34,6 @@ from matplotlib.figure import Figure
 from dermkit.data.thickness import BINARY_CUTS, GROUPINGS, THICKNESS_CATEGORIES, load_thickness
 from dermkit.eval.plots import _new_figure, plot_confusion_matrix, save_figure
 from dermkit.eval.report import HtmlReport, format_estimate, to_jsonable
-from dermkit.eval.thickness_cv import (
-    DEFAULT_CS,
-    HEADS,
-    SELECTED,
-    FamilyResult,
-    candidate_grid,
-    cut_scores,
-    nested_cv,
-)
 from dermkit.explain.thickness import (
     FeatureSpec,
     build_encoder,
@@ -52,6 +43,15 @@ from dermkit.explain.thickness import (
     load_images,
     probe_model,
     separability,
+)
+from dermkit.explain.thickness_cv import (
+    DEFAULT_CS,
+    HEADS,
+    SELECTED,
+    FamilyResult,
+    candidate_grid,
+    cut_scores,
+    nested_cv,
 )
 
 log = logging.getLogger(__name__)
