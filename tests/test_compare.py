@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -87,3 +88,30 @@ def test_compare_arm_takes_the_backbone_its_pretraining_run_names(
     pre, tuned = load_file(vae / "model.safetensors"), load_file(out / "vae" / "model.safetensors")
     key = next(k for k in pre if k.endswith("weight") and pre[k].ndim == 4)
     assert (tuned[key] - pre[key]).norm() < 0.5 * pre[key].norm()
+
+
+def test_init_syntax_gives_an_arm_its_own_backbone():
+    """NAME=WEIGHTS@MODEL: the ImageNet EfficientNet arm and its random twin beside ViT arms."""
+    from dermkit.config import CompareArm, CompareRunConfig
+    from dermkit.train.compare import parse_init
+
+    assert parse_init("mae=runs/mae") == ("mae", "runs/mae")
+    assert parse_init("random=random") == ("random", None)
+    name, arm = parse_init("imagenet=imagenet@tf_efficientnet_lite0")
+    assert name == "imagenet" and arm == CompareArm(
+        model="tf_efficientnet_lite0", weights="imagenet"
+    )
+    assert parse_init("twin=random@tf_efficientnet_lite0")[1].weights is None
+    for bad in ("noequals", "x=", "x=imagenet@"):
+        with pytest.raises(ValueError, match="NAME=WEIGHTS@MODEL"):
+            parse_init(bad)
+    # the same arms from a YAML config
+    cfg = CompareRunConfig.model_validate(
+        {
+            "inits": {
+                "random": None,
+                "imagenet": {"model": "tf_efficientnet_lite0", "weights": "imagenet"},
+            }
+        }
+    )
+    assert isinstance(cfg.inits["imagenet"], CompareArm) and cfg.inits["random"] is None

@@ -333,7 +333,11 @@ def compare(
     preset: Preset = None,
     config: ConfigFile = None,
     init: Annotated[
-        list[str] | None, typer.Option(help="NAME=WEIGHTS (WEIGHTS 'random' for none)")
+        list[str] | None,
+        typer.Option(
+            help="NAME=WEIGHTS or NAME=WEIGHTS@MODEL (WEIGHTS 'random' for none; @MODEL: "
+            "the arm's own backbone, e.g. imagenet@tf_efficientnet_lite0)"
+        ),
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="skip finished, resume the rest")
@@ -341,7 +345,7 @@ def compare(
 ) -> None:
     """Fine-tune several initialisations identically; curves, gaps and a metrics table."""
     from dermkit.config import CompareRunConfig, load_config
-    from dermkit.train.compare import run_compare
+    from dermkit.train.compare import parse_init, run_compare
 
     try:
         ft = [
@@ -350,10 +354,7 @@ def compare(
         ]
         cfg = load_config(CompareRunConfig, "compare", preset, config, ft)
         if init:
-            pairs = [item.split("=", 1) for item in init]
-            if any(len(p) != 2 for p in pairs):
-                _fail("--init must look like NAME=WEIGHTS")
-            cfg.inits = {n: (None if w == "random" else w) for n, w in pairs}
+            cfg.inits = dict(parse_init(item) for item in init)
         report = run_compare(cfg, resume=resume)
     except _user_errors() as e:
         _fail(str(e))

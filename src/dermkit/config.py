@@ -210,14 +210,23 @@ class FinetuneRunConfig(Strict):
     task: TaskConfig = Field(default_factory=TaskConfig, description="label or ordinal column")
 
 
+class CompareArm(Strict):
+    """One initialisation of ``dermkit compare`` whose architecture differs from the default."""
+
+    model: str | None = Field(None, description="backbone (default: finetune.model.name)")
+    weights: str | None = Field(None, description="as model.weights; null = random init")
+
+
 class CompareRunConfig(Strict):
     """``dermkit compare``: identical fine-tuning from several initialisations."""
 
     out_dir: str = "runs/compare"
     finetune: FinetuneRunConfig = Field(default_factory=FinetuneRunConfig)
-    inits: dict[str, str | None] = Field(
+    inits: dict[str, str | CompareArm | None] = Field(
         default_factory=lambda: {"random": None},
-        description="name -> weights (local file or dermkit run folder; null = random)",
+        description="name -> weights (local file, dermkit run folder, imagenet / pkg:<name>; "
+        "null = random), or {model, weights} for an arm with its own architecture (e.g. "
+        "ImageNet EfficientNet-Lite0 and its random-init twin beside ViT arms)",
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from dermkit.config import CompareRunConfig, FinetuneRunConfig
+from dermkit.config import CompareArm, CompareRunConfig, FinetuneRunConfig
 from dermkit.eval.curves import plot_learning_curves
 from dermkit.eval.report import HtmlReport, format_estimate
 from dermkit.runs import RunDir
@@ -41,6 +41,19 @@ def finished_with_config(run_dir: Path, cfg: FinetuneRunConfig) -> bool:
         return False
 
 
+def parse_init(text: str) -> tuple[str, str | CompareArm | None]:
+    """``NAME=WEIGHTS`` or ``NAME=WEIGHTS@MODEL`` (the CLI's ``--init``) -> (name, init).
+
+    ``random`` as WEIGHTS means no weights; ``@MODEL`` gives the arm its own backbone.
+    """
+    name, sep, value = text.partition("=")
+    weights, at, model = value.rpartition("@") if "@" in value else (value, "", "")
+    if not sep or not name or not weights or (at and not model):
+        raise ValueError(f"--init {text!r} must look like NAME=WEIGHTS or NAME=WEIGHTS@MODEL")
+    weights = None if weights == "random" else weights
+    return name, CompareArm(model=model, weights=weights) if at else weights
+
+
 def pretrain_backbone(weights: str | None) -> str | None:
     """The backbone a pretraining run folder's encoder.json names, else None."""
     info = Path(weights) / "encoder.json" if weights else None
@@ -54,9 +67,12 @@ def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = Tr
     if not cfg.inits:
         raise ValueError("compare needs at least one entry under 'inits'")
     with RunDir(cfg.out_dir, cfg, "compare") as run:
-        results, models = {}, {}
-        for name, weights in cfg.inits.items():
+        results, models, sources = {}, {}, {}
+        for name, init in cfg.inits.items():
             sub = cfg.finetune.model_copy(deep=True)
+            weights = init.weights if isinstance(init, CompareArm) else init
+            if isinstance(init, CompareArm) and init.model:
+                sub.model.name = init.model
             sub.model.weights = weights
             # A pretraining run names its backbone (encoder.json): the VAE arm is a CNN
             # encoder beside ViT arms, so the arm's architecture follows its weights.
@@ -73,6 +89,7 @@ def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = Tr
                 run_finetune(sub, resume=resume, progress=progress)
             results[name] = json.loads(done.read_text())
             models[name] = sub.model.name
+            sources[name] = weights or "random"
         histories = {n: r["history"] for n, r in results.items()}
         plot_learning_curves(histories).savefig(run / "compare_curves.png", dpi=110)
         rows = []
@@ -83,7 +100,7 @@ def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = Tr
                 {
                     "init": name,
                     "model": models[name],
-                    "weights": cfg.inits[name] or "random",
+                    "weights": sources[name],
                     **{k: format_estimate(m[k]) for k in TABLE_METRICS if k in m},
                     "best val macro-F1": best.get("val_macro_f1"),
                     "gap at best epoch": best.get("gap_macro_f1"),
