@@ -22,6 +22,12 @@ timm checkpoints key for key.
 
 Resolutions are the design points; ViT variants accept any ``img_size`` divisible by the
 patch size (the factory passes it through).
+
+Every variant is also a timm architecture: importing this module registers each one with
+timm's ``@register_model`` (as ``vae_encoder.py`` registers ``dermkit_vae_encoder``), so
+``timm.create_model("resnet18d_64", num_classes=7)`` builds the same model as
+``create_backbone`` and ``timm.list_models("*_64")`` lists them. A variant named like a timm
+model (``vit_huge_patch14_224``) is timm's own and is left to it.
 """
 
 from __future__ import annotations
@@ -31,7 +37,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import timm
+from timm.models import get_pretrained_cfg, register_model
 from torch import nn
+
+import dermkit.models.vae_encoder  # noqa: F401  (registers dermkit_vae_encoder with timm)
 
 
 @dataclass(frozen=True)
@@ -163,11 +173,44 @@ VARIANTS: Mapping[str, BackboneVariant] = MappingProxyType(_VARIANTS)
 """Every registered variant by name (read only; add with :func:`register_variant`)."""
 
 
+def _timm_entrypoint(name: str, variant: BackboneVariant) -> Callable[..., nn.Module]:
+    """A timm entrypoint ``name(pretrained=False, **kwargs)`` that builds ``variant``."""
+
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        if pretrained:
+            raise ValueError(
+                f"{name} has no published weights; dermkit loads local ones only "
+                "(create_backbone(..., weights=PATH))"
+            )
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's own
+            kwargs.pop(key, None)
+        base_cfg = get_pretrained_cfg(variant.timm_name)
+        if base_cfg is not None and base_cfg.fixed_input_size:  # ViTs: patch grid from size
+            kwargs.setdefault("img_size", variant.img_size)
+        model = timm.create_model(variant.timm_name, pretrained=False, **variant.kwargs | kwargs)
+        if variant.adapt is not None:
+            variant.adapt(model)
+        return model
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name  # timm registers by function name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"timm entrypoint of dermkit's {name}: {variant.doc}"
+    return entrypoint
+
+
+def _register_with_timm(name: str, variant: BackboneVariant) -> None:
+    if name == variant.timm_name or (timm.is_model(name) and name not in _OURS):
+        return  # timm's own architecture under its own name
+    register_model(_timm_entrypoint(name, variant))
+    _OURS.add(name)
+
+
 def register_variant(name: str, variant: BackboneVariant) -> None:
-    """Add a named variant; re-registering an existing name is an error (no silent shadowing)."""
+    """Add a named variant (also to timm); re-registering a name is an error (no shadowing)."""
     if name in _VARIANTS:
         raise ValueError(f"backbone variant {name!r} is already registered")
     _VARIANTS[name] = variant
+    _register_with_timm(name, variant)
 
 
 def get_variant(name: str) -> BackboneVariant | None:
@@ -178,3 +221,8 @@ def get_variant(name: str) -> BackboneVariant | None:
 def list_variants(preset: str | None = None) -> list[str]:
     """Registered variant names, optionally only those of one preset (tiny / cpu / gpu)."""
     return sorted(n for n, v in _VARIANTS.items() if preset is None or v.preset == preset)
+
+
+_OURS: set[str] = set()
+for _name, _variant in _VARIANTS.items():
+    _register_with_timm(_name, _variant)
