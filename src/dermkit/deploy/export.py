@@ -368,6 +368,7 @@ def build_card(run_dir: Path, cfg, classes, model, data, files: list[ModelFile])
     if (run_dir / "run.json").exists():
         run_info = json.loads((run_dir / "run.json").read_text())
     size = cfg.data.image_size
+    full_frame = cfg.data.crop == "full_frame"
     level = result.get("ci_level", 0.95)
     phantoms = is_phantom_dataset(cfg.data.path)
     return ModelCard(
@@ -382,8 +383,12 @@ def build_card(run_dir: Path, cfg, classes, model, data, files: list[ModelFile])
         classes=list(classes),
         preprocessing=Preprocessing(
             image_size=size,
-            resize=f"resize the short side to {size} px (PIL bicubic, antialiased)",
-            crop=f"centre crop {size}x{size} ({cfg.data.crop}), after the resize",
+            resize=f"resize the {'long' if full_frame else 'short'} side to {size} px "
+            "(PIL bicubic, antialiased)",
+            crop=f"pad the short side to {size} px by reflection, image centred (full_frame)"
+            if full_frame
+            else f"centre crop {size}x{size} ({cfg.data.crop}), after the resize",
+            crop_policy=cfg.data.crop,
             scale=1 / 255,
             mean=list(input_stats(model)[0]),
             std=list(input_stats(model)[1]),

@@ -11,7 +11,8 @@ One prediction, the same steps on the server and in the page (``web/core.js``):
 
 1. decode (``dermkit.data.images.decode_rgb_bytes``: full decode, bomb and size limits),
 2. resize the short side to S with PIL bicubic and centre-crop S x S
-   (``resize_short_side_center_crop``, the training cache's own function),
+   (``crop_image`` with the card's ``crop_policy``: the training cache's own function;
+   ``full_frame`` resizes the long side and pads by reflection instead),
 3. ``(x / 255 - mean) / std`` in float32, NCHW,
 4. ONNX Runtime -> logits; with exits, the segments run in order and the exit policy decides
    where the image leaves,
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from dermkit.core.files import sha256_file
-from dermkit.data.cache import resize_short_side_center_crop
+from dermkit.data.cache import crop_image
 from dermkit.data.labels import HAM10000_DESCRIPTIONS, MALIGNANT_CLASSES
 from dermkit.deploy.model_card import CARD_FILE, NOT_A_DIAGNOSIS, ModelCard
 
@@ -177,7 +178,7 @@ class ServedModel:
 
     def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 -> (crop (S, S, 3) uint8, input (1, 3, S, S) float32)."""
-        crop = resize_short_side_center_crop(rgb, self.size)
+        crop = crop_image(rgb, self.size, self.card.preprocessing.crop_policy)
         x = crop.transpose(2, 0, 1)[None].astype(np.float32) * self.scale
         x = (x - self.mean) / self.std
         return crop, np.ascontiguousarray(x, dtype=np.float32)
@@ -300,6 +301,7 @@ class ServedModel:
             "malignant_threshold": self.malignant_threshold,
             "confidence_levels": list(self.confidence_levels),
             "image_size": self.size,
+            "crop_policy": pre.crop_policy,
             "scale": float(pre.scale),
             "mean": list(pre.mean),
             "std": list(pre.std),

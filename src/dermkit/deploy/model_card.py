@@ -48,6 +48,11 @@ class Preprocessing(_Card):
     image_size: int = Field(description="square side S of the input (px)")
     resize: str = Field(description="how the image is resized before cropping")
     crop: str = Field(description="crop policy")
+    crop_policy: Literal["short_side_center", "full_frame"] = Field(
+        "short_side_center",
+        description="machine-readable crop policy (dermkit.data.cache.crop_image): "
+        "short_side_center or full_frame (long side, reflection-padded square)",
+    )
     scale: float = Field(description="uint8 pixel values are multiplied by this (1/255)")
     mean: list[float] = Field(description="per-channel RGB mean subtracted after scaling")
     std: list[float] = Field(description="per-channel RGB std divided by after the mean")

@@ -143,7 +143,7 @@
     const cfg = state.cfg;
     const ort = window.ort;
     const S = cfg.image_size;
-    const crop = core.resizeShortSideCenterCrop(pixels.rgb, pixels.w, pixels.h, S);
+    const crop = core.cropImage(pixels.rgb, pixels.w, pixels.h, S, cfg.crop_policy);
     const x = core.normalise(crop, S, cfg.mean, cfg.std, cfg.scale);
     let h = new ort.Tensor("float32", x, [1, 3, S, S]);
     let probs;
@@ -362,7 +362,7 @@
         result = await predictOnServer(blob, false);
         try {
           const pixels = await getPixels();
-          drawCrop(core.resizeShortSideCenterCrop(pixels.rgb, pixels.w, pixels.h, cfg.image_size), cfg.image_size);
+          drawCrop(core.cropImage(pixels.rgb, pixels.w, pixels.h, cfg.image_size, cfg.crop_policy), cfg.image_size);
         } catch (err) {
           console.warn("preview unavailable:", err);
         }

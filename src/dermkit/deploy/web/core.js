@@ -175,6 +175,43 @@
   }
 
   /**
+   * dermkit.data.cache.resize_full_frame: long side to `size` (PIL bicubic), then the short
+   * side padded to `size` by reflection (numpy's "reflect": the edge row is not repeated;
+   * "edge" when the pad is not shorter than the image). Returns Uint8Array size*size*3.
+   */
+  function resizeFullFrame(rgb, w, h, size) {
+    const scale = size / Math.max(h, w);
+    const newW = Math.min(size, Math.max(1, pyRound(w * scale)));
+    const newH = Math.min(size, Math.max(1, pyRound(h * scale)));
+    const resized = pilResizeBicubic(rgb, w, h, newW, newH);
+    const top = Math.floor((size - newH) / 2);
+    const left = Math.floor((size - newW) / 2);
+    const reflect = Math.max(top, size - newH - top) < newH && Math.max(left, size - newW - left) < newW;
+    const source = (i, n) => {
+      if (!reflect) return Math.min(n - 1, Math.max(0, i));
+      const period = 2 * (n - 1);
+      if (period === 0) return 0;
+      let j = ((i % period) + period) % period;
+      return j < n ? j : period - j;
+    };
+    const out = new Uint8Array(size * size * 3);
+    for (let y = 0; y < size; y++) {
+      const sy = source(y - top, newH);
+      for (let x = 0; x < size; x++) {
+        const from = (sy * newW + source(x - left, newW)) * 3;
+        out.set(resized.subarray(from, from + 3), (y * size + x) * 3);
+      }
+    }
+    return out;
+  }
+
+  /** dermkit.data.cache.crop_image: the model card's crop policy applied to an image. */
+  function cropImage(rgb, w, h, size, policy) {
+    if (policy === "full_frame") return resizeFullFrame(rgb, w, h, size);
+    return resizeShortSideCenterCrop(rgb, w, h, size);
+  }
+
+  /**
    * The accepted format whose signature the first bytes match, else null. ``formats`` is
    * the server's list (GET /config image_formats: [{name, mime, magic: [[offset, hex]]}]),
    * the same table the API sniffs uploads with (dermkit.deploy.image_probe.IMAGE_FORMATS).
@@ -306,6 +343,8 @@
   return {
     pilResizeBicubic,
     resizeShortSideCenterCrop,
+    resizeFullFrame,
+    cropImage,
     rgbaToRgb,
     sniffFormat,
     normalise,
