@@ -53,3 +53,14 @@ def test_compare_preset_fine_tunes_exactly_like_the_finetune_preset():
         assert compare.finetune == finetune
     compare = load_config(CompareRunConfig, "compare", "tiny", None, ["finetune.optim.epochs=9"])
     assert compare.finetune.optim.epochs == 9
+
+
+def test_exits_objective_accepts_the_latency_budget_in_a_config_file():
+    """latency=B works from YAML as from the CLI flag; an unknown objective is refused."""
+    from pydantic import ValidationError
+
+    from dermkit.config import ExitsConfig
+
+    assert ExitsConfig(objective="latency=0.5").objective == "latency=0.5"
+    with pytest.raises(ValidationError, match="objective"):
+        ExitsConfig(objective="speed=1")
