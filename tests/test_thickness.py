@@ -195,3 +195,14 @@ def test_study_command_rejects_bad_feature_spec(thickness_root, tmp_path):
     result = CliRunner().invoke(app, [*args, "--features", "lite0-224"])
     assert result.exit_code == 2
     assert "BACKBONE@SIZE" in result.output
+
+
+def test_gradcam_panel_mixes_feature_sets_of_different_sizes():
+    """Folds may choose feature sets of different input sizes: one panel still holds them."""
+    from dermkit.explain.thickness_study import _plot_gradcam, _same_size
+
+    images = _same_size([np.zeros((16, 16, 3), np.uint8), np.full((24, 24, 3), 255, np.uint8)])
+    assert images.shape == (2, 24, 24, 3) and images[1].min() == 255
+    maps = [np.random.default_rng(0).random((4, 4)), np.random.default_rng(1).random((6, 6))]
+    fig = _plot_gradcam(images, maps, maps, ["a", "b"])
+    assert len(fig.axes) == 2 * 3  # rows x (image, Grad-CAM, randomised)

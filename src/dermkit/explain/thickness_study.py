@@ -302,8 +302,8 @@ def _gradcam_panels(
         ]
         fig = _plot_gradcam(
             _same_size([maps[int(i)][0] for i in rows]),
-            np.stack([maps[int(i)][1] for i in rows]),
-            np.stack([maps[int(i)][2] for i in rows]),
+            [maps[int(i)][1] for i in rows],  # maps of feature sets of different sizes:
+            [maps[int(i)][2] for i in rows],  # a list, each upsampled to the image size
             titles,
         )
         png = f"gradcam_{grouping.name}_class{c}.png"
