@@ -44,7 +44,6 @@ and outside the blocks: ``_conv_stem`` -> ``conv_stem``, ``_bn0`` -> ``bn1``,
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import re
@@ -53,6 +52,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from dermkit.core.files import sha256_file
 
 PACKAGED_PREFIX = "pkg:"
 IMAGENET = "imagenet"
@@ -156,14 +157,6 @@ def find_source(source: str, architecture: str) -> PackagedWeights:
             f"weights={source} fits {', '.join(s.architectures)}, not {architecture!r}"
         )
     return s
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def locate(source: PackagedWeights) -> tuple[Path, dict]:
