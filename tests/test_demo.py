@@ -27,3 +27,21 @@ def test_demo_pipeline_is_offline_and_every_stage_is_on(tmp_path):
     plans = plan_pipeline(cfg, DERMAE_STAGES)
     assert list(plans) == [s.name for s in DERMAE_STAGES]
     assert all(p.path.parent == tmp_path / "d" for p in plans.values())
+
+
+def test_demo_split_holds_enough_images_of_every_class_to_score_it(tmp_path):
+    """Macro-F1 averages the classes: with 2-3 test images of a rare class (the demo's old
+    150 HAM-like lesions) it was noise. The demo's phantoms give every class at least 10 test
+    and 40 training images. Whether its models then learn is asserted on the full demo run
+    in tests/test_pipeline.py (test_demo_teacher_and_student_learn_the_phantom_classes)."""
+    import json
+
+    from dermkit.pipeline import run_pipeline
+
+    cfg = demo_pipeline(tmp_path / "d")
+    result = run_pipeline(cfg, DERMAE_STAGES, targets=["data"], progress=False, summary=False)
+    counts = json.loads((result.path("data") / "metrics.json").read_text())["class_counts"]
+    assert len(counts["test"]) == 7
+    assert min(counts["test"].values()) >= 10, counts["test"]
+    assert min(counts["train"].values()) >= 40, counts["train"]
+    assert (result.path("data") / "phantoms" / "phantoms.json").is_file()  # provenance
