@@ -173,7 +173,7 @@ def test_summary_report_shows_each_stage_as_pictures_and_the_config_as_yaml(demo
     assert len(by_stage["sample"]) == len(list(_stage_dir(demo_out, "sample").glob("grid_*.png")))
     for stage in ("teacher", "distill"):
         assert {"learning curves", "confusion matrix (test)"} <= set(by_stage[stage])
-    assert "exits: accuracy against compute" in by_stage["exits"]
+    assert "accuracy and macro-F1 against compute" in by_stage["exits"]
     saliency = [c for c in by_stage["explain"] if c.startswith("saliency: ")]
     assert len(saliency) == 7  # one panel per class (explain.per_class = 1)
     block = re.search(r'<pre class="config">(.*?)</pre>', text, re.S)

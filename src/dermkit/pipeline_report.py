@@ -56,7 +56,7 @@ STAGE_FIGURES: dict[str, tuple[FigureSpec, ...]] = {
         FigureSpec("confusion_matrix.png", "confusion matrix (test)"),
         FigureSpec("teacher_vs_student.png", "teacher against student"),
     ),
-    "exits": (FigureSpec("curves.png", "exits: accuracy against compute"),),
+    "exits": (FigureSpec("curves.png", "accuracy and macro-F1 against compute"),),
     "explain": (
         FigureSpec("saliency/saliency/class_*.png", "saliency: {name}", "all"),
         FigureSpec("features/pca_label.png", "features (PCA) by class"),
