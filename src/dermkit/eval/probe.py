@@ -28,6 +28,7 @@ from sklearn.preprocessing import StandardScaler
 from dermkit.core.metrics import macro_f1
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import to_float
+from dermkit.models.backbones import input_stats
 
 
 @torch.no_grad()
@@ -44,7 +45,7 @@ def extract_features(
     out = []
     for i in range(0, len(dataset), batch_size):
         x, _ = dataset.__getitems__(np.arange(i, min(i + batch_size, len(dataset))))
-        x = to_float(x.to(device))
+        x = to_float(x.to(device), *input_stats(model))
         feats = model.forward_head(model.forward_features(x), pre_logits=True)
         out.append(feats.float().cpu())
     model.train(was_training)

@@ -37,6 +37,7 @@ from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import to_float
 from dermkit.eval.plots import _new_figure, save_figure
 from dermkit.eval.report import link_into_report
+from dermkit.models.backbones import input_stats
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def extract_features(
     out = []
     for i in range(0, len(indices), batch_size):
         x, _ = dataset.__getitems__(indices[i : i + batch_size])
-        x = to_float(x.to(device))
+        x = to_float(x.to(device), *input_stats(model))
         out.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
     if not out:
         raise ValueError("no images to extract features from")

@@ -46,6 +46,7 @@ from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import to_float
 from dermkit.eval.plots import _new_figure, save_figure
 from dermkit.eval.report import link_into_report
+from dermkit.models.backbones import input_stats
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def _predictions(run, dataset: CachedImageDataset, part: pd.DataFrame, split: st
         return df[["image_id", "label", "pred", "p_pred"]]
     from dermkit.train.ordinal import corn_class_probs
 
-    x = to_float(dataset.__getitems__(np.arange(len(dataset)))[0])
+    x = to_float(dataset.__getitems__(np.arange(len(dataset)))[0], *input_stats(run.model))
     with torch.no_grad():
         logits = run.model(x)
     probs = corn_class_probs(logits) if run.ordinal else logits.softmax(-1)
@@ -350,7 +351,7 @@ def run_explain_saliency(
             continue
         rows = np.asarray([rows_of[i] for i in chosen["image_id"]])
         images, _ = dataset.__getitems__(rows)
-        x = to_float(images)
+        x = to_float(images, *input_stats(model))
         targets = class_targets([index[p] for p in chosen["pred"]], run.ordinal is not None)
         maps = saliency_maps(model, x, targets)
         titles = [
@@ -371,7 +372,7 @@ def run_explain_saliency(
     pred_idx = [index[by_id.get(i, run.classes[0])] for i in part["image_id"].to_numpy()[pick]]
     trained, random, stats = sanity_check(
         model,
-        to_float(images),
+        to_float(images, *input_stats(model)),
         class_targets(pred_idx, run.ordinal is not None),
         seed,
         random_copies,
