@@ -19,7 +19,7 @@ from dermkit.config import CompareArm, CompareRunConfig, FinetuneRunConfig
 from dermkit.eval.curves import plot_learning_curves
 from dermkit.eval.report import HtmlReport, format_estimate
 from dermkit.runs import RunDir
-from dermkit.train.finetune import run_finetune
+from dermkit.train.finetune import resolve_model_config, run_finetune
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = Tr
                 log.info("compare: '%s' uses its encoder's backbone %s", name, backbone)
                 sub.model.name = backbone
             sub.out_dir = str(run / name)
+            resolve_model_config(sub)  # as run_finetune writes it, so a finished arm matches
             done = run / name / "metrics.json"
             if finished_with_config(run / name, sub):
                 log.info("compare: reusing finished run '%s' (identical config)", name)
