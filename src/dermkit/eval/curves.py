@@ -54,6 +54,6 @@ def plot_learning_curves(histories: dict[str, list[dict]]) -> Figure:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[-2].legend(fontsize=7)
-    axes[-1].legend(fontsize=7, title="— F1  -- bal. acc.  ··· acc.", title_fontsize=7)
+    axes[-1].legend(fontsize=7, title="solid F1, dashed bal. acc., dotted acc.", title_fontsize=7)
     fig.tight_layout()
     return fig
