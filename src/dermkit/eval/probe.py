@@ -17,6 +17,7 @@ the numbers compare representations, not training recipes.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,10 +26,13 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from dermkit.config import FinetuneRunConfig
 from dermkit.core.metrics import macro_f1
 from dermkit.data.dataset import CachedImageDataset
+from dermkit.data.prepare import prepare_data
 from dermkit.data.transforms import to_float
-from dermkit.models.backbones import input_stats
+from dermkit.models.backbones import create_backbone, input_stats
+from dermkit.models.weights import KeyReport, load_pretrained
 
 
 @torch.no_grad()
@@ -121,3 +125,29 @@ def probe_encoder(
     result |= {f"n_{name}": len(ds) for name, ds in sets.items()}
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def probe_weights(
+    cfg: FinetuneRunConfig, weights: str | Path, model: str, k: int = 20
+) -> tuple[dict, KeyReport]:
+    """``probe_encoder`` of the backbone ``model`` holding ``weights``, on ``cfg.data``'s splits.
+
+    Args:
+        cfg: a finetune config; only its data settings and seed are used.
+        weights: a pretraining run folder or a weights file (``load_pretrained``).
+        model: the timm backbone name the weights belong to.
+
+    Returns:
+        (probe_encoder's result, the weights' key report: ``.ok`` is False when keys were
+        missing or unexpected).
+    """
+    encoder = create_backbone(model, num_classes=0, img_size=cfg.data.image_size)
+    report = load_pretrained(encoder, weights)
+    data = prepare_data(cfg.data)
+    parts = ("train", "val", "test")
+    sets = {s: CachedImageDataset(data.cache, data.part(s), data.classes) for s in parts}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = probe_encoder(
+        encoder.to(device), sets["train"], sets["val"], sets["test"], k=k, seed=cfg.seed
+    )
+    return result, report

@@ -193,3 +193,26 @@ class OnnxEarlyExitRunner:
             h = np.ascontiguousarray(out[0][~leave])
             active = active[~leave]
         return logits_out, exit_index, depths[exit_index]
+
+
+def export_exit_run(
+    exit_run: str | Path, head: str, out_dir: str | Path, fused: bool = True
+) -> Path:
+    """Export the calibrated ``head`` of an exit run folder as ONNX segments; returns the folder.
+
+    ``fused``: the exit decision inside each segment and unused exits pruned (the policy
+    travels in ``policy.json`` either way).
+    """
+    # Lazy: the server imports this module for the ONNX runner alone; reading a run
+    # folder pulls in the training stack (data preparation, timm models).
+    from dermkit.exits.run_io import ExitRun
+
+    run = ExitRun.open(exit_run)
+    policy = run.policy(head)
+    if fused:
+        return export_segments(
+            run.model(head), out_dir, run.info["img_size"], policy=policy, class_names=run.classes
+        )
+    export_segments(run.model(head), out_dir, run.info["img_size"])
+    policy.save(Path(out_dir) / "policy.json", run.classes)
+    return Path(out_dir)

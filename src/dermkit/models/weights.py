@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import pickle
 import sys
@@ -423,6 +424,14 @@ def map_state_dict(
 
 
 # --------------------------------------------------------------------------- public API
+
+
+def pretrain_backbone(weights: str | Path | None) -> str | None:
+    """The backbone a pretraining run folder's encoder.json names, else None."""
+    info = Path(weights) / "encoder.json" if weights else None
+    if info is None or not info.is_file():
+        return None
+    return json.loads(info.read_text()).get("backbone")
 
 
 def load_pretrained(model: nn.Module, source: str | Path, *, strict: bool = False) -> KeyReport:

@@ -39,7 +39,14 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dermkit.config import ConfigError, DiffusionRunConfig, SamplerConfig, UNetConfig
+from dermkit.config import (
+    AutoencoderRunConfig,
+    ConfigError,
+    DiffusionRunConfig,
+    SamplerConfig,
+    UNetConfig,
+    load_config,
+)
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import prepare_data
 from dermkit.eval.report import HtmlReport
@@ -318,6 +325,31 @@ def load_generator(run: str | Path, device: str | torch.device = "cpu") -> Gener
         unconditional=bool(meta["unconditional"]),
         run=run.resolve(),
     ).to(device)
+
+
+def unet_for_sampling(
+    generator: str | Path | None, preset: str | None = "cpu", n_classes: int = 7
+) -> tuple[UNet2DModel, dict, tuple[int, int, int], int]:
+    """The UNet a sampling benchmark times: a trained generator's, else an untrained one.
+
+    Args:
+        generator: a ``dermkit synth diffusion`` run folder, or None for a freshly built
+            UNet of the ``preset``'s diffusion settings at its autoencoder's latent shape.
+        n_classes: the untrained UNet's classes (a generator brings its own).
+
+    Returns:
+        (unet, scheduler config, latent shape (C, H, W), number of classes).
+    """
+    if generator is not None:
+        gen = load_generator(generator)
+        return gen.unet, gen.scheduler_config, gen.latent_shape, len(gen.classes)
+    ae = load_config(AutoencoderRunConfig, "synth_autoencoder", preset)
+    dc = load_config(DiffusionRunConfig, "synth_diffusion", preset)
+    side = ae.data.image_size // 2 ** (len(ae.model.block_out_channels) - 1)
+    shape = (ae.model.latent_channels, side, side)
+    unet = build_unet(dc.unet, shape, n_classes)
+    sched = dict(training_scheduler(dc.num_train_timesteps, dc.beta_schedule).config)
+    return unet, sched, shape, n_classes
 
 
 # ----------------------------------------------------------------------------- training

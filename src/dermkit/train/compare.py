@@ -18,6 +18,7 @@ import yaml
 from dermkit.config import CompareArm, CompareRunConfig, FinetuneRunConfig
 from dermkit.eval.curves import plot_learning_curves
 from dermkit.eval.report import HtmlReport, format_estimate
+from dermkit.models.weights import pretrain_backbone
 from dermkit.runs import RunDir
 from dermkit.train.finetune import resolve_model_config, run_finetune
 
@@ -52,14 +53,6 @@ def parse_init(text: str) -> tuple[str, str | CompareArm | None]:
         raise ValueError(f"--init {text!r} must look like NAME=WEIGHTS or NAME=WEIGHTS@MODEL")
     weights = None if weights == "random" else weights
     return name, CompareArm(model=model, weights=weights) if at else weights
-
-
-def pretrain_backbone(weights: str | None) -> str | None:
-    """The backbone a pretraining run folder's encoder.json names, else None."""
-    info = Path(weights) / "encoder.json" if weights else None
-    if info is None or not info.is_file():
-        return None
-    return json.loads(info.read_text()).get("backbone")
 
 
 def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = True) -> Path:

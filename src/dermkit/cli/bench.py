@@ -1,0 +1,119 @@
+"""``dermkit bench``: the benchmarks behind BENCHMARKS.md (training, MAE, sampling).
+
+The group also holds deployment benches (cli/deploy.py) and the ablation table
+(cli/pipeline.py); cli/main.py registers them all on ``app``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dermkit.cli.common import (
+    PIPELINE_EXTRAS,
+    ConfigFile,
+    Overrides,
+    Preset,
+    fail,
+    needs,
+    user_errors,
+)
+
+app = typer.Typer(help="Benchmarks behind the figures in BENCHMARKS.md.", no_args_is_help=True)
+
+
+def bench_pipeline_cmd(
+    overrides: Overrides = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    steps: Annotated[int, typer.Option(help="batches per round")] = 10,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds (best is kept)")] = 3,
+) -> None:
+    """Training images/s of the full loop vs model-only steps on the same batches."""
+    needs(*PIPELINE_EXTRAS)
+    import json
+
+    from dermkit.bench.pipeline import bench_pipeline
+    from dermkit.config import FinetuneRunConfig, load_config
+    from dermkit.runs import machine_info
+
+    try:
+        cfg = load_config(FinetuneRunConfig, "finetune", preset, config, overrides or [])
+    except user_errors() as e:
+        fail(str(e))
+    result = bench_pipeline(cfg, steps=steps, rounds=rounds) | {"machine": machine_info()}
+    print(json.dumps(result, indent=2))
+
+
+def bench_mae_cmd(
+    overrides: Overrides = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    steps: Annotated[int, typer.Option(help="batches per round")] = 10,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds (best is kept)")] = 3,
+    attention: Annotated[
+        str, typer.Option(help="attention kernel of both models: timm (default), fused, math")
+    ] = "timm",
+) -> None:
+    """Training images/s of an MAE step vs a supervised step of the same ViT, interleaved."""
+    import json
+
+    from dermkit.bench.mae import bench_mae
+    from dermkit.config import MaePretrainRunConfig, load_config
+    from dermkit.runs import machine_info
+
+    try:
+        cfg = load_config(MaePretrainRunConfig, "pretrain_mae", preset, config, overrides or [])
+        if attention not in ("timm", "fused", "math"):
+            fail(f"--attention must be timm, fused or math, got '{attention}'")
+        result = bench_mae(cfg, steps=steps, rounds=rounds, attention=attention)
+    except user_errors() as e:
+        fail(str(e))
+    print(json.dumps(result | {"machine": machine_info()}, indent=2))
+
+
+def bench_sampling_cmd(
+    generator: Annotated[
+        Path | None,
+        typer.Argument(help="synth diffusion run; default: an untrained UNet of the preset"),
+    ] = None,
+    preset: Preset = "cpu",
+    batch_size: Annotated[int, typer.Option(help="images per sampling batch")] = 32,
+    steps: Annotated[int, typer.Option(help="DDIM steps")] = 25,
+    guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 2.0,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds (best is kept)")] = 3,
+    n_classes: Annotated[int, typer.Option(help="classes of an untrained UNet")] = 7,
+    precision: Annotated[
+        str, typer.Option(help="dermkit's sampling precision: auto, bf16, fp16, fp32")
+    ] = "auto",
+) -> None:
+    """Images/s of dermkit's DDIM sampler vs a plain two-call (cond, uncond) fp32 loop."""
+    needs("synth")
+    import json
+
+    import torch
+
+    from dermkit.bench.sampling import bench_sampling
+    from dermkit.runs import machine_info
+    from dermkit.synth.diffusion import unet_for_sampling
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        unet, sched, shape, n_classes = unet_for_sampling(generator, preset, n_classes)
+        result = bench_sampling(
+            unet,
+            sched,
+            shape,
+            n_classes,
+            batch_size,
+            steps,
+            guidance,
+            rounds,
+            device=device,
+            precision=precision,
+        )
+    except (*user_errors(), ValueError) as e:
+        fail(str(e))
+    print(json.dumps(result | {"machine": machine_info()}, indent=2))

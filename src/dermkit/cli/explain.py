@@ -1,0 +1,121 @@
+"""``dermkit explain`` (features, saliency) and ``dermkit thickness`` (the Breslow study)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dermkit.cli.common import fail, needs, user_errors
+
+app = typer.Typer(
+    help="What a trained run's encoder encodes and where it looks.", no_args_is_help=True
+)
+thickness_app = typer.Typer(help="Melanoma thickness (Breslow category).", no_args_is_help=True)
+RunArg = Annotated[Path, typer.Argument(help="classifier run folder (finetune or distill)")]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="dataset root, if it moved")]
+OutOpt = Annotated[Path | None, typer.Option(help="output folder (default: inside the run)")]
+
+
+@app.command("features")
+def explain_features_cmd(
+    run: RunArg,
+    data: DataOpt = None,
+    out: OutOpt = None,
+    splits: Annotated[str, typer.Option(help="comma-separated splits")] = "test",
+    color_by: Annotated[
+        str | None, typer.Option(help="comma-separated manifest columns (default: the usual)")
+    ] = None,
+    max_images: Annotated[int | None, typer.Option(help="random subset size")] = None,
+    umap: Annotated[bool, typer.Option("--umap/--no-umap", help="UMAP when installed")] = True,
+    seed: int = 0,
+) -> None:
+    """PCA/UMAP of frozen penultimate features coloured by manifest columns, with numbers."""
+    from dermkit.explain.features import run_explain_features
+
+    try:
+        report = run_explain_features(
+            run,
+            out,
+            data,
+            splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
+            color_by=[c.strip() for c in color_by.split(",")] if color_by else None,
+            max_images=max_images,
+            seed=seed,
+            use_umap=umap,
+        )
+    except (*user_errors(), ValueError) as e:
+        fail(str(e))
+    print(report)
+
+
+@app.command("saliency")
+def explain_saliency_cmd(
+    run: RunArg,
+    data: DataOpt = None,
+    out: OutOpt = None,
+    split: Annotated[str, typer.Option(help="split whose predictions are explained")] = "test",
+    per_class: Annotated[int, typer.Option(help="correct and wrong examples per class")] = 2,
+    sanity_images: Annotated[int, typer.Option(help="images in the randomisation check")] = 16,
+    random_copies: Annotated[int, typer.Option(help="randomised models averaged")] = 3,
+    seed: int = 0,
+) -> None:
+    """Grad-CAM (+ attention rollout for ViTs) overlays per class, and the sanity check."""
+    needs("explain")
+    from dermkit.explain.saliency import run_explain_saliency
+
+    try:
+        report = run_explain_saliency(
+            run, out, data, split, per_class, sanity_images, seed, random_copies
+        )
+    except (*user_errors(), ValueError) as e:
+        fail(str(e))
+    print(report)
+
+
+@thickness_app.command("study")
+def thickness_study_cmd(
+    data: Annotated[Path, typer.Option(help="thickness folder (HAM layout + thickness columns)")],
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/thickness"),
+    features: Annotated[
+        list[str] | None, typer.Option(help="BACKBONE@SIZE[:WEIGHTS][+tta], repeatable")
+    ] = None,
+    groupings: Annotated[str, typer.Option(help="comma-separated 3class,4class")] = "3class,4class",
+    folds: Annotated[int, typer.Option(help="outer stratified folds")] = 5,
+    seeds: Annotated[str, typer.Option(help="comma-separated CV seeds")] = "0,1,2",
+    inner_folds: Annotated[int, typer.Option(help="inner folds choosing each model")] = 3,
+    cs: Annotated[str | None, typer.Option(help="comma-separated probe C grid")] = None,
+    gradcam_per_class: Annotated[int, typer.Option(help="Grad-CAM images per category")] = 3,
+    random_copies: Annotated[int, typer.Option(help="randomised models (sanity check)")] = 3,
+    n_shuffle: Annotated[int, typer.Option(help="shuffled-label controls")] = 200,
+    n_boot: Annotated[int, typer.Option(help="bootstrap replicates of pooled metrics")] = 1000,
+    cache_dir: Annotated[Path | None, typer.Option(help="image cache root")] = None,
+    jobs: Annotated[int, typer.Option(help="outer folds run in parallel")] = 1,
+) -> None:
+    """Nested-CV probes (CORN vs softmax) on frozen features, analyses and report.html."""
+    from dermkit.explain.thickness_study import ThicknessStudyConfig, run_thickness_study
+
+    cfg = ThicknessStudyConfig(
+        data=data,
+        out=out,
+        groupings=[g.strip() for g in groupings.split(",") if g.strip()],
+        n_folds=folds,
+        seeds=tuple(int(s) for s in seeds.split(",") if s.strip()),
+        inner_folds=inner_folds,
+        gradcam_per_class=gradcam_per_class,
+        n_random=random_copies,
+        n_shuffle=n_shuffle,
+        n_boot=n_boot,
+        cache_dir=cache_dir,
+        n_jobs=jobs,
+    )
+    if features:
+        cfg.features = list(features)
+    if cs:
+        cfg.cs = tuple(float(c) for c in cs.split(",") if c.strip())
+    try:
+        report = run_thickness_study(cfg)
+    except (*user_errors(), ValueError) as e:
+        fail(str(e))
+    print(report)
