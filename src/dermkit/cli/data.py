@@ -143,7 +143,7 @@ def data_split(
 ) -> None:
     """Label-stratified, lesion-grouped split with a leakage report."""
     from dermkit.config import DataConfig
-    from dermkit.data.prepare import prepare_data, write_split_file
+    from dermkit.data.prepare import prepare_data, write_fold_file, write_split_file
     from dermkit.data.readers import DataValidationError
     from dermkit.data.splits import lesion_grouped_kfold, split_summary
 
@@ -185,9 +185,7 @@ def data_split(
     if out:
         write_split_file(m, out)
         if kfold:
-            m[["image_id", "lesion_id", "fold"]].sort_values("image_id").to_csv(
-                out.with_name(out.stem + f"-{kfold}fold.csv"), index=False
-            )
+            write_fold_file(m, out, kfold)
         print(out)
 
 

@@ -80,6 +80,15 @@ def write_split_file(df: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def write_fold_file(df: pd.DataFrame, split_file: str | Path, k: int) -> Path:
+    """Write ``<split file stem>-<k>fold.csv`` (image_id, lesion_id, fold) beside the split
+    file, from ``df``'s ``fold`` column (``splits.lesion_grouped_kfold``); returns its path."""
+    split_file = Path(split_file)
+    path = split_file.with_name(split_file.stem + f"-{k}fold.csv")
+    df[["image_id", "lesion_id", "fold"]].sort_values("image_id").to_csv(path, index=False)
+    return path
+
+
 @dataclass
 class PreparedData:
     """A split manifest, its image cache, the class order and the leakage report."""
