@@ -90,6 +90,9 @@ class HealthProber:
         return self.polls
 
     def __exit__(self, *exc) -> None:
+        # One more poll that ends after the block: a block shorter than the polling interval
+        # (cheap junk rejections) would otherwise leave no poll to judge /health by.
+        self._lines.append(self.proc.stdout.readline())
         self.proc.terminate()
         out, _ = self.proc.communicate(timeout=30)
         for line in [*self._lines[1:], *out.splitlines()]:  # the first poll preceded the block
