@@ -29,15 +29,42 @@ def evaluate(
         Path | None,
         typer.Option(help="predictions.csv or run folder B: paired comparison A - B, same images"),
     ] = None,
+    adapt: Annotated[
+        str | None,
+        typer.Option(help="with --data: label-free adaptation, a comma list of bn,priors,tta"),
+    ] = None,
+    save_adaptation: Annotated[
+        Path | None,
+        typer.Option(help="with --adapt: write an adapted run folder (export/serve it)"),
+    ] = None,
+    fit_ood: Annotated[
+        bool, typer.Option(help="fit the unfamiliar-image flag of RUN (writes RUN/ood.json)")
+    ] = False,
+    ood_quantile: Annotated[
+        float, typer.Option(help="with --fit-ood: val quantile used as the threshold")
+    ] = 0.95,
+    ood_auroc: Annotated[
+        Path | None,
+        typer.Option(help="dataset folder: AUROC of the OOD scores, its images vs RUN's test"),
+    ] = None,
 ) -> None:
     """Metrics with lesion-level bootstrap CIs and an HTML report from a predictions file.
 
     With --data (and --label-map) the run folder's model is evaluated on another dataset.
     With --against B: metric(A) - metric(B) with paired lesion-bootstrap CIs -> paired.json
     and paired.md (default folder: A's folder/paired-vs-<B's name>).
+    --adapt bn,priors,tta (with --data) adapts the model to the data's images without their
+    labels; --save-adaptation DIR keeps the result as a run folder to export and serve.
+    --fit-ood fits the unfamiliar-image flag (RUN/ood.json); --ood-auroc DIR reports how
+    well its scores tell DIR's images from RUN's test images.
     """
     from dermkit.eval.evaluate import evaluate_file
 
+    if fit_ood or ood_auroc is not None:
+        _ood_commands(predictions, fit_ood, ood_quantile, ood_auroc, layout, label_map, cache_dir)
+        return
+    if (adapt is not None or save_adaptation is not None) and data is None:
+        fail("--adapt and --save-adaptation adapt the model to a dataset: they need --data")
     if against is not None:
         from dermkit.eval import paired
 
@@ -70,6 +97,8 @@ def evaluate(
                 seed=seed,
                 positive_class=positive_class,
                 progress=True,
+                adapt=adapt,
+                save_adaptation=save_adaptation,
             )
         except user_errors() as e:
             fail(str(e))
@@ -80,6 +109,7 @@ def evaluate(
             f"by the label map: {ext['source_labels_dropped'] or 'none'}",
             highlight=False,
         )
+        _print_adaptation(ext)
         print(done["report"])
         return
     if label_map is not None:
@@ -91,3 +121,66 @@ def evaluate(
     for row in done.ordinal_rows:
         console.print(" | ".join(str(v) for v in row.values()), highlight=False)
     print(done.report)
+
+
+def _print_adaptation(ext: dict) -> None:
+    """What --adapt did and how many images the OOD flag marked, one line each."""
+    adaptation = ext.get("adaptation")
+    if adaptation:
+        console.print(f"adapted: {', '.join(adaptation['applied'])}", highlight=False)
+        if adaptation.get("bn"):
+            console.print(f"AdaBN: {adaptation['bn']}", highlight=False)
+        priors = adaptation.get("priors")
+        if priors:
+            pairs = ", ".join(
+                f"{c} {a:.3f}->{b:.3f}"
+                for c, a, b in zip(priors["classes"], priors["source"], priors["target"])
+            )
+            console.print(f"class priors (source->target, EM): {pairs}", highlight=False)
+        if adaptation.get("saved_to"):
+            console.print(f"adapted run folder: {adaptation['saved_to']}", highlight=False)
+    ood = ext.get("ood")
+    for name in ("energy", "mahalanobis"):
+        if ood and name in ood:
+            r = ood[name]
+            console.print(
+                f"unfamiliar ({name}): {r['flagged']} of {r['of']} images ({r['fraction']:.1%})",
+                highlight=False,
+            )
+
+
+def _ood_commands(
+    run: Path,
+    fit: bool,
+    quantile: float,
+    auroc_data: Path | None,
+    layout: str,
+    label_map: Path | None,
+    cache_dir: Path | None,
+) -> None:
+    """--fit-ood and/or --ood-auroc DIR on a run folder."""
+    import json
+
+    from dermkit.eval.ood import fit_ood, ood_auroc
+
+    try:
+        if fit:
+            rule = fit_ood(run, quantile=quantile)
+            console.print(
+                f"unfamiliar-image flag: energy > {rule.threshold:.4f} "
+                f"({rule.val_flagged:.1%} of {rule.n_val} val images flagged)"
+                + (
+                    f"; Mahalanobis > {rule.mahalanobis_threshold:.2f}"
+                    if rule.mahalanobis_threshold is not None
+                    else ""
+                )
+                + f" -> {run / 'ood.json'}",
+                highlight=False,
+            )
+        if auroc_data is not None:
+            result = ood_auroc(
+                run, auroc_data, layout=layout, label_map=label_map, cache_dir=cache_dir
+            )
+            print(json.dumps(result, indent=2))
+    except (*user_errors(), ValueError) as e:
+        fail(str(e))

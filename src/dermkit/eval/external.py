@@ -29,10 +29,21 @@ import pandas as pd
 from dermkit.config import ConfigError
 from dermkit.core.files import atomic_path
 from dermkit.data.labels import load_label_map
+from dermkit.eval.adapt import (
+    adapt_batchnorm,
+    adapted_predictions,
+    em_check,
+    image_batches,
+    parse_adaptations,
+    source_priors,
+    write_adapted_run,
+)
+from dermkit.eval.adapt import summary_lines as adaptation_rows
 from dermkit.eval.calibration import DecisionRule
 from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.predictions import write_predictions
 from dermkit.eval.report import write_evaluation_report
+from dermkit.models.backbones import input_stats
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +91,48 @@ def _write_external_predictions(
     return path
 
 
+def _adaptation_record(adapted) -> dict | None:
+    if adapted is None:
+        return None
+    return {
+        "applied": adapted.applied,
+        "bn": adapted.bn,
+        "priors": adapted.priors.to_dict() if adapted.priors is not None else None,
+        "tta_scales": adapted.tta_scales,
+    }
+
+
+def _ood_record(run_dir: Path, model, dataset, logits, batch_size: int, adapted) -> dict | None:
+    """Images flagged unfamiliar by the run's ``ood.json`` (None when never fitted)."""
+    from dermkit.eval.ood import flag_counts, load_ood, score_dataset
+
+    rule = load_ood(run_dir)
+    if rule is None:
+        return None
+    scores = {"energy": rule.scores(logits), "mahalanobis": None}
+    if rule.mahalanobis_file:
+        scores["mahalanobis"] = score_dataset(model, dataset, rule, run_dir, batch_size)[
+            "mahalanobis"
+        ]
+    record = {"quantile": rule.quantile, **flag_counts(scores, rule)}
+    if adapted is not None and adapted.applied:
+        record["note"] = "scored by the adapted model; thresholds fitted before adaptation"
+    return record
+
+
+def _ood_rows(record: dict | None) -> dict:
+    if record is None:
+        return {"unfamiliar images (OOD flag)": "not fitted (dermkit evaluate RUN --fit-ood)"}
+    rows = {}
+    for name in ("energy", "mahalanobis"):
+        if name in record:
+            r = record[name]
+            rows[f"unfamiliar images ({name} > val {record['quantile']:.0%} quantile)"] = (
+                f"{r['flagged']} of {r['of']} ({r['fraction']:.1%})"
+            )
+    return rows
+
+
 def evaluate_external(
     run_dir: str | Path,
     data: str | Path,
@@ -94,6 +147,9 @@ def evaluate_external(
     positive_class: str | None = None,
     batch_size: int = 256,
     progress: bool = False,
+    adapt: str | list[str] | None = None,
+    save_adaptation: str | Path | None = None,
+    priors_max_error: float | None = 0.1,
 ) -> dict:
     """Score the classifier in ``run_dir`` on the dataset ``data``; see the module doc.
 
@@ -108,6 +164,14 @@ def evaluate_external(
         cache_dir: image cache root (default: the run's ``data.cache_dir``).
         n_boot, seed: lesion-level bootstrap replicates and seed.
         positive_class: class for sensitivity at fixed specificity (default: the run's).
+        adapt: label-free adaptation to the data's images, any of "bn", "priors", "tta"
+            (a comma list or a list; :mod:`dermkit.eval.adapt`).
+        save_adaptation: with ``adapt``: write an adapted copy of the run folder there
+            (adapted BN statistics, priors folded into the class scales) for
+            ``dermkit export`` / ``serve``.
+        priors_max_error: the EM check's limit (:func:`dermkit.eval.adapt.em_check`):
+            priors are applied only when EM on the run's own val set lands within this
+            total variation of val's label frequencies; None: always applied.
 
     Returns:
         {"report", "predictions", "metrics": paths, "result": the metrics dict, whose
@@ -157,6 +221,13 @@ def evaluate_external(
     )
     # in_memory=False: an external set may be large; rows are gathered from the memmap.
     dataset = CachedImageDataset(cache, manifest, classes, in_memory=False)
+    adaptations = parse_adaptations(adapt)
+    if save_adaptation is not None and not adaptations:
+        raise ConfigError("--save-adaptation needs --adapt (which adaptations to save)")
+    mean, std = input_stats(model)
+    bn_report = None
+    if "bn" in adaptations:  # before any prediction: every later pass uses the target stats
+        bn_report = adapt_batchnorm(model, image_batches(dataset, None, batch_size, mean, std))
     logits = predict_logits(
         model,
         dataset,
@@ -168,6 +239,26 @@ def evaluate_external(
     rule_path = run_dir / "decision.json"
     rule = DecisionRule.load(rule_path)
     probs_all = rule.probs(logits)
+    adapted = None
+    if adaptations:
+        source = source_priors(run_dir, cfg, classes) if "priors" in adaptations else None
+        adapted = adapted_predictions(
+            model,
+            dataset,
+            rule,
+            [a for a in adaptations if a != "bn"],
+            plain_logits=logits,
+            source=source,
+            classes=classes,
+            check=em_check(run_dir, rule, classes, source[0], priors_max_error)
+            if source is not None and priors_max_error is not None
+            else None,
+            batch_size=batch_size,
+            mean=mean,
+            std=std,
+        )
+        adapted.applied, adapted.bn = list(adaptations), bn_report
+        logits, probs_all = adapted.logits, adapted.probs
     probs = probs_all[:, keep]
     probs = probs / probs.sum(axis=1, keepdims=True)
     y = manifest["label"].map({c: i for i, c in enumerate(shared)}).to_numpy()
@@ -194,6 +285,8 @@ def evaluate_external(
         "images_top_class_not_scored": int((~np.isin(top_all, shared)).sum()),
         "images_per_class": {c: int((manifest["label"] == c).sum()) for c in shared},
         "bootstrap_unit": "lesion_id" if has_lesions else "image_id (no lesion ids in the data)",
+        "adaptation": _adaptation_record(adapted),
+        "ood": _ood_record(run_dir, model, dataset, logits, batch_size, adapted),
     }
     if "source_label" in manifest.columns:
         merged = manifest.groupby("label")["source_label"].unique()
@@ -242,8 +335,20 @@ def evaluate_external(
                 "images_top_class_not_scored"
             ],
             "bootstrap unit": external["bootstrap_unit"],
+            **(adaptation_rows(adapted) if adapted is not None else {}),
+            **_ood_rows(external["ood"]),
         },
     )
+    if save_adaptation is not None:
+        saved = write_adapted_run(
+            run_dir,
+            save_adaptation,
+            model,
+            rule,
+            adapted,
+            {"target_data": str(data), "target_images": len(manifest), "layout": loaded.layout},
+        )
+        external["adaptation"]["saved_to"] = str(saved)
     log.info(
         "external evaluation: %d images, classes %s; not in data: %s; dropped by map: %s",
         len(manifest),
