@@ -46,7 +46,7 @@ def test_fit_ood_on_a_run_flags_a_clearly_different_dataset(
     """Fitted on the phantoms' train/val split; the phantom images with their colour
     channels reversed and darkened are another distribution: Mahalanobis flags most of
     them. The run folder is copied: the shared fixture stays without ood.json."""
-    from dermkit.eval.ood import ood_auroc
+    from dermkit.eval.ood import ood_auroc, shift_aurocs
 
     run = tmp_path / "run"
     shutil.copytree(tiny_classifier_run, run)
@@ -62,6 +62,9 @@ def test_fit_ood_on_a_run_flags_a_clearly_different_dataset(
     odd = ood_auroc(run, None, transform=lambda x: x[..., ::-1] // 3)
     assert odd["mahalanobis"]["auroc"] > 0.9 and odd["mahalanobis"]["flagged_out"] > 0.5, odd
     assert 0 <= odd["energy"]["auroc"] <= 1
+    both = shift_aurocs(run, {"same": lambda x: x, "odd": lambda x: x[..., ::-1] // 3})
+    assert both["same"]["mahalanobis"]["auroc"] == pytest.approx(0.5)
+    assert both["odd"]["mahalanobis"] == odd["mahalanobis"]
 
     # the external report counts the flagged images
     result = runner.invoke(

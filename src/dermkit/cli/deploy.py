@@ -52,8 +52,19 @@ def serve(
     decode_queue: Annotated[int, typer.Option(help="requests waiting for a worker")] = 64,
     header_timeout: Annotated[float, typer.Option(help="request-header read timeout (s)")] = 10.0,
     max_connections: Annotated[int, typer.Option(help="open connections at most")] = 128,
+    ood: Annotated[
+        Path | None,
+        typer.Option(help="ood.json of the unfamiliar-image flag (default: beside the model)"),
+    ] = None,
 ) -> None:
-    """FastAPI server + web page: /predict, /health, /model-card, in-browser inference."""
+    """FastAPI server + web page: /predict, /health, /model-card, in-browser inference.
+
+    The unfamiliar-image flag (``dermkit evaluate RUN --fit-ood``) is served when an
+    ``ood.json`` is in the export folder or the source run folder, or given with --ood.
+    To serve a model adapted to a new clinic, export the folder that
+    ``dermkit evaluate RUN --data DIR --adapt bn,priors --save-adaptation ADAPTED`` wrote
+    (``dermkit export ADAPTED --out X``) and serve X.
+    """
     needs("serve", "export")
     import uvicorn
 
@@ -78,6 +89,7 @@ def serve(
             decode_queue=decode_queue,
             exits_dir=exits,
             model_file=files[int8],
+            ood_file=ood,
         )
         config = uvicorn_config(
             app_,

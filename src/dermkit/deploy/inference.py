@@ -39,6 +39,7 @@ from dermkit.core.files import sha256_file
 from dermkit.data.cache import crop_image
 from dermkit.data.labels import HAM10000_DESCRIPTIONS, MALIGNANT_CLASSES
 from dermkit.deploy.model_card import CARD_FILE, NOT_A_DIAGNOSIS, ModelCard
+from dermkit.eval.ood import OOD_FILE, OodRule
 
 FP32_FILE = "model.onnx"  # as written by dermkit.deploy.export (not imported: it pulls torch)
 SEGMENTS_MANIFEST = "segments.json"
@@ -140,6 +141,7 @@ class ServedModel:
         malignant_classes: frozenset[str] | set[str] = MALIGNANT_CLASSES,
         malignant_threshold: float = 0.3,
         confidence_levels: tuple[float, float] = (0.5, 0.8),
+        ood_file: str | Path | None = None,
     ):
         self.dir = Path(model_dir)
         self.card = load_card(self.dir)
@@ -173,6 +175,7 @@ class ServedModel:
         self._saliency_run = Path(saliency_run) if saliency_run else Path(self.card.source_run)
         self._torch_model = None
         self._torch_lock = threading.Lock()
+        self.ood = find_ood(self.dir, Path(self.card.source_run), ood_file)
 
     # ------------------------------------------------------------------ pipeline
 
@@ -234,6 +237,25 @@ class ServedModel:
             advice,
             MESSAGES[advice],
         )
+
+    def familiarity(self, pred: Prediction) -> dict:
+        """The unfamiliar-image flag of a prediction (:mod:`dermkit.eval.ood`).
+
+        ``{"unfamiliar": energy > threshold, "ood_score": the energy of the logits,
+        "ood_threshold", "unfamiliar_message"}``; all None when no ``ood.json`` was found,
+        or when an early exit answered (the threshold was fitted on the final head).
+        """
+        final = self.exits is None or pred.exit_index == self.exits.n_exits - 1
+        if self.ood is None or not final:
+            return dict.fromkeys(("unfamiliar", "ood_score", "ood_threshold", "unfamiliar_message"))
+        score = float(self.ood.scores(np.asarray(pred.logits)[None])[0])
+        unfamiliar = score > self.ood.threshold
+        return {
+            "unfamiliar": bool(unfamiliar),
+            "ood_score": score,
+            "ood_threshold": float(self.ood.threshold),
+            "unfamiliar_message": self.ood.message if unfamiliar else None,
+        }
 
     def exit_info(self, pred: Prediction) -> dict:
         """{"index", "name", "blocks", "of"}: which exit answered (0 and "final" without exits)."""
@@ -314,6 +336,15 @@ class ServedModel:
             "not_a_diagnosis": NOT_A_DIAGNOSIS,
             # Set for models trained on phantoms: the page shows it above every answer.
             "demo_notice": self.card.demo_notice,
+            # The unfamiliar-image flag: energy of the final logits > threshold (ood.json).
+            "ood": None
+            if self.ood is None
+            else {
+                "score": self.ood.score,
+                "temperature": self.ood.temperature,
+                "threshold": self.ood.threshold,
+                "message": self.ood.message,
+            },
         }
         if self.exits is not None:
             cfg["exits"] = {
@@ -329,6 +360,32 @@ class ServedModel:
         if self.exits is not None:
             files |= {name: self.exits.dir / name for name in self.exits.files}
         return files
+
+
+def find_ood(
+    model_dir: Path, source_run: Path | None, explicit: str | Path | None = None
+) -> OodRule | None:
+    """The unfamiliar-image flag to serve: ``explicit``, else ``ood.json`` in the export
+    folder, else in the card's source run (``dermkit evaluate RUN --fit-ood`` writes it
+    there); None when there is none. Only the energy score is served: it needs the logits
+    alone, which the ONNX model (and the page, in the browser) has."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.exists():
+            raise ModelFolderError(f"{path} not found: fit it with dermkit evaluate RUN --fit-ood")
+        candidates = [path]
+    else:
+        candidates = [model_dir / OOD_FILE] + ([source_run / OOD_FILE] if source_run else [])
+    for path in candidates:
+        if path.is_file():
+            try:
+                rule = OodRule.load(path)
+            except (ValueError, TypeError) as e:
+                raise ModelFolderError(f"{path}: not a valid ood.json: {e}") from e
+            if rule.score != "energy":
+                raise ModelFolderError(f"{path}: score {rule.score!r}; serving flags by energy")
+            return rule
+    return None
 
 
 @dataclass

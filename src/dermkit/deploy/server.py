@@ -147,6 +147,20 @@ class PredictResponse(BaseModel):
     demo_notice: str | None = Field(
         description="set when the model was trained on phantom images: not for real lesions"
     )
+    unfamiliar: bool | None = Field(
+        default=None,
+        description="the image looks unlike the training images (OOD score above the "
+        "threshold chosen on val); null when no flag is fitted or an early exit answered",
+    )
+    ood_score: float | None = Field(
+        default=None, description="energy -logsumexp(logits): higher is less familiar"
+    )
+    ood_threshold: float | None = Field(
+        default=None, description="the score above which an image is flagged"
+    )
+    unfamiliar_message: str | None = Field(
+        default=None, description="what to tell the person when the image is flagged"
+    )
 
 
 class HealthResponse(BaseModel):
@@ -328,6 +342,7 @@ def create_app(
     ort_dist: str | Path | None = None,
     threads: int = 1,
     malignant_threshold: float = 0.3,
+    ood_file: str | Path | None = None,
 ) -> FastAPI:
     """The serving app of one ``dermkit export`` folder.
 
@@ -345,6 +360,8 @@ def create_app(
             :class:`ServedModel`.
         ort_dist: onnxruntime-web's dist folder (default :func:`default_ort_dist`); when
             missing the page falls back to ``/predict``.
+        ood_file: the unfamiliar-image flag (``ood.json``; default: the export folder's,
+            else the source run's; see :func:`dermkit.deploy.inference.find_ood`).
     """
     model = ServedModel(
         model_dir,
@@ -353,6 +370,7 @@ def create_app(
         saliency_run=saliency_run,
         threads=threads,
         malignant_threshold=malignant_threshold,
+        ood_file=ood_file,
     )
     pool = BoundedPool(workers or os.cpu_count() or 1, decode_queue)
     ort_dir = Path(ort_dist) if ort_dist else default_ort_dist()
@@ -439,6 +457,7 @@ def create_app(
             "saliency_png_base64": png,
             "not_a_diagnosis": model.card.not_a_diagnosis,
             "demo_notice": model.card.demo_notice,
+            **model.familiarity(pred),
         }
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS)

@@ -265,7 +265,7 @@ def flag_counts(scores: dict, rule: OodRule) -> dict:
 
 def ood_auroc(
     run_dir: str | Path,
-    data: str | Path,
+    data: str | Path | None,
     *,
     layout: str = "auto",
     label_map: str | Path | None = None,
@@ -285,28 +285,60 @@ def ood_auroc(
             unfamiliar images (e.g. a shift of the shift benchmark on the test split).
 
     Returns:
-        {"in": "test split (n)", "out": ..., "energy": {"auroc", "flagged_in",
+        {"in": "test split (n)", "out": ..., "energy": {"auroc", "threshold", "flagged_in",
         "flagged_out"}, "mahalanobis": ... (when fitted)}.
     """
-    from dermkit.data.cache import build_cache
-    from dermkit.data.dataset import CachedImageDataset
-    from dermkit.models.runs_io import load_run_model
-
-    run_dir = Path(run_dir)
-    rule = load_ood(run_dir)
-    if rule is None:
-        raise FileNotFoundError(
-            f"{run_dir / OOD_FILE} not found: fit the flag first (dermkit evaluate RUN --fit-ood)"
-        )
-    model, cfg, classes = load_run_model(run_dir)
-    prepared = run_split_data(run_dir, cfg)
-    test = CachedImageDataset(prepared.cache, prepared.part("test"), classes)
-    clean = score_dataset(model, test, rule, run_dir, batch_size)
+    scorer = OodScorer(run_dir, batch_size)
     if data is None:
         if transform is None:
             raise ValueError("ood_auroc needs data, a transform, or both")
-        out_set, name = test, "test split"
+        out_set, name = scorer.test, "test split"
     else:
+        out_set = scorer.dataset(data, layout, label_map, skip_bad, cache_dir)
+        name = str(data)
+    if transform is not None:
+        out_set = _Transformed(out_set, transform)
+        name += " (transformed)"
+    return scorer.compare(out_set, name)
+
+
+def shift_aurocs(run_dir: str | Path, transforms: dict, batch_size: int = 256) -> dict:
+    """{name: ood_auroc result} of the run's test images under each transform (uint8 NHWC
+    -> uint8 NHWC) against the clean test images, scoring the clean images once."""
+    scorer = OodScorer(run_dir, batch_size)
+    return {
+        name: scorer.compare(_Transformed(scorer.test, f), f"test split ({name})")
+        for name, f in transforms.items()
+    }
+
+
+class OodScorer:
+    """A run's model, flag and clean test-split scores, to compare other image sets with."""
+
+    def __init__(self, run_dir: str | Path, batch_size: int = 256):
+        from dermkit.data.dataset import CachedImageDataset
+        from dermkit.models.runs_io import load_run_model
+
+        self.run_dir = Path(run_dir)
+        self.rule = load_ood(self.run_dir)
+        if self.rule is None:
+            raise FileNotFoundError(
+                f"{self.run_dir / OOD_FILE} not found: fit the flag first "
+                "(dermkit evaluate RUN --fit-ood)"
+            )
+        self.model, self.cfg, self.classes = load_run_model(self.run_dir)
+        self.batch_size = batch_size
+        prepared = run_split_data(self.run_dir, self.cfg)
+        self.test = CachedImageDataset(prepared.cache, prepared.part("test"), self.classes)
+        self.clean = self.scores(self.test)
+
+    def scores(self, dataset) -> dict:
+        return score_dataset(self.model, dataset, self.rule, self.run_dir, self.batch_size)
+
+    def dataset(self, data, layout="auto", label_map=None, skip_bad=True, cache_dir=None):
+        """Another dataset's images, cached at the run's size and crop."""
+        from dermkit.data.cache import build_cache
+        from dermkit.data.dataset import CachedImageDataset
         from dermkit.data.labels import load_label_map
         from dermkit.data.readers import load_dataset
 
@@ -316,31 +348,34 @@ def ood_auroc(
             layout=layout,
             skip_bad=skip_bad,
             label_map=mapping,
-            classes=classes if mapping is None else None,
+            classes=self.classes if mapping is None else None,
         )
-        cache = build_cache(
-            loaded.manifest,
-            cfg.data.image_size,
-            cfg.data.crop,
-            cache_dir if cache_dir is not None else cfg.data.cache_dir,
-        )
-        out_set = CachedImageDataset(cache, loaded.manifest, classes, in_memory=False)
-        name = str(data)
-    if transform is not None:
-        out_set = _Transformed(out_set, transform)
-        name += " (transformed)"
-    shifted = score_dataset(model, out_set, rule, run_dir, batch_size)
-    result = {"in": f"test split ({len(test)} images)", "out": f"{name} ({len(out_set)} images)"}
-    for key, threshold in (("energy", rule.threshold), ("mahalanobis", rule.mahalanobis_threshold)):
-        if clean[key] is None or shifted[key] is None:
-            continue
-        result[key] = {
-            "auroc": auroc(clean[key], shifted[key]),
-            "threshold": threshold,
-            "flagged_in": float((clean[key] > threshold).mean()),
-            "flagged_out": float((shifted[key] > threshold).mean()),
+        cfg = self.cfg.data
+        root = cache_dir if cache_dir is not None else cfg.cache_dir
+        cache = build_cache(loaded.manifest, cfg.image_size, cfg.crop, root)
+        return CachedImageDataset(cache, loaded.manifest, self.classes, in_memory=False)
+
+    def compare(self, out_set, name: str) -> dict:
+        """AUROC (out = positive) and flagged fractions of each fitted score."""
+        shifted = self.scores(out_set)
+        result = {
+            "in": f"test split ({len(self.test)} images)",
+            "out": f"{name} ({len(out_set)} images)",
         }
-    return result
+        rule = self.rule
+        for key, threshold in (
+            ("energy", rule.threshold),
+            ("mahalanobis", rule.mahalanobis_threshold),
+        ):
+            if self.clean[key] is None or shifted[key] is None:
+                continue
+            result[key] = {
+                "auroc": auroc(self.clean[key], shifted[key]),
+                "threshold": threshold,
+                "flagged_in": float((self.clean[key] > threshold).mean()),
+                "flagged_out": float((shifted[key] > threshold).mean()),
+            }
+        return result
 
 
 class _Transformed:

@@ -148,6 +148,7 @@
     let h = new ort.Tensor("float32", x, [1, 3, S, S]);
     let probs;
     let exit = { index: 0, name: "final", blocks: null, of: 1 };
+    let finalLogits = null; // the unfamiliar-image flag reads the final head's logits only
     if (state.segments) {
       const policy = cfg.exits.policy;
       const n = state.segments.length;
@@ -159,6 +160,7 @@
         const leave = out.exit ? Boolean(out.exit.data[0]) : core.exitsNow(policy, logits, j);
         if (leave) {
           const last = j === n - 1;
+          if (last) finalLogits = logits;
           probs = last
             ? core.decisionRule(logits, cfg.temperature, cfg.class_scales)
             : core.softmax(logits, policy.temperatures ? policy.temperatures[j] : 1.0);
@@ -176,10 +178,12 @@
       const out = await state.session.run({ [cfg.input_name]: h });
       const logits = Array.from(out[state.session.outputNames[0]].data);
       probs = core.decisionRule(logits, cfg.temperature, cfg.class_scales);
+      finalLogits = logits;
     }
     return Object.assign(
       { classes: cfg.classes, probabilities: probs },
       core.summarise(probs, cfg),
+      finalLogits ? core.familiarity(finalLogits, cfg.ood) : core.familiarity(null, null),
       { exit, model: cfg.name, crop, engine: "browser" }
     );
   }
@@ -239,6 +243,8 @@
     advice.className = "advice advice-" + result.advice;
     advice.setAttribute("role", result.advice === "standard" ? "note" : "alert");
     advice.textContent = result.message;
+    $("unfamiliar").hidden = !result.unfamiliar;
+    $("unfamiliar").textContent = result.unfamiliar ? result.unfamiliar_message : "";
     $("top").textContent = `${result.top_class} (${cfg.descriptions[result.top_class]})`;
     $("confidence").textContent = pct(result.confidence);
     $("confidence-meter").value = result.confidence;

@@ -310,6 +310,31 @@
     return k;
   }
 
+  /** dermkit.eval.ood.energy: -T * logsumexp(logits / T); higher = less familiar. */
+  function energy(logits, temperature) {
+    const z = Array.from(logits, (v) => v / temperature);
+    const m = Math.max(...z);
+    return -temperature * (m + Math.log(z.reduce((a, v) => a + Math.exp(v - m), 0)));
+  }
+
+  /**
+   * ServedModel.familiarity: the unfamiliar-image flag of the final logits, from the
+   * config's ood entry (null: no flag fitted, every field null).
+   */
+  function familiarity(logits, ood) {
+    if (!ood) {
+      return { unfamiliar: null, ood_score: null, ood_threshold: null, unfamiliar_message: null };
+    }
+    const score = energy(logits, ood.temperature);
+    const unfamiliar = score > ood.threshold;
+    return {
+      unfamiliar,
+      ood_score: score,
+      ood_threshold: ood.threshold,
+      unfamiliar_message: unfamiliar ? ood.message : null,
+    };
+  }
+
   /**
    * The served answer from calibrated probabilities, as dermkit.deploy.inference does it:
    * confidence, normalised entropy, uncertainty level, malignant-suspect flag and advice.
@@ -354,5 +379,7 @@
     exitsNow,
     summarise,
     pyRound,
+    energy,
+    familiarity,
   };
 });
