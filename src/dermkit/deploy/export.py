@@ -63,6 +63,12 @@ FP32_FILE = "model.onnx"
 INT8_FILES = {"dynamic": "model.int8-dynamic.onnx", "static": "model.int8-static.onnx"}
 INT8_FORMATS = {"dynamic": "onnx-int8-dynamic", "static": "onnx-int8-static-qdq"}
 QUANTIZED_OPS = ["MatMul", "Gemm", "Conv"]
+# Static INT8 also quantises the activations that follow a conv (ReLU6 exports as Clip). Left
+# out, the conv's output is calibrated over its whole pre-activation range (say -40..40) and
+# the values the Clip keeps (0..6) get a few of the 256 levels. With them in, ORT folds the
+# activation into the conv's output range: on EfficientNet-Lite0 (ImageNet head, 200
+# HAM10000 images at 128 px) INT8/FP32 top-1 agreement rose from 0.47 to 0.87.
+STATIC_QUANTIZED_OPS = [*QUANTIZED_OPS, "Clip", "Relu"]
 
 
 # ----------------------------------------------------------------------------- ONNX
@@ -189,7 +195,7 @@ def quantize_int8_static(fp32_path: Path, out_path: Path, calibration: np.ndarra
         str(out_path),
         ImageCalibrationReader(INPUT_NAME, calibration),
         quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=QUANTIZED_OPS,
+        op_types_to_quantize=STATIC_QUANTIZED_OPS,
         per_channel=True,
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
