@@ -36,6 +36,11 @@ class DataConfig(Strict):
         description="short_side_center: resize the short side, centre-crop square; "
         "full_frame: resize the long side, pad square by reflection (data/cache.py)",
     )
+    colour_constancy: Literal["none", "shades_of_gray"] = Field(
+        "none",
+        description="colour constancy on every crop, at training and test time and in "
+        "deployment: shades_of_gray (Finlayson & Trezzi 2004, p=6; data/cache.py)",
+    )
     split_file: str | None = Field(None, description="CSV image_id,lesion_id,split to reuse")
     train: float = Field(0.7, ge=0)
     val: float = Field(0.1, ge=0)
@@ -147,9 +152,28 @@ class AugmentSettings(Strict):
     contrast: float = Field(0.1, ge=0)
     saturation: float = Field(0.1, ge=0)
     hue: float = Field(0.02, ge=0)
+    scale_range: tuple[float, float] | None = Field(
+        None,
+        description="zoom drawn log-uniformly from [lo, hi] per image, replacing max_scale: "
+        "> 1 zooms in (a random crop resized up), < 1 zooms out (shrunk into a frame of the "
+        "image's border colour); "
+        "e.g. [0.6, 1.8]",
+    )
+    white_balance: float = Field(
+        0.0, ge=0, description="colour temperature: red x e^t, blue x e^-t, t ~ U(-w, w)"
+    )
+    tint: float = Field(0.0, ge=0, description="green x e^g, g ~ U(-v, v) (magenta/green)")
+    gamma: float = Field(0.0, ge=0, description="tone curve: x^(e^u), u ~ U(-g, g)")
     mixup_alpha: float = Field(0.0, ge=0)
     cutmix_alpha: float = Field(0.0, ge=0)
     tta: bool = Field(False, description="average predictions over flips and rotations")
+
+    @field_validator("scale_range")
+    @classmethod
+    def _check_scale_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1]:
+            raise ValueError(f"augment.scale_range needs 0 < lo <= hi, got {list(v)}")
+        return v
 
 
 class TaskConfig(Strict):

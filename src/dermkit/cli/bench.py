@@ -1,4 +1,4 @@
-"""``dermkit bench``: the benchmarks behind BENCHMARKS.md (training, MAE, sampling).
+"""``dermkit bench``: the benchmarks behind BENCHMARKS.md (training, MAE, sampling, shifts).
 
 The group also holds deployment benches (cli/deploy.py) and the ablation table
 (cli/pipeline.py); cli/main.py registers them all on ``app``.
@@ -16,6 +16,7 @@ from dermkit.cli.common import (
     ConfigFile,
     Overrides,
     Preset,
+    console,
     fail,
     needs,
     user_errors,
@@ -117,3 +118,52 @@ def bench_sampling_cmd(
     except (*user_errors(), ValueError) as e:
         fail(str(e))
     print(json.dumps(result | {"machine": machine_info()}, indent=2))
+
+
+def bench_shift_cmd(
+    run: Annotated[Path, typer.Argument(help="finetune or distill run folder")],
+    out: Annotated[Path | None, typer.Option(help="output folder (default RUN/shift)")] = None,
+    shifts: Annotated[
+        str | None, typer.Option(help="comma-separated shifts (default: all of eval/shifts.py)")
+    ] = None,
+    severities: Annotated[
+        str, typer.Option(help="comma-separated severities: 1 low, 2 middle, 3 high")
+    ] = "1,2,3",
+    n_boot: Annotated[int, typer.Option(help="paired lesion-bootstrap replicates")] = 1000,
+    seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
+    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 256,
+    limit: Annotated[
+        int | None, typer.Option(help="first N test images only (a quick look, not a benchmark)")
+    ] = None,
+) -> None:
+    """Test-split metrics under image shifts (zoom, colour, exposure, vignette, blur, JPEG,
+    clinical camera), each with a paired lesion-bootstrap CI against the clean images."""
+    from dermkit.bench.shift import run_shift_bench
+
+    try:
+        levels = tuple(int(v) for v in severities.split(",") if v.strip())
+    except ValueError:
+        fail(f"--severities must be comma-separated integers 1..3, got '{severities}'")
+    names = [s.strip() for s in shifts.split(",") if s.strip()] if shifts else None
+    try:
+        result = run_shift_bench(
+            run,
+            out,
+            shifts=names,
+            severities=levels,
+            n_boot=n_boot,
+            seed=seed,
+            batch_size=batch_size,
+            limit=limit,
+            progress=True,
+        )
+    except user_errors() as e:
+        fail(str(e))
+    worst = result["worst"]
+    if worst is not None:
+        console.print(
+            f"worst shift at the {worst['severity_name']} severity: {worst['shift']} "
+            f"(balanced accuracy {worst['balanced_accuracy_delta']:+.3f})",
+            highlight=False,
+        )
+    print(result["files"]["markdown"])

@@ -64,6 +64,7 @@ for name, command in (
     ("mae", bench.bench_mae_cmd),
     ("sampling", bench.bench_sampling_cmd),
     ("ablation", pipeline.bench_ablation_cmd),
+    ("shift", bench.bench_shift_cmd),
 ):
     bench.app.command(name)(command)
 

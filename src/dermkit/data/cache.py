@@ -24,6 +24,8 @@ from PIL import Image
 from dermkit.data.images import load_rgb
 
 CROP_POLICIES = ("short_side_center", "full_frame")
+COLOUR_CONSTANCY = ("none", "shades_of_gray")
+SHADES_OF_GRAY_POWER = 6
 DEFAULT_CACHE_DIR = Path(os.environ.get("DERMKIT_CACHE", Path.home() / ".cache" / "dermkit"))
 
 
@@ -68,18 +70,68 @@ def resize_full_frame(image: np.ndarray, size: int) -> np.ndarray:
     return np.pad(resized, pad, mode=mode)
 
 
-def crop_image(image: np.ndarray, size: int, policy: str = "short_side_center") -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3) uint8 under a crop policy of ``CROP_POLICIES``."""
+def shades_of_gray(image: np.ndarray, power: int = SHADES_OF_GRAY_POWER) -> np.ndarray:
+    """Shades of Gray colour constancy (Finlayson & Trezzi 2004), as ISIC 2018/19 entries used.
+
+    The illuminant of channel c is the Minkowski p-mean of its values, e_c = mean(v^p)^(1/p)
+    (p = 6: between grey world, p = 1, and max-RGB, p = inf); each channel is multiplied by
+    |e| / (sqrt(3) e_c), so a grey illuminant leaves the image unchanged, and the result is
+    rounded half up and clipped to [0, 255]. Computed from a 256-bin histogram per channel
+    with exact integer powers and a sequential float64 sum, so ``core.js``'s
+    ``shadesOfGray`` reproduces it (up to the last bit of the p-th root).
+
+    Args:
+        image: (H, W, 3) uint8.
+    Returns:
+        (H, W, 3) uint8.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    n = image.shape[0] * image.shape[1]
+    levels = np.arange(256, dtype=np.float64)
+    powers = levels**power  # exact: 255^6 < 2^53
+    illuminant = []
+    for c in range(3):
+        counts = np.bincount(image[..., c].reshape(-1), minlength=256).astype(np.float64)
+        total = float(np.cumsum(counts * powers)[-1])  # sequential, level order (as core.js)
+        illuminant.append((total / n) ** (1.0 / power))
+    e0, e1, e2 = illuminant
+    norm = float(np.sqrt(e0 * e0 + e1 * e1 + e2 * e2))
+    if norm == 0.0:  # an all-black image has no illuminant
+        return image.copy()
+    gains = np.array([norm / (e * np.sqrt(3.0)) if e > 0 else 1.0 for e in illuminant])
+    out = np.floor(image.astype(np.float64) * gains + 0.5)
+    return np.minimum(out, 255.0).astype(np.uint8)
+
+
+def crop_image(
+    image: np.ndarray,
+    size: int,
+    policy: str = "short_side_center",
+    colour_constancy: str = "none",
+) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 under a crop policy of ``CROP_POLICIES``,
+    then the ``colour_constancy`` of ``COLOUR_CONSTANCY`` on the crop (the model's input)."""
     if policy == "short_side_center":
-        return resize_short_side_center_crop(image, size)
-    if policy == "full_frame":
-        return resize_full_frame(image, size)
-    raise ValueError(f"unknown crop policy '{policy}', expected one of {CROP_POLICIES}")
+        crop = resize_short_side_center_crop(image, size)
+    elif policy == "full_frame":
+        crop = resize_full_frame(image, size)
+    else:
+        raise ValueError(f"unknown crop policy '{policy}', expected one of {CROP_POLICIES}")
+    if colour_constancy == "shades_of_gray":
+        return shades_of_gray(crop)
+    if colour_constancy != "none":
+        raise ValueError(
+            f"unknown colour constancy '{colour_constancy}', expected one of {COLOUR_CONSTANCY}"
+        )
+    return crop
 
 
-def cache_key(df: pd.DataFrame, size: int, crop: str) -> str:
-    """Hash of (image_id, path, file size, mtime) per row + resolution + crop policy."""
-    h = hashlib.sha256(f"{size}|{crop}|v1".encode())
+def cache_key(df: pd.DataFrame, size: int, crop: str, colour_constancy: str = "none") -> str:
+    """Hash of (image_id, path, file size, mtime) per row + resolution + crop policy (+ the
+    colour constancy when there is one, so caches made without it keep their key)."""
+    policy = crop if colour_constancy == "none" else f"{crop}|{colour_constancy}"
+    h = hashlib.sha256(f"{size}|{policy}|v1".encode())
     for image_id, path in zip(df["image_id"], df["path"], strict=True):
         st = os.stat(path)
         h.update(f"{image_id}\x1f{path}\x1f{st.st_size}\x1f{st.st_mtime_ns}\x1e".encode())
@@ -126,16 +178,22 @@ def build_cache(
     cache_dir: str | Path | None = None,
     workers: int | None = None,
     progress: bool = False,
+    colour_constancy: str = "none",
 ) -> ImageCache:
     """Decode + resize every manifest image once; reuse the cache when the key matches.
 
+    ``colour_constancy`` (``COLOUR_CONSTANCY``) is applied to every crop (``crop_image``).
     Writes to a temporary folder and renames it at the end, so a killed build never leaves
     a half-written cache that a later run would trust.
     """
     if crop not in CROP_POLICIES:
         raise ValueError(f"unknown crop policy '{crop}', expected one of {CROP_POLICIES}")
+    if colour_constancy not in COLOUR_CONSTANCY:
+        raise ValueError(
+            f"unknown colour constancy '{colour_constancy}', expected one of {COLOUR_CONSTANCY}"
+        )
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
-    root = cache_dir / f"images-{size}px-{cache_key(df, size, crop)}"
+    root = cache_dir / f"images-{size}px-{cache_key(df, size, crop, colour_constancy)}"
     if (root / "meta.json").exists():
         return open_cache(root)
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
@@ -148,7 +206,7 @@ def build_cache(
 
     def decode(i_path):
         i, path = i_path
-        arr[i] = crop_image(load_rgb(path), size, crop)
+        arr[i] = crop_image(load_rgb(path), size, crop, colour_constancy)
 
     # PIL decoding releases the GIL, so threads use both cores without pickling arrays.
     jobs = list(enumerate(df["path"]))
@@ -164,7 +222,10 @@ def build_cache(
     pd.Series(df["image_id"].astype(str).to_numpy(), name="image_id").to_csv(
         tmp / "image_ids.csv", index=False
     )
-    (tmp / "meta.json").write_text(json.dumps({"size": size, "crop": crop, "n": n}))
+    meta = {"size": size, "crop": crop, "n": n}
+    if colour_constancy != "none":
+        meta["colour_constancy"] = colour_constancy
+    (tmp / "meta.json").write_text(json.dumps(meta))
     try:
         tmp.rename(root)
     except OSError:  # another process finished the same cache first

@@ -110,6 +110,20 @@ def split_manifest(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     return lesion_grouped_split(df, cfg.train, cfg.val, cfg.test, seed=cfg.split_seed)
 
 
+def read_configured_dataset(cfg: DataConfig, rejects_path: str | Path | None = None):
+    """The dataset ``cfg`` describes, read and validated (path, layout, label map, classes,
+    skip_bad), not yet split: a ``readers.LoadedDataset``."""
+    label_map = load_label_map(cfg.label_map) if cfg.label_map else None
+    return load_dataset(
+        cfg.path,
+        layout=cfg.layout,
+        skip_bad=cfg.skip_bad,
+        label_map=label_map,
+        classes=cfg.classes,
+        rejects_path=rejects_path,
+    )
+
+
 def prepare_data(
     cfg: DataConfig,
     rejects_path: str | Path | None = None,
@@ -122,22 +136,21 @@ def prepare_data(
     it is still checked and split.
     """
     if manifest is None:
-        label_map = load_label_map(cfg.label_map) if cfg.label_map else None
-        loaded = load_dataset(
-            cfg.path,
-            layout=cfg.layout,
-            skip_bad=cfg.skip_bad,
-            label_map=label_map,
-            classes=cfg.classes,
-            rejects_path=rejects_path,
-        )
+        loaded = read_configured_dataset(cfg, rejects_path)
         df, rejects = loaded.manifest, loaded.rejects
     else:
         df, rejects = manifest, pd.DataFrame(columns=["image_id", "path", "row", "reason"])
     if not (df["split"].isin(SPLITS)).all():
         df = split_manifest(df, cfg)
     check_manifest(df)
-    cache = build_cache(df, cfg.image_size, cfg.crop, cfg.cache_dir, progress=progress)
+    cache = build_cache(
+        df,
+        cfg.image_size,
+        cfg.crop,
+        cfg.cache_dir,
+        progress=progress,
+        colour_constancy=cfg.colour_constancy,
+    )
     hashes = None
     if cfg.near_duplicate_distance >= 0:
         hashes = perceptual_hashes(cache.images[cache.rows_for(df["image_id"])])

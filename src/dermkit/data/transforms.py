@@ -44,6 +44,12 @@ class AugmentConfig:
     contrast: float = 0.1
     saturation: float = 0.1
     hue: float = 0.02
+    # Robustness to other cameras and framings (all off by default; config.AugmentSettings):
+    # zoom drawn log-uniformly in [lo, hi] (> 1 in, < 1 out), replacing max_scale.
+    scale_range: tuple[float, float] | None = None
+    white_balance: float = 0.0  # red x e^t, blue x e^-t, t ~ U(-w, w)
+    tint: float = 0.0  # green x e^g, g ~ U(-v, v)
+    gamma: float = 0.0  # x^(e^u), u ~ U(-g, g)
 
 
 class BatchAugment:
@@ -65,7 +71,7 @@ class BatchAugment:
             return torch.rand(*shape, generator=generator)
 
         cfg = self.cfg
-        return {
+        params = {
             "flip_h": rand(batch) < (0.5 if cfg.flip else 0.0),
             "flip_v": rand(batch) < (0.5 if cfg.flip else 0.0),
             "rot90": (rand(batch) * 4).long().clamp_(max=3) * int(cfg.rot90),
@@ -77,6 +83,16 @@ class BatchAugment:
             "saturation": 1 + (rand(batch) * 2 - 1) * cfg.saturation,
             "hue": (rand(batch) * 2 - 1) * cfg.hue * 2 * math.pi,
         }
+        # Drawn after the others and only when on, so a config without them keeps its stream.
+        if cfg.scale_range is not None:
+            lo, hi = (math.log(v) for v in cfg.scale_range)
+            params["zoom"] = torch.exp(lo + rand(batch) * (hi - lo))
+            params["zoom_shift"] = rand(batch, 2) * 2 - 1
+        if cfg.white_balance or cfg.tint or cfg.gamma:
+            params["white_balance"] = (rand(batch) * 2 - 1) * cfg.white_balance
+            params["tint"] = (rand(batch) * 2 - 1) * cfg.tint
+            params["gamma"] = (rand(batch) * 2 - 1) * cfg.gamma
+        return params
 
     def apply(self, x: torch.Tensor, params: dict, lo: int = 0) -> torch.Tensor:
         """Augment x (b, 3, H, W) with rows [lo, lo + b) of ``params``."""
@@ -90,8 +106,17 @@ class BatchAugment:
                 sel = p["rot90"] == k
                 if sel.any():
                     x[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
-        if cfg.max_rotate_deg or cfg.max_scale or cfg.max_translate:
+        if cfg.scale_range is not None:
+            # A random resized crop: the window (zoom in) or the shrunk image (zoom out)
+            # moves anywhere that keeps it inside the frame.
+            zoom = p["zoom"]
+            slack = (1 - 1 / zoom).abs().unsqueeze(1)
+            shift = p["shift"] + p["zoom_shift"] * slack
+            x = _affine(x, p["angle"], zoom, shift, fill=border_colour(x))
+        elif cfg.max_rotate_deg or cfg.max_scale or cfg.max_translate:
             x = _affine(x, p["angle"], p["scale"], p["shift"])
+        if "white_balance" in p:
+            x = _camera(x, p)
         if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
             x = _colour(x, p, hue=bool(cfg.hue))
         return x.clamp_(0.0, 1.0)
@@ -101,14 +126,28 @@ class BatchAugment:
         return self.apply(x, self.sample(x.shape[0], generator))
 
 
-def _affine(x, angle, scale, shift):
-    """Small rotation/scale/shift per image; borders reflect so no black corners appear."""
+def border_colour(x: torch.Tensor) -> torch.Tensor:
+    """Per image and channel, the median of the outermost rows and columns: (B, 3, 1, 1)
+    (the skin around a lesion, for filling a frame that a shrunk image leaves empty)."""
+    ring = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)
+    return ring.median(dim=-1).values[..., None, None]
+
+
+def _affine(x, angle, scale, shift, fill: torch.Tensor | None = None):
+    """Rotation/scale/shift per image. Outside the source, borders reflect (no black
+    corners) or, with ``fill`` (B, 3, 1, 1), take that colour: a strong zoom-out would
+    otherwise mirror the lesion into the frame."""
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack(
         [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
     )
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, "bilinear", padding_mode="reflection", align_corners=False)
+    if fill is None:
+        return F.grid_sample(x, grid, "bilinear", padding_mode="reflection", align_corners=False)
+    ones = torch.ones_like(x[:, :1])
+    inside = F.grid_sample(ones, grid, "bilinear", padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(x, grid, "bilinear", padding_mode="zeros", align_corners=False)
+    return out + (1 - inside) * fill
 
 
 def _colour(x, p, hue: bool):
@@ -119,6 +158,14 @@ def _colour(x, p, hue: bool):
     grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
     x = (x - grey) * p["saturation"].view(-1, 1, 1, 1) + grey
     return _rotate_hue(x, p["hue"]) if hue else x
+
+
+def _camera(x, p):
+    """Another camera's rendering: white balance (temperature, tint), then a gamma curve."""
+    t, g = p["white_balance"], p["tint"]
+    gains = torch.exp(torch.stack([t, g, -t], 1)).to(x.dtype).view(-1, 3, 1, 1)
+    x = (x * gains).clamp_(0.0, 1.0)
+    return x.pow(torch.exp(p["gamma"]).to(x.dtype).view(-1, 1, 1, 1))
 
 
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])

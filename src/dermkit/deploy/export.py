@@ -391,10 +391,18 @@ def build_card(run_dir: Path, cfg, classes, model, data, files: list[ModelFile])
             image_size=size,
             resize=f"resize the {'long' if full_frame else 'short'} side to {size} px "
             "(PIL bicubic, antialiased)",
-            crop=f"pad the short side to {size} px by reflection, image centred (full_frame)"
-            if full_frame
-            else f"centre crop {size}x{size} ({cfg.data.crop}), after the resize",
+            crop=(
+                f"pad the short side to {size} px by reflection, image centred (full_frame)"
+                if full_frame
+                else f"centre crop {size}x{size} ({cfg.data.crop}), after the resize"
+            )
+            + (
+                "; then Shades of Gray colour constancy (p = 6) on the crop"
+                if cfg.data.colour_constancy == "shades_of_gray"
+                else ""
+            ),
             crop_policy=cfg.data.crop,
+            colour_constancy=cfg.data.colour_constancy,
             scale=1 / 255,
             mean=list(input_stats(model)[0]),
             std=list(input_stats(model)[1]),

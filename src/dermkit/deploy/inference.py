@@ -12,7 +12,8 @@ One prediction, the same steps on the server and in the page (``web/core.js``):
 1. decode (``dermkit.data.images.decode_rgb_bytes``: full decode, bomb and size limits),
 2. resize the short side to S with PIL bicubic and centre-crop S x S
    (``crop_image`` with the card's ``crop_policy``: the training cache's own function;
-   ``full_frame`` resizes the long side and pads by reflection instead),
+   ``full_frame`` resizes the long side and pads by reflection instead), then the card's
+   ``colour_constancy`` on the crop (``shades_of_gray``, or none),
 3. ``(x / 255 - mean) / std`` in float32, NCHW,
 4. ONNX Runtime -> logits; with exits, the segments run in order and the exit policy decides
    where the image leaves,
@@ -181,7 +182,8 @@ class ServedModel:
 
     def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 -> (crop (S, S, 3) uint8, input (1, 3, S, S) float32)."""
-        crop = crop_image(rgb, self.size, self.card.preprocessing.crop_policy)
+        pre = self.card.preprocessing
+        crop = crop_image(rgb, self.size, pre.crop_policy, pre.colour_constancy)
         x = crop.transpose(2, 0, 1)[None].astype(np.float32) * self.scale
         x = (x - self.mean) / self.std
         return crop, np.ascontiguousarray(x, dtype=np.float32)
@@ -324,6 +326,7 @@ class ServedModel:
             "confidence_levels": list(self.confidence_levels),
             "image_size": self.size,
             "crop_policy": pre.crop_policy,
+            "colour_constancy": pre.colour_constancy,
             "scale": float(pre.scale),
             "mean": list(pre.mean),
             "std": list(pre.std),

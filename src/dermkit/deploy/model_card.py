@@ -53,6 +53,11 @@ class Preprocessing(_Card):
         description="machine-readable crop policy (dermkit.data.cache.crop_image): "
         "short_side_center or full_frame (long side, reflection-padded square)",
     )
+    colour_constancy: Literal["none", "shades_of_gray"] = Field(
+        "none",
+        description="machine-readable colour constancy applied to the crop "
+        "(dermkit.data.cache.crop_image): none or shades_of_gray (p = 6, rounded half up)",
+    )
     scale: float = Field(description="uint8 pixel values are multiplied by this (1/255)")
     mean: list[float] = Field(description="per-channel RGB mean subtracted after scaling")
     std: list[float] = Field(description="per-channel RGB std divided by after the mean")

@@ -143,7 +143,7 @@
     const cfg = state.cfg;
     const ort = window.ort;
     const S = cfg.image_size;
-    const crop = core.cropImage(pixels.rgb, pixels.w, pixels.h, S, cfg.crop_policy);
+    const crop = core.cropImage(pixels.rgb, pixels.w, pixels.h, S, cfg.crop_policy, cfg.colour_constancy);
     const x = core.normalise(crop, S, cfg.mean, cfg.std, cfg.scale);
     let h = new ort.Tensor("float32", x, [1, 3, S, S]);
     let probs;
@@ -368,7 +368,10 @@
         result = await predictOnServer(blob, false);
         try {
           const pixels = await getPixels();
-          drawCrop(core.cropImage(pixels.rgb, pixels.w, pixels.h, cfg.image_size, cfg.crop_policy), cfg.image_size);
+          const shown = core.cropImage(
+            pixels.rgb, pixels.w, pixels.h, cfg.image_size, cfg.crop_policy, cfg.colour_constancy
+          );
+          drawCrop(shown, cfg.image_size);
         } catch (err) {
           console.warn("preview unavailable:", err);
         }

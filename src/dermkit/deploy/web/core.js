@@ -205,10 +205,44 @@
     return out;
   }
 
-  /** dermkit.data.cache.crop_image: the model card's crop policy applied to an image. */
-  function cropImage(rgb, w, h, size, policy) {
-    if (policy === "full_frame") return resizeFullFrame(rgb, w, h, size);
-    return resizeShortSideCenterCrop(rgb, w, h, size);
+  /**
+   * dermkit.data.cache.shades_of_gray: Shades of Gray colour constancy (p = 6) on a crop.
+   * Illuminant e_c = mean(v^6)^(1/6) from a 256-bin histogram (exact integer powers, summed
+   * in level order as numpy's cumsum), gain |e| / (sqrt(3) e_c), rounded half up, clipped.
+   */
+  function shadesOfGray(rgb) {
+    const n = rgb.length / 3;
+    const e = [0, 0, 0];
+    for (let c = 0; c < 3; c++) {
+      const counts = new Float64Array(256);
+      for (let i = c; i < rgb.length; i += 3) counts[rgb[i]] += 1;
+      let total = 0;
+      for (let v = 0; v < 256; v++) {
+        const v2 = v * v;
+        total += counts[v] * (v2 * v2 * v2);
+      }
+      e[c] = Math.pow(total / n, 1 / 6);
+    }
+    const norm = Math.sqrt(e[0] * e[0] + e[1] * e[1] + e[2] * e[2]);
+    if (norm === 0) return Uint8Array.from(rgb);
+    const gains = e.map((ec) => (ec > 0 ? norm / (ec * Math.sqrt(3)) : 1));
+    const out = new Uint8Array(rgb.length);
+    for (let i = 0; i < rgb.length; i++) {
+      out[i] = Math.min(255, Math.floor(rgb[i] * gains[i % 3] + 0.5));
+    }
+    return out;
+  }
+
+  /**
+   * dermkit.data.cache.crop_image: the model card's crop policy applied to an image, then
+   * its colour constancy ("none" or "shades_of_gray"; absent = none) on the crop.
+   */
+  function cropImage(rgb, w, h, size, policy, colourConstancy) {
+    const crop =
+      policy === "full_frame"
+        ? resizeFullFrame(rgb, w, h, size)
+        : resizeShortSideCenterCrop(rgb, w, h, size);
+    return colourConstancy === "shades_of_gray" ? shadesOfGray(crop) : crop;
   }
 
   /**
@@ -370,6 +404,7 @@
     resizeShortSideCenterCrop,
     resizeFullFrame,
     cropImage,
+    shadesOfGray,
     rgbaToRgb,
     sniffFormat,
     normalise,
