@@ -283,3 +283,68 @@ def test_cli_reports_the_adaptation_and_refuses_adabn_without_batchnorm(
     assert "no BatchNorm layer" in " ".join(result.output.split())
     result = _invoke("evaluate", tiny_classifier_run, "--adapt", "priors", code=2)
     assert "need --data" in " ".join(result.output.split())
+
+
+@pytest.fixture(scope="module")
+def tiny_bn_run(phantom_root, cache_dir, tmp_path_factory):
+    """The tiny fine-tune recipe on a small BatchNorm CNN (timm's resnet10t at 32 px)."""
+    from dermkit.config import FinetuneRunConfig, load_config
+    from dermkit.train.finetune import run_finetune
+
+    out = tmp_path_factory.mktemp("tiny-bn-finetune")
+    cfg = load_config(
+        FinetuneRunConfig,
+        "finetune",
+        "tiny",
+        overrides=[
+            f"data.path={phantom_root}",
+            f"data.cache_dir={cache_dir}",
+            f"out_dir={out}",
+            "model.name=resnet10t",
+            "eval.n_boot=0",
+            "train_eval_images=0",
+        ],
+    )
+    run_finetune(cfg, progress=False)
+    return out
+
+
+def test_adabn_end_to_end_on_a_batchnorm_run(tiny_bn_run, phantom_root, tmp_path):
+    """--adapt bn on a CNN run: every BN layer re-estimated on the target images, the
+    adapted run folder written (weights, BN statistics, record), and each call of a
+    RunAdapter starts again from the run's own statistics."""
+    from dermkit.data.cache import build_cache
+    from dermkit.data.dataset import CachedImageDataset
+    from dermkit.data.readers import load_dataset
+    from dermkit.eval.adapt import BN_STATS_FILE, RunAdapter, batchnorm_layers
+    from dermkit.eval.calibration import DecisionRule
+    from dermkit.eval.external import evaluate_external
+    from dermkit.models.runs_io import load_run_model
+
+    done = evaluate_external(
+        tiny_bn_run,
+        phantom_root,
+        out_dir=tmp_path / "ev",
+        n_boot=10,
+        adapt="bn",
+        save_adaptation=tmp_path / "adapted",
+    )
+    bn = done["result"]["external"]["adaptation"]["bn"]
+    model, cfg, classes = load_run_model(tiny_bn_run)
+    n_layers = len(batchnorm_layers(model))
+    assert n_layers > 5 and bn["layers"] == n_layers and bn["images"] == done["result"]["n"]
+    stats = load_file(tmp_path / "adapted" / BN_STATS_FILE)
+    own = model.state_dict()
+    key = next(k for k in stats if k.endswith("running_mean"))
+    assert not torch.allclose(stats[key], own[key])  # re-estimated, not the run's
+    adapted_weights = load_file(tmp_path / "adapted" / "model.safetensors")
+    torch.testing.assert_close(adapted_weights[key], stats[key])
+
+    manifest = load_dataset(phantom_root, classes=classes).manifest
+    cache = build_cache(manifest, cfg.data.image_size, cfg.data.crop, cfg.data.cache_dir)
+    full = CachedImageDataset(cache, manifest, classes)
+    half = CachedImageDataset(cache, manifest.iloc[: len(manifest) // 2], classes)
+    adapter = RunAdapter(tiny_bn_run, model, cfg, classes, DecisionRule(), "bn")
+    first = adapter(full).probs
+    adapter(half)
+    np.testing.assert_allclose(adapter(full).probs, first, atol=1e-6)

@@ -29,9 +29,10 @@ Nothing here imports the training code: batches are built from a
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -440,6 +441,80 @@ def adapted_predictions(
         shift,
         list(TTA_SCALES) if "tta" in adaptations else None,
     )
+
+
+class RunAdapter:
+    """A run's model adapted afresh to each target image set it is called with.
+
+    Set up once per run (source priors, the EM check on val, the original weights); each
+    call restores the original BN statistics, so targets never leak into each other (the
+    shift benchmark adapts to every shift separately).
+
+    Args:
+        run_dir, model, cfg, classes, rule: the run (``load_run_model`` and its
+            ``decision.json`` DecisionRule); ``model`` is adapted in place.
+        adaptations: any of :data:`ADAPTATIONS` ("bn,priors" or a list).
+        priors_max_error: the :func:`em_check` limit; None applies the priors regardless.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        model: nn.Module,
+        cfg,
+        classes: list[str],
+        rule,
+        adaptations: str | Sequence[str],
+        *,
+        priors_max_error: float | None = 0.1,
+        batch_size: int = 256,
+    ):
+        from dermkit.models.backbones import input_stats
+
+        self.model, self.rule, self.classes = model, rule, list(classes)
+        self.adaptations = parse_adaptations(adaptations)
+        self.batch_size = batch_size
+        self.mean, self.std = input_stats(model)
+        self.source = None
+        self.check = None
+        if "priors" in self.adaptations:
+            self.source = source_priors(run_dir, cfg, self.classes)
+            if priors_max_error is not None:
+                self.check = em_check(run_dir, rule, self.classes, self.source[0], priors_max_error)
+        if "bn" in self.adaptations and not batchnorm_layers(model):
+            adapt_batchnorm(model, [])  # raises NoBatchNormError, before any image is read
+        self._state = copy.deepcopy(model.state_dict()) if "bn" in self.adaptations else None
+
+    def __call__(
+        self, dataset, plain_logits: Callable[[nn.Module], np.ndarray] | None = None
+    ) -> Adapted:
+        """Adapt to ``dataset``'s images and predict them; ``plain_logits(model)``: the run's
+        own inference (its TTA included), used when ``tta`` is not asked for."""
+        bn = None
+        if self._state is not None:
+            self.model.load_state_dict(self._state)
+            bn = adapt_batchnorm(
+                self.model,
+                image_batches(dataset, None, self.batch_size, self.mean, self.std),
+            )
+        plain = None
+        if plain_logits is not None and "tta" not in self.adaptations:
+            plain = plain_logits(self.model)
+        adapted = adapted_predictions(
+            self.model,
+            dataset,
+            self.rule,
+            [a for a in self.adaptations if a != "bn"],
+            plain_logits=plain,
+            source=self.source,
+            classes=self.classes,
+            check=self.check,
+            batch_size=self.batch_size,
+            mean=self.mean,
+            std=self.std,
+        )
+        adapted.applied, adapted.bn = list(self.adaptations), bn
+        return adapted
 
 
 def summary_lines(adapted: Adapted) -> dict[str, str]:

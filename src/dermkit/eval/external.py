@@ -29,21 +29,12 @@ import pandas as pd
 from dermkit.config import ConfigError
 from dermkit.core.files import atomic_path
 from dermkit.data.labels import load_label_map
-from dermkit.eval.adapt import (
-    adapt_batchnorm,
-    adapted_predictions,
-    em_check,
-    image_batches,
-    parse_adaptations,
-    source_priors,
-    write_adapted_run,
-)
+from dermkit.eval.adapt import RunAdapter, write_adapted_run
 from dermkit.eval.adapt import summary_lines as adaptation_rows
 from dermkit.eval.calibration import DecisionRule
 from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.predictions import write_predictions
 from dermkit.eval.report import write_evaluation_report
-from dermkit.models.backbones import input_stats
 
 log = logging.getLogger(__name__)
 
@@ -221,44 +212,32 @@ def evaluate_external(
     )
     # in_memory=False: an external set may be large; rows are gathered from the memmap.
     dataset = CachedImageDataset(cache, manifest, classes, in_memory=False)
-    adaptations = parse_adaptations(adapt)
-    if save_adaptation is not None and not adaptations:
-        raise ConfigError("--save-adaptation needs --adapt (which adaptations to save)")
-    mean, std = input_stats(model)
-    bn_report = None
-    if "bn" in adaptations:  # before any prediction: every later pass uses the target stats
-        bn_report = adapt_batchnorm(model, image_batches(dataset, None, batch_size, mean, std))
-    logits = predict_logits(
-        model,
-        dataset,
-        np.arange(len(dataset)),
-        make_accelerator(cfg.optim.precision),
-        batch_size=batch_size,
-        tta=cfg.augment.tta,
-    ).numpy()
     rule_path = run_dir / "decision.json"
     rule = DecisionRule.load(rule_path)
-    probs_all = rule.probs(logits)
-    adapted = None
-    if adaptations:
-        source = source_priors(run_dir, cfg, classes) if "priors" in adaptations else None
-        adapted = adapted_predictions(
+
+    def run_logits(model) -> np.ndarray:
+        """Logits as the run predicted its own test split (its precision and TTA)."""
+        return predict_logits(
             model,
             dataset,
-            rule,
-            [a for a in adaptations if a != "bn"],
-            plain_logits=logits,
-            source=source,
-            classes=classes,
-            check=em_check(run_dir, rule, classes, source[0], priors_max_error)
-            if source is not None and priors_max_error is not None
-            else None,
+            np.arange(len(dataset)),
+            make_accelerator(cfg.optim.precision),
             batch_size=batch_size,
-            mean=mean,
-            std=std,
+            tta=cfg.augment.tta,
+        ).numpy()
+
+    adapted = None
+    if adapt:
+        adapter = RunAdapter(
+            run_dir, model, cfg, classes, rule, adapt, priors_max_error=priors_max_error
         )
-        adapted.applied, adapted.bn = list(adaptations), bn_report
+        adapted = adapter(dataset, run_logits)
         logits, probs_all = adapted.logits, adapted.probs
+    else:
+        if save_adaptation is not None:
+            raise ConfigError("--save-adaptation needs --adapt (which adaptations to save)")
+        logits = run_logits(model)
+        probs_all = rule.probs(logits)
     probs = probs_all[:, keep]
     probs = probs / probs.sum(axis=1, keepdims=True)
     y = manifest["label"].map({c: i for i, c in enumerate(shared)}).to_numpy()
