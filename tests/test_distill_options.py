@@ -18,6 +18,7 @@ from dermkit.config import ConfigError, DistillRunConfig, load_config
 from dermkit.models.backbones import create_backbone
 from dermkit.models.distilled import DistilledViT, create_distilled_vit, load_plain_vit_state
 from dermkit.models.runs_io import load_run_model
+from dermkit.tasks.ordinal import corn_class_probs, corn_loss
 from dermkit.train.distill_student import (
     DistillStudent,
     attention_kl,
@@ -27,7 +28,6 @@ from dermkit.train.distill_student import (
     teacher_outputs,
 )
 from dermkit.train.kd import KDLoss, OrdinalKDLoss
-from dermkit.train.ordinal import corn_class_probs, corn_loss
 
 runner = CliRunner()
 ORDINAL_TASK = ["task.kind=ordinal", "task.column=thickness", "task.thresholds=[0, 0.8, 1, 2]"]

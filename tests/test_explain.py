@@ -30,8 +30,8 @@ from dermkit.explain.saliency import (
     sanity_check,
 )
 from dermkit.models.backbones import create_backbone
+from dermkit.tasks.runs import open_run
 from dermkit.train.finetune import run_finetune
-from dermkit.train.run_model import load_explain_run
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +127,8 @@ def test_randomised_copy_changes_every_weight():
 
 
 def test_saliency_sanity_check_trained_vs_random(trained_run):
-    run = load_explain_run(trained_run)
-    from dermkit.train.run_model import run_data
+    run = open_run(trained_run)
+    from dermkit.tasks.runs import run_data
 
     data = run_data(run)
     from dermkit.data.dataset import CachedImageDataset

@@ -9,7 +9,8 @@ Layers, top to bottom (a module may import its own package and any LOWER layer):
     pipeline_report                     the runner's summary report.html
     deploy                              export, inference, serving, latency benches
     explain | exits | synth | ssl       methods built on trained classifiers
-    train                               supervised training, distillation, run loaders
+    train                               supervised training, distillation
+    tasks                               what a classifier predicts: classification, ordinal
     eval                                metrics, calibration, reports, prediction files
     models | data                       architectures, weights; datasets, caches, splits
     runs                                run folders (config.yaml, run.json)
@@ -42,6 +43,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("deploy",),
     ("explain", "exits", "synth", "ssl"),
     ("train",),
+    ("tasks",),
     ("eval",),
     ("models", "data"),
     ("runs",),
@@ -52,10 +54,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 
 # (importer, imported module) -> why it is still there / what removes it.
 KNOWN_UPHILL: dict[tuple[str, str], str] = {
-    ("dermkit.train.ordinal_finetune", "dermkit.explain.features"): (
-        "embedding figure of the ordinal report; goes with the Task refactor that deletes "
-        "ordinal_finetune (issue 17, item 2)"
-    ),
     ("dermkit.eval.external", "dermkit.train.loop"): (
         "predict_logits/make_accelerator: move batched inference below eval"
     ),
@@ -70,12 +68,7 @@ KNOWN_UPHILL: dict[tuple[str, str], str] = {
     ),
 }
 # Import circles allowed for now (sorted module names) -> what removes them.
-KNOWN_CYCLES: dict[tuple[str, ...], str] = {
-    ("dermkit.train.distill", "dermkit.train.ordinal_distill"): (
-        "distill dispatches to ordinal_distill, which reuses distill's helpers; goes with "
-        "the Task refactor (issue 17, item 2)"
-    ),
-}
+KNOWN_CYCLES: dict[tuple[str, ...], str] = {}
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -13,8 +13,7 @@ from sklearn.metrics import cohen_kappa_score
 
 from dermkit.config import ConfigError, FinetuneRunConfig, TaskConfig, load_config
 from dermkit.eval.ordinal import ordinal_metrics
-from dermkit.train.loop import score
-from dermkit.train.ordinal import (
+from dermkit.tasks.ordinal import (
     OrdinalLabelError,
     OrdinalTask,
     corn_class_probs,
@@ -25,6 +24,7 @@ from dermkit.train.ordinal import (
     expected_class,
     threshold_class_names,
 )
+from dermkit.train.loop import score
 
 BRESLOW = [0.0, 0.8, 1.0, 2.0]
 
@@ -185,7 +185,7 @@ def test_ordinal_metrics_values_and_lesion_bootstrap():
 def test_rows_without_a_value_error_or_are_dropped():
     from types import SimpleNamespace
 
-    from dermkit.train.ordinal_finetune import ordinal_parts
+    from dermkit.tasks.ordinal import ordinal_parts
 
     frames = {
         s: pd.DataFrame(
@@ -250,8 +250,8 @@ def test_ordinal_finetune_learns_phantom_thickness(melanoma_root, cache_dir, tmp
     from typer.testing import CliRunner
 
     from dermkit.cli import app
+    from dermkit.tasks.runs import open_run
     from dermkit.train.finetune import run_finetune
-    from dermkit.train.run_model import load_explain_run
 
     run = tmp_path / "run"
     overrides = [f"data.path={melanoma_root}", f"data.cache_dir={cache_dir}", f"out_dir={run}"]
@@ -271,6 +271,10 @@ def test_ordinal_finetune_learns_phantom_thickness(melanoma_root, cache_dir, tmp
     history = result["history"]
     best = max(range(len(history)), key=lambda i: history[i]["val_qwk"])
     assert result["best epoch (val QWK)"] == history[best]["epoch"]
+    # the summary names its selection metric; best_val_macro_f1 is for classification only
+    training = result["training"]
+    assert training["selection_metric"] == "qwk" and "best_val_macro_f1" not in training
+    assert training["best_val_metric"] == pytest.approx(history[best]["val_qwk"])
 
     preds = pd.read_csv(run / "predictions_test.csv")
     probs = preds[[f"prob_{c}" for c in classes]].to_numpy()
@@ -283,6 +287,6 @@ def test_ordinal_finetune_learns_phantom_thickness(melanoma_root, cache_dir, tmp
     assert out.exit_code == 0, out.output
     assert "qwk" in out.output and f"{m['spearman']['value']:.3f}" in out.output
 
-    opened = load_explain_run(run)
+    opened = open_run(run)
     assert opened.ordinal is not None and opened.ordinal.centres[0] == 0.0
     assert opened.model.num_classes == 4

@@ -179,7 +179,7 @@ class AugmentSettings(Strict):
 class TaskConfig(Strict):
     """What the classifier predicts: the ``label`` column, or ordered classes of a column.
 
-    ordinal (``train/ordinal.py``): a continuous column cut at ``thresholds`` (class k holds
+    ordinal (``tasks/ordinal.py``): a continuous column cut at ``thresholds`` (class k holds
     t_k < x <= t_{k+1}; e.g. thickness [0, 0.8, 1, 2]) or a categorical column whose values
     ``order`` lists lowest first; a CORN head with K-1 outputs.
     """

@@ -275,7 +275,7 @@ def export_run(
         raise ValueError(f"int8 must be dynamic, static, both or None, got {int8!r}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, cfg, classes = load_run_model(run_dir)
+    model, cfg, classes = load_run_model(run_dir, purpose="export")
     size = cfg.data.image_size
     data = _run_data(run_dir, cfg)
     val = CachedImageDataset(data.cache, data.part("val"), data.classes)

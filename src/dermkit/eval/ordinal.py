@@ -3,7 +3,7 @@
 Inputs are the true class codes y (N,), predicted class probabilities (N, K) (lowest class
 first), the true target value (N,) (e.g. Breslow thickness in mm; the class index for a
 categorical target) and optionally the expected target value per image (sum_k P(k) *
-centre_k, see ``dermkit.train.ordinal``).
+centre_k, see ``dermkit.tasks.ordinal``).
 
 - ``qwk``: Cohen's kappa with quadratic weights of the most probable class (scikit-learn);
 - ``mae_classes``: mean |predicted class - true class|;

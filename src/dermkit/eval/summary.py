@@ -276,7 +276,7 @@ def _summarize_classifier_run(run_dir: Path, latency: bool, n_boot: int, seed: i
         from dermkit.models.cost import model_cost
         from dermkit.models.runs_io import load_run_model
 
-        model, cfg, _ = load_run_model(run_dir)
+        model, cfg, _ = load_run_model(run_dir, purpose="the summary")
         size = cfg.data.image_size
         summary.update(model_cost(model, size), model=cfg.model.name, image_size=size)
         summary["gflops_note"] = FLOP_CONVENTION

@@ -104,7 +104,7 @@ class ExitRun:
         return list(self.info["head_types"])
 
     def base_model(self) -> tuple[torch.nn.Module, FinetuneRunConfig]:
-        model, base_cfg, _ = load_run_model(self.info["base_run"])
+        model, base_cfg, _ = load_run_model(self.info["base_run"], purpose="early exits")
         return model, base_cfg
 
     def model(self, head_type: str, backbone: torch.nn.Module | None = None) -> EarlyExitViT:

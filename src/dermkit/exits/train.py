@@ -382,7 +382,7 @@ def run_exits_train(cfg: ExitsRunConfig, progress: bool = True, resume: bool = F
 
     _check_optim(cfg)
     base_dir = Path(cfg.base_run)
-    backbone, base_cfg, classes = load_run_model(base_dir)
+    backbone, base_cfg, classes = load_run_model(base_dir, purpose="early exits")
     if not isinstance(backbone, (VisionTransformer, DistilledViT)):
         raise ConfigError(
             f"{base_dir}: early exits need a ViT backbone; {base_cfg.model.name} is a "

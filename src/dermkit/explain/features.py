@@ -35,6 +35,7 @@ from scipy.stats import spearmanr
 
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import to_float
+from dermkit.eval.embedding import is_continuous, pca_2d, plot_embedding
 from dermkit.eval.plots import _new_figure, save_figure
 from dermkit.eval.report import link_into_report
 from dermkit.models.backbones import input_stats
@@ -42,11 +43,6 @@ from dermkit.models.backbones import input_stats
 log = logging.getLogger(__name__)
 
 DEFAULT_COLOR_BY = ("label", "split", "source", "synthetic", "age", "sex", "localization")
-# A numeric column with more distinct values than this is drawn with a colour bar.
-MAX_CATEGORIES_NUMERIC = 12
-# Continuous by meaning, even where a small subset has few distinct values.
-CONTINUOUS_COLUMNS = frozenset({"age", "thickness"})
-MAX_LEGEND = 20
 SILHOUETTE_SAMPLE = 2000
 
 
@@ -75,26 +71,6 @@ def extract_features(
     return torch.cat(out).numpy()
 
 
-def is_continuous(values: pd.Series) -> bool:
-    """A measurement, drawn with a colour bar: a known continuous column (age, thickness), or
-    numeric (not bool) with fractional values or more than MAX_CATEGORIES_NUMERIC values."""
-    if values.name in CONTINUOUS_COLUMNS:
-        return True
-    if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):
-        return False
-    v = values.dropna().to_numpy(np.float64)
-    fractional = bool(np.any(v != np.round(v)))
-    return fractional or values.nunique(dropna=True) > MAX_CATEGORIES_NUMERIC
-
-
-def pca_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(N, D) -> (coordinates (N, 2), explained variance ratio (2,)) of PC1 and PC2."""
-    from sklearn.decomposition import PCA
-
-    pca = PCA(n_components=2, random_state=seed).fit(features)
-    return pca.transform(features), pca.explained_variance_ratio_
-
-
 def umap_2d(features: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray | None:
     """(N, D) -> UMAP coordinates (N, 2), or None (with a log line) when umap-learn is absent."""
     try:
@@ -105,40 +81,6 @@ def umap_2d(features: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.nd
     n_neighbors = max(2, min(n_neighbors, len(features) - 1))
     reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed)
     return reducer.fit_transform(features)
-
-
-def plot_embedding(
-    coords: np.ndarray, values: pd.Series, column: str, title: str, axes: tuple[str, str]
-) -> Figure:
-    """Scatter of coordinates (N, 2) coloured by ``values`` (N,): legend or colour bar.
-
-    Missing values (NaN) are drawn as small grey points.
-    """
-    fig = _new_figure(6.5, 5.0)
-    ax = fig.subplots()
-    values = values.reset_index(drop=True)
-    missing = values.isna().to_numpy()
-    if missing.any():
-        ax.scatter(*coords[missing].T, s=6, c="lightgrey", label="missing")
-    if is_continuous(values):
-        v = values.to_numpy(np.float64)
-        sc = ax.scatter(*coords[~missing].T, s=12, c=v[~missing], cmap="viridis", alpha=0.8)
-        fig.colorbar(sc, ax=ax, label=column)
-    else:
-        text = values.astype(str)
-        cats = text[~missing].value_counts().index.tolist()
-        from matplotlib import colormaps
-
-        cmap = colormaps["tab20" if len(cats) > 10 else "tab10"]
-        for i, cat in enumerate(cats):
-            m = (text == cat).to_numpy() & ~missing
-            label = cat if i < MAX_LEGEND else None
-            ax.scatter(*coords[m].T, s=12, color=cmap(i % cmap.N), alpha=0.8, label=label)
-        ax.legend(title=column, fontsize=7, markerscale=1.5, loc="best")
-    ax.set_xlabel(axes[0])
-    ax.set_ylabel(axes[1])
-    ax.set_title(title)
-    return fig
 
 
 def silhouette(points: np.ndarray, labels: pd.Series, seed: int = 0) -> float:
@@ -388,9 +330,9 @@ def run_explain_features(
     ``color_by`` None: the DEFAULT_COLOR_BY columns present, plus ``thickness`` and the
     ordinal column of an ordinal run. Returns the report path.
     """
-    from dermkit.train.run_model import load_explain_run, run_data
+    from dermkit.tasks.runs import open_run, run_data
 
-    run = load_explain_run(run_dir)
+    run = open_run(run_dir)
     data = run_data(run, data_path)
     frame = data.manifest[data.manifest["split"].isin(splits)].reset_index(drop=True)
     if not len(frame):

@@ -286,7 +286,7 @@ def _predictions(run, dataset: CachedImageDataset, part: pd.DataFrame, split: st
         probs = df[[f"prob_{c}" for c in run.classes]].to_numpy()
         df["p_pred"] = probs.max(1)
         return df[["image_id", "label", "pred", "p_pred"]]
-    from dermkit.train.ordinal import corn_class_probs
+    from dermkit.tasks.ordinal import corn_class_probs
 
     x = to_float(dataset.__getitems__(np.arange(len(dataset)))[0], *input_stats(run.model))
     with torch.no_grad():
@@ -319,9 +319,9 @@ def run_explain_saliency(
     (default ``RUN/explain-saliency``); returns the report path.
     """
     from dermkit.eval.report import HtmlReport, to_jsonable
-    from dermkit.train.run_model import load_explain_run, run_data
+    from dermkit.tasks.runs import open_run, run_data
 
-    run = load_explain_run(run_dir)
+    run = open_run(run_dir)
     data = run_data(run, data_path)
     part = data.part(split)
     if run.ordinal is not None:

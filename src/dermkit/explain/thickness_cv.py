@@ -19,7 +19,7 @@ inside the training part of each outer fold:
   regressions, the k-th fit on the rows with y > k-1 to predict y > k. CORN's loss is the sum
   of these conditional binary cross-entropies; with a linear head per task and nothing
   shared, minimising the sum is minimising each term, so separate fits *are* the CORN fit.
-  Probabilities: :func:`dermkit.train.ordinal.corn_class_probs` of the K-1 logits.
+  Probabilities: :func:`dermkit.tasks.ordinal.corn_class_probs` of the K-1 logits.
 
 Class weighting ("balanced"): each row weighted by N / (K n_class(y)) in every fit.
 Prediction: the most probable class.
@@ -48,7 +48,7 @@ from threadpoolctl import threadpool_limits
 
 from dermkit.data.thickness import BINARY_CUTS
 from dermkit.eval.ordinal import quadratic_kappa
-from dermkit.train.ordinal import corn_class_probs
+from dermkit.tasks.ordinal import corn_class_probs
 
 log = logging.getLogger(__name__)
 

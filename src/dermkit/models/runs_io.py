@@ -8,6 +8,12 @@ does not fit is an error, never a silently random layer) and the class order. Th
 order is read from ``classes.json`` when the run wrote one, else from ``metrics.json``
 (``classes``), else from the ``prob_<class>`` columns of ``predictions_test.csv``: all
 three are written in the same order.
+
+Every classifier run opens here, of either task kind (config.yaml's ``task.kind``): a
+classification run has one output per class, an ordinal run a CORN head of K-1 outputs
+for its K classes (``dermkit.tasks.ordinal``). Callers that read the outputs as softmax
+logits (export, serving, exits, the summary) keep the default ``kinds`` and so refuse an
+ordinal run by name; ``dermkit.tasks.runs.open_run`` opens both, with the run's task.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ RUN_SCHEMAS: dict[str, type[FinetuneRunConfig]] = {
     "distill": DistillRunConfig,
 }
 WEIGHTS_FILE = "model.safetensors"
+TASK_KINDS = ("classification", "ordinal")
 
 
 def _require(path: Path) -> Path:
@@ -118,26 +125,43 @@ def run_input_norm(cfg: FinetuneRunConfig) -> str:
     return resolve_input_norm(cfg.model.input_norm, weights)
 
 
+def run_outputs(cfg: FinetuneRunConfig, classes: list[str]) -> int:
+    """Head outputs per image: one per class, K-1 for an ordinal run's CORN head."""
+    return len(classes) - 1 if cfg.task.kind == "ordinal" else len(classes)
+
+
 def load_run_model(
     run_dir: str | Path,
+    kinds: tuple[str, ...] = ("classification",),
+    purpose: str = "this command",
 ) -> tuple[torch.nn.Module, FinetuneRunConfig, list[str]]:
     """(model in eval mode on CPU, run config, class names) of a classifier run folder.
 
     The model maps normalised float images (B, 3, S, S), S = ``cfg.data.image_size``, to
-    logits (B, len(classes)).
+    logits (B, len(classes)), or for an ordinal run (only when ``kinds`` has "ordinal") to
+    the CORN head's conditional logits (B, len(classes) - 1). A run whose ``task.kind`` is
+    not in ``kinds`` is a ``ConfigError`` naming the kind and ``purpose``.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
     cfg = read_run_config(run_dir)
+    if cfg.task.kind not in kinds:
+        column = f" of column '{cfg.task.column}'" if cfg.task.column else ""
+        raise ConfigError(
+            f"{run_dir} is a task.kind={cfg.task.kind} run{column}: {purpose} supports "
+            f"{' and '.join(kinds)} runs only"
+        )
     classes = read_run_classes(run_dir)
     weights = _require(run_dir / WEIGHTS_FILE)
-    model = build_run_model(cfg, len(classes))
+    n_outputs = run_outputs(cfg, classes)
+    model = build_run_model(cfg, n_outputs)
     try:
         model.load_state_dict(load_file(weights))
     except RuntimeError as e:  # missing/unexpected keys or shape mismatches
+        head = f"a CORN head of {n_outputs} outputs" if n_outputs != len(classes) else ""
         raise ConfigError(
-            f"{weights} does not fit {cfg.model.name} with {len(classes)} classes at "
-            f"{cfg.data.image_size} px: {e}"
+            f"{weights} does not fit {cfg.model.name} with {head or f'{len(classes)} classes'} "
+            f"at {cfg.data.image_size} px: {e}"
         ) from e
     return model.eval(), cfg, classes

@@ -236,7 +236,7 @@ def class_agreement(
     """
     from dermkit.models.runs_io import load_run_model
 
-    model, run_cfg, run_classes = load_run_model(run)
+    model, run_cfg, run_classes = load_run_model(run, purpose="synthetic-image quality")
     if list(run_classes) != list(classes):
         raise ConfigError(f"{run}: classifier classes {run_classes} differ from {classes}")
     side = run_cfg.data.image_size

@@ -1,9 +1,10 @@
 """``dermkit distill``: train a small student on a teacher run's soft targets and the labels.
 
-teacher run folder (``load_run_model``) -> same data preparation as fine-tuning (synthetic
-rows via ``synthetic_ratio`` too) -> the supervised loop ``train_classifier`` with a
-criterion that adds the KD term (``train/kd.py``) -> best student on val -> test once ->
-teacher and student metrics side by side (same test images, same bootstrap seed).
+teacher run folder (``tasks.runs.open_run``: model and task) -> same data preparation and
+task (``dermkit.tasks``) as fine-tuning (synthetic rows via ``synthetic_ratio`` too) -> the
+supervised loop ``train_classifier`` with a criterion that adds the KD term
+(``train/kd.py``) -> best student on the task's val metric -> test once -> teacher and
+student metrics side by side (same test images, same bootstrap seed).
 
 Teacher logits come from one of two places (``distill.teacher_logits``):
 
@@ -22,7 +23,7 @@ training-only projection (``feature_weight``) and last-block CLS attention match
 (``attention_weight``), both in ``train/distill_student.py``; they need the teacher's
 features of every batch, so they run online. Ordinal tasks (a CORN teacher and student with
 the same column and thresholds/order) distil the K-1 conditional probabilities
-(``kd.OrdinalKDLoss``) and are evaluated as ordinal fine-tuning is (``ordinal_distill.py``).
+(``kd.OrdinalKDLoss``) and are evaluated as ordinal fine-tuning is (``tasks/ordinal.py``).
 """
 
 from __future__ import annotations
@@ -42,20 +43,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dermkit.config import AugmentSettings, ConfigError, DistillRunConfig, FinetuneRunConfig
+from dermkit.config import AugmentSettings, ConfigError, DistillRunConfig
 from dermkit.core.files import sha256_file
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import write_split_file
-from dermkit.eval.calibration import DecisionRule
 from dermkit.eval.curves import plot_learning_curves
-from dermkit.eval.metrics import evaluate_predictions
-from dermkit.eval.predictions import write_predictions
-from dermkit.eval.report import format_estimate, write_evaluation_report
+from dermkit.eval.report import format_estimate
 from dermkit.models.backbones import feature_dim, input_norm_of, input_stats
 from dermkit.models.packaged import INPUT_NORMS
-from dermkit.models.runs_io import WEIGHTS_FILE, load_run_model, read_run_config
+from dermkit.models.runs_io import WEIGHTS_FILE, read_run_config
 from dermkit.models.weights import save_weights
 from dermkit.runs import RunDir
+from dermkit.tasks import OrdinalTask, Task, summary_rows, task_from_config
+from dermkit.tasks.runs import TaskRun, open_run
 from dermkit.train.distill_student import (
     DistillStudent,
     attention_kl,
@@ -277,20 +277,6 @@ def check_teacher_task(cfg: DistillRunConfig, teacher_dir: Path) -> None:
         )
 
 
-def load_teacher(teacher_dir: Path) -> tuple[nn.Module, FinetuneRunConfig, list[str]]:
-    """(teacher model in eval mode, its run config, its class names) of a teacher run.
-
-    An ordinal run has a CORN head with K-1 outputs for its K classes, which
-    ``load_run_model`` (one output per class) does not describe; ``load_explain_run`` does.
-    """
-    if read_run_config(teacher_dir).task.kind == "ordinal":
-        from dermkit.train.run_model import load_explain_run
-
-        run = load_explain_run(teacher_dir)
-        return run.model, run.cfg, run.classes
-    return load_run_model(teacher_dir)
-
-
 def build_student(cfg: DistillRunConfig, n_outputs: int) -> tuple[nn.Module, str]:
     """The student (``build_model``), as a ``DistilledViT`` with ``distill.dist_token``.
 
@@ -386,10 +372,14 @@ def split_logits(model, datasets: dict, accelerator, tta: bool) -> dict[str, np.
     }
 
 
-def make_kd_loss(cfg: DistillRunConfig, train_ds, real: np.ndarray, device) -> KDLoss:
-    """The KD loss of the task: softmax KD with the configured label loss, or ordinal KD."""
+def make_kd_loss(cfg: DistillRunConfig, task: Task, train_ds, real: np.ndarray, device) -> KDLoss:
+    """The KD loss of the task: softmax KD with the configured label loss, or ordinal KD.
+
+    Chosen here rather than by the task: the KD losses build on the training losses
+    (``train/kd.py``, ``train/losses.py``), a layer above ``dermkit.tasks``.
+    """
     dc = cfg.distill
-    if cfg.task.kind == "ordinal":
+    if isinstance(task, OrdinalTask):
         return OrdinalKDLoss(dc.alpha, dc.temperature, teacher_target=dc.dist_target)
     n_classes = len(train_ds.class_names)
     counts = torch.bincount(train_ds.labels[real], minlength=n_classes)
@@ -412,7 +402,7 @@ def train_student(
     mode: str,
     resume: bool,
     progress: bool,
-    to_probs=None,
+    task: Task,
 ) -> tuple[nn.Module, dict, Path | None]:
     """Train ``student`` on the teacher's targets in the shared loop.
 
@@ -425,7 +415,7 @@ def train_student(
     dc = cfg.distill
     features, attention = dc.feature_weight > 0, dc.attention_weight > 0
     train_ds = datasets["train"]
-    kd = make_kd_loss(cfg, train_ds, ~np.asarray(synthetic_mask), device)
+    kd = make_kd_loss(cfg, task, train_ds, ~np.asarray(synthetic_mask), device)
     trainee = student
     if dc.dist_token or features or attention:
         width = feature_dim(teacher.model) if features else None
@@ -488,7 +478,7 @@ def train_student(
         progress=progress,
         accelerator=accelerator,
         criterion=criterion,
-        to_probs=to_probs,
+        to_probs=task.loop_probs,
     )
     trainee = load_best(trainee, run_dir)
     best = trainee.student if isinstance(trainee, DistillStudent) else trainee
@@ -559,25 +549,14 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
     resolve_model_config(cfg)
     check_teacher_task(cfg, teacher_dir)
     mode, reason = resolve_teacher_logits(cfg)
-    teacher_model, teacher_cfg, teacher_classes = load_teacher(teacher_dir)
-    ordinal = cfg.task.kind == "ordinal"
-    # CORN: K-1 outputs for K ordered classes (checked equal to the teacher's below)
-    n_outputs = len(teacher_classes) - 1 if ordinal else len(teacher_classes)
+    teacher_run = open_run(teacher_dir)
+    teacher_model, teacher_cfg = teacher_run.model, teacher_run.cfg
+    task = task_from_config(cfg.task)
     torch.manual_seed(cfg.seed)
-    student, weights_report = build_student(cfg, n_outputs)
+    student, weights_report = build_student(cfg, teacher_run.task.n_outputs)
     check_matching_options(cfg, student, teacher_model, teacher_cfg)
+    task.check_config(cfg)
     log.info("teacher logits: %s (%s)", mode, reason)
-    if ordinal:
-        from dermkit.train.ordinal_distill import run_ordinal_distill
-
-        return run_ordinal_distill(
-            cfg,
-            (teacher_model, teacher_cfg, teacher_classes),
-            (student, weights_report),
-            (mode, reason),
-            resume=resume,
-            progress=progress,
-        )
     accelerator = make_accelerator(cfg.optim.precision)
     device = accelerator.device
     with RunDir(cfg.out_dir, cfg, "distill", write=accelerator.is_main_process) as run:
@@ -585,17 +564,13 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
             run.info["pretrained_weights"] = student.dermkit_weights_provenance
         with accelerator.main_process_first():
             data, synthetic_mask = load_training_data(cfg, run)
-        if list(data.classes) != list(teacher_classes):
-            raise ConfigError(
-                f"classes differ: teacher {teacher_dir} has {teacher_classes}, this run's data "
-                f"has {data.classes}; soft targets need the same classes in the same order "
-                "(check data.path, data.classes and data.label_map against the teacher's)"
-            )
+        parts, synthetic_mask = task.prepare(data, synthetic_mask, cfg.task.drop_missing)
+        check_teacher_classes(teacher_run, task)
         check_teacher_split(teacher_dir, data.manifest)
         if accelerator.is_main_process:
             write_split_file(data.manifest, run / "split.csv")
-        parts = {s: data.part(s) for s in ("train", "val", "test")}
-        datasets = {s: CachedImageDataset(data.cache, p, data.classes) for s, p in parts.items()}
+        classes = task.class_names
+        datasets = {s: CachedImageDataset(data.cache, p, classes) for s, p in parts.items()}
 
         teacher = (
             ResizeInput(teacher_model, teacher_cfg.data.image_size, input_norm_of(student))
@@ -615,37 +590,25 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
             mode,
             resume,
             progress,
+            task,
         )
         eval_sets = {s: datasets[s] for s in ("val", "test")}
         logits = split_logits(student, eval_sets, accelerator, cfg.augment.tta)
         # As in fine-tuning: the decision rule is fitted on val only; the teacher keeps its own.
-        rule = DecisionRule.fit(logits["val"], datasets["val"].labels.numpy(), cfg.decision_rule)
-        probs = {s: rule.probs(v) for s, v in logits.items()}
-        teacher_rule = DecisionRule.load(teacher_dir / "decision.json")
+        task.fit_probs(logits["val"], datasets["val"].labels.numpy(), cfg.decision_rule)
+        probs = {s: task.probs(v) for s, v in logits.items()}
         teacher_logits = split_logits(teacher, eval_sets, accelerator, teacher_cfg.augment.tta)
-        teacher_probs = {s: teacher_rule.probs(v) for s, v in teacher_logits.items()}
+        teacher_probs = {s: teacher_run.task.probs(v) for s, v in teacher_logits.items()}
         if not accelerator.is_main_process:
             return run / "report.html"
-        rule.save(run / "decision.json")
         save_weights(student, run / WEIGHTS_FILE)  # the student alone, never a projection
-        (run / "classes.json").write_text(json.dumps(data.classes))
+        task.save(run.path)
         for s in ("val", "test"):
-            write_predictions(run / f"predictions_{s}.csv", parts[s], probs[s], data.classes)
+            task.write_predictions(run / f"predictions_{s}.csv", parts[s], probs[s])
         y_test = datasets["test"].labels.numpy()
-        groups = parts["test"]["lesion_id"].to_numpy()
-        ev = cfg.eval
 
         def evaluate(p):  # same images, lesions and bootstrap seed for both models
-            return evaluate_predictions(
-                y_test,
-                p,
-                data.classes,
-                groups=groups,
-                n_boot=ev.n_boot,
-                ci=ev.ci,
-                seed=cfg.seed,
-                positive_class=ev.positive_class,
-            )
+            return task.evaluate(y_test, p, parts["test"], cfg.eval, cfg.seed)
 
         result, teacher_result = evaluate(probs["test"]), evaluate(teacher_probs["test"])
         from dermkit.models.cost import model_cost
@@ -665,13 +628,17 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
         side_by_side = teacher_student_figures(
             run.path, cfg, teacher_cfg, teacher_result, result, summary["history"]
         )
-        return write_evaluation_report(
+        rule_rows = task.probs_rows(cfg.decision_rule, logits["test"], y_test, {}, cfg.seed)
+        kind = "" if task.kind == "classification" else f" ({task.kind} '{cfg.task.column}')"
+        label = task.selection_label
+        return task.write_report(
             result,
             y_test,
             probs["test"],
-            data.classes,
+            parts["test"],
             run.path,
-            title=f"dermkit distill: {teacher_cfg.model.name} -> {cfg.model.name} (test split)",
+            title=f"dermkit distill{kind}: {teacher_cfg.model.name} -> {cfg.model.name} "
+            "(test split)",
             extra={
                 "teacher run": str(teacher_dir),
                 "teacher logits": f"{mode} ({reason})",
@@ -683,17 +650,28 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
                 f"{cost['student']['gflops']:.4g}",
                 **side_by_side,
                 "student initialisation": weights_report,
-                "best epoch (val macro-F1)": summary["best_epoch"],
-                "best val macro-F1": round(summary["best_val_macro_f1"], 4),
+                **summary_rows(task, summary),
                 "epochs run": summary["epochs_run"],
-                "decision rule (fitted on val)": f"{cfg.decision_rule}: T={rule.temperature:.3f}",
+                **{k: v for k, v in rule_rows.items() if k.startswith("decision rule")},
                 "precision": summary["precision"],
                 "processes": summary["processes"],
             },
             extra_figures={
                 "teacher_vs_student.png": "Teacher vs student on the same test images: headline "
                 "metrics with lesion-level bootstrap CIs (same bootstrap draws for both).",
-                "learning_curves.png": "Student learning curves: loss and macro-F1 per epoch "
-                "(dashed: clean train subset, solid: val).",
+                "learning_curves.png": f"Student learning curves: loss and {label} per epoch "
+                f"(dashed: clean train subset, solid: val); the best epoch is the best val "
+                f"{label}.",
             },
+        )
+
+
+def check_teacher_classes(teacher: TaskRun, task: Task) -> None:
+    """Refuse a teacher whose classes differ from this run's (names and order)."""
+    if list(teacher.classes) != list(task.class_names):
+        raise ConfigError(
+            f"classes differ: teacher {teacher.path} has {teacher.classes}, this run's "
+            f"{task.kind} task has {task.class_names}; soft targets need the same classes in "
+            "the same order (check data.path, data.classes, data.label_map and "
+            "task.column/thresholds/order against the teacher's)"
         )

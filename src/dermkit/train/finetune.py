@@ -1,36 +1,33 @@
-"""``dermkit finetune``: supervised classification with the shared training loop.
+"""``dermkit finetune``: supervised training of a classifier with the shared training loop.
 
-prepare data (split, cache, leakage check) -> backbone (random init, a local weights
-file, or a dermkit run) -> ``train_classifier`` (select on val) -> best weights ->
-predict test once -> metrics with lesion-level CIs, learning curves, report.html.
-The run folder holds ``model.safetensors`` (the selected weights) and ``config.yaml``,
-which is all that later stages (distill, exits, export) need to load the model.
+prepare data (split, cache, leakage check) -> the task's rows and labels
+(``dermkit.tasks``: classification, or ordinal classes of a column) -> backbone (random
+init, a local weights file, or a dermkit run) with the task's head width ->
+``train_classifier`` (the task's loss; select on the task's val metric) -> best weights ->
+predict test once -> the task's metrics with lesion-level CIs, learning curves,
+report.html. The run folder holds ``model.safetensors`` (the selected weights),
+``config.yaml`` and the task's files (classes.json, decision.json or ordinal.json), which
+is all that later stages (distill, exits, export) need to load the model.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy.special import softmax
 
 from dermkit.config import FinetuneRunConfig
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.manifest import read_manifest
 from dermkit.data.prepare import PreparedData, prepare_data, write_split_file
-from dermkit.eval.calibration import DecisionRule
 from dermkit.eval.curves import plot_learning_curves
-from dermkit.eval.metrics import evaluate_predictions
-from dermkit.eval.predictions import write_predictions
-from dermkit.eval.report import write_evaluation_report
 from dermkit.models.backbones import create_backbone
 from dermkit.runs import RunDir
+from dermkit.tasks import summary_rows, task_from_config
 from dermkit.train.loop import load_best, make_accelerator, predict_logits, train_classifier
 
 log = logging.getLogger(__name__)
@@ -96,16 +93,8 @@ def load_training_data(cfg: FinetuneRunConfig, run: RunDir) -> tuple[PreparedDat
 def run_finetune(cfg: FinetuneRunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Fine-tune end to end; returns the path of report.html."""
     resolve_model_config(cfg)
-    if cfg.task.kind == "ordinal":  # ordered classes of a column, CORN head
-        from dermkit.train.ordinal_finetune import run_ordinal_finetune
-
-        return run_ordinal_finetune(
-            cfg,
-            resume=resume,
-            progress=progress,
-            build_model=build_model,
-            load_training_data=load_training_data,
-        )
+    task = task_from_config(cfg.task)
+    task.check_config(cfg)
     accelerator = make_accelerator(cfg.optim.precision)
     # Under DDP every rank runs this function; rank 0 builds the image cache first and
     # writes every file, the others reuse its cache and only train.
@@ -114,10 +103,11 @@ def run_finetune(cfg: FinetuneRunConfig, resume: bool = False, progress: bool = 
             data, synthetic_mask = load_training_data(cfg, run)
         if accelerator.is_main_process:
             write_split_file(data.manifest, run / "split.csv")
-        parts = {s: data.part(s) for s in ("train", "val", "test")}
-        datasets = {s: CachedImageDataset(data.cache, p, data.classes) for s, p in parts.items()}
+        parts, synthetic_mask = task.prepare(data, synthetic_mask, cfg.task.drop_missing)
+        classes = task.class_names
+        datasets = {s: CachedImageDataset(data.cache, p, classes) for s, p in parts.items()}
         torch.manual_seed(cfg.seed)
-        model, weights_report = build_model(cfg, len(data.classes))
+        model, weights_report = build_model(cfg, task.n_outputs)
         if getattr(model, "dermkit_weights_provenance", None):
             run.info["pretrained_weights"] = model.dermkit_weights_provenance
         summary = train_classifier(
@@ -130,6 +120,8 @@ def run_finetune(cfg: FinetuneRunConfig, resume: bool = False, progress: bool = 
             resume=resume,
             progress=progress,
             accelerator=accelerator,
+            criterion=task.loop_criterion,
+            to_probs=task.loop_probs,
         )
         model = load_best(model, run.path)
         logits = {
@@ -140,63 +132,43 @@ def run_finetune(cfg: FinetuneRunConfig, resume: bool = False, progress: bool = 
         }
         if not accelerator.is_main_process:  # every rank predicted its shard; rank 0 writes
             return run / "report.html"
-        # Temperature and class scales are fitted on val only; test is scored once with them.
-        rule = DecisionRule.fit(logits["val"], datasets["val"].labels.numpy(), cfg.decision_rule)
-        rule.save(run / "decision.json")
-        probs = {s: rule.probs(v) for s, v in logits.items()}
+        # What maps logits to probabilities (the decision rule) is fitted on val only;
+        # test is scored once with it.
+        task.fit_probs(logits["val"], datasets["val"].labels.numpy(), cfg.decision_rule)
+        probs = {s: task.probs(v) for s, v in logits.items()}
         shutil.copyfile(run / "best.safetensors", run / "model.safetensors")
-        (run / "classes.json").write_text(json.dumps(data.classes))
+        task.save(run.path)
         for s in ("val", "test"):
-            write_predictions(run / f"predictions_{s}.csv", parts[s], probs[s], data.classes)
+            task.write_predictions(run / f"predictions_{s}.csv", parts[s], probs[s])
         y_test = datasets["test"].labels.numpy()
-        result = evaluate_predictions(
-            y_test,
-            probs["test"],
-            data.classes,
-            groups=parts["test"]["lesion_id"].to_numpy(),
-            n_boot=cfg.eval.n_boot,
-            ci=cfg.eval.ci,
-            seed=cfg.seed,
-            positive_class=cfg.eval.positive_class,
-        )
-        raw = evaluate_predictions(
-            y_test, softmax(logits["test"], axis=1), data.classes, n_boot=0, seed=cfg.seed
-        )["metrics"]
-        result["decision_rule"] = {
-            "mode": cfg.decision_rule,
-            **asdict(rule),
-            "test_without_rule": {
-                k: raw[k]["value"] for k in ("macro_f1", "balanced_accuracy", "ece") if k in raw
-            },
+        result = task.evaluate(y_test, probs["test"], parts["test"], cfg.eval, cfg.seed)
+        extra = {
+            "model": cfg.model.name,
+            "initialisation": weights_report,
+            **summary_rows(task, summary),
+            "epochs run": summary["epochs_run"],
+            "precision": summary["precision"],
+            **task.probs_rows(cfg.decision_rule, logits["test"], y_test, result, cfg.seed),
+            "processes": summary["processes"],
         }
         result["training"] = {k: v for k, v in summary.items() if k != "history"}
         result["history"] = summary["history"]
         curves = plot_learning_curves({cfg.model.name: summary["history"]})
         curves.savefig(run / "learning_curves.png", dpi=110)
-        return write_evaluation_report(
+        figures = {
+            "learning_curves.png": f"Learning curves: loss and {task.selection_label} per "
+            "epoch (dashed: clean train subset, solid: val) and the overfitting gap (train - "
+            "val macro-F1)."
+        }
+        figures.update(task.report_figures(model, datasets["test"], parts["test"], run.path))
+        kind = "" if task.kind == "classification" else f" ({task.kind} '{cfg.task.column}')"
+        return task.write_report(
             result,
             y_test,
             probs["test"],
-            data.classes,
+            parts["test"],
             run.path,
-            title=f"dermkit finetune: {cfg.model.name} (test split)",
-            extra={
-                "model": cfg.model.name,
-                "initialisation": weights_report,
-                "best epoch (val macro-F1)": summary["best_epoch"],
-                "best val macro-F1": round(summary["best_val_macro_f1"], 4),
-                "epochs run": summary["epochs_run"],
-                "precision": summary["precision"],
-                "decision rule (fitted on val)": f"{cfg.decision_rule}: T="
-                f"{rule.temperature:.3f}, class scales "
-                f"{[round(x, 2) for x in rule.class_scales] if rule.class_scales else 'none'}",
-                "test macro-F1 / bal. acc. without the rule": "{:.3f} / {:.3f}".format(
-                    raw["macro_f1"]["value"], raw["balanced_accuracy"]["value"]
-                ),
-                "processes": summary["processes"],
-            },
-            extra_figures={
-                "learning_curves.png": "Learning curves: loss and macro-F1 per epoch (dashed: "
-                "clean train subset, solid: val) and the overfitting gap (train - val macro-F1)."
-            },
+            title=f"dermkit finetune{kind}: {cfg.model.name} (test split)",
+            extra=extra,
+            extra_figures=figures,
         )

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dermkit.train.ordinal import corn_class_probs, corn_loss
+from dermkit.tasks.ordinal import corn_class_probs, corn_loss
 
 
 class KDLoss(nn.Module):
@@ -123,7 +123,7 @@ class OrdinalKDLoss(KDLoss):
     minimum is the teacher's binary entropy, not 0: BCE and the binary KL differ by it.
     Every row contributes to every k: the teacher defines each conditional for every image,
     unlike the labels, which CORN uses only on the rows with y > k-1.
-    label term: the CORN loss (``train/ordinal.py``); the hard teacher target is the
+    label term: the CORN loss (``tasks/ordinal.py``); the hard teacher target is the
     teacher's most probable class.
     """
 

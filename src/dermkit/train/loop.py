@@ -470,9 +470,14 @@ def train_classifier(
     if accelerator.is_main_process:
         (run_dir / "history.json").write_text(json.dumps(state.history, indent=2))
     accelerator.wait_for_everyone()
+    # What ``_end_epoch`` selected on: QWK for a non-softmax (ordinal) head, see ``score``.
+    selection = "qwk" if to_probs is not None else "macro_f1"
     return {
         "best_epoch": state.best_epoch,
-        "best_val_macro_f1": state.best_metric,
+        "selection_metric": selection,
+        "best_val_metric": state.best_metric,
+        # kept under its old name for classification runs (benchmarks and reports read it)
+        **({"best_val_macro_f1": state.best_metric} if selection == "macro_f1" else {}),
         "epochs_run": len(state.history),
         "stopped_early": state.stopped_early,
         "steps": state.step,

@@ -23,16 +23,32 @@ differences and sum to 1; the expected class is sum_k P(y > k).
 from __future__ import annotations
 
 import itertools
+import json
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 
 from dermkit.config import ConfigError, TaskConfig
+from dermkit.eval.ordinal import (
+    EXPECTED_VALUE_COLUMN,
+    TRUTH_COLUMN,
+    ordinal_metrics,
+    write_ordinal_report,
+)
+from dermkit.eval.predictions import write_predictions
+
+log = logging.getLogger(__name__)
 
 # Column added to a relabelled manifest: the original diagnosis, kept for colouring/analysis.
 DIAGNOSIS_COLUMN = "diagnosis"
+ORDINAL_FILE = "ordinal.json"
+CLASSES_FILE = "classes.json"
+SPLIT_NAMES = ("train", "val", "test")
 
 
 class OrdinalLabelError(ValueError):
@@ -86,7 +102,7 @@ def cut_thresholds(
 
 @dataclass
 class OrdinalTask:
-    """Ordered classes of one manifest column (see module docstring).
+    """Ordered classes of one manifest column (see module docstring); a ``tasks.Task``.
 
     Attributes:
         column: the manifest column.
@@ -103,6 +119,9 @@ class OrdinalTask:
     thresholds: list[float] | None = None
     order: list[str] | None = None
     centres: list[float] = field(default_factory=list)
+    kind: ClassVar[str] = "ordinal"
+    selection_metric: ClassVar[str] = "qwk"
+    selection_label: ClassVar[str] = "QWK"
 
     @classmethod
     def from_config(cls, task: TaskConfig) -> OrdinalTask:
@@ -197,6 +216,153 @@ class OrdinalTask:
             "order": self.order,
             "centres": self.centres,
         }
+
+    @classmethod
+    def load(cls, run_dir: Path, task: TaskConfig) -> OrdinalTask:
+        """A finished run's task: ``ordinal.json`` (with fitted centres), else the config's."""
+        path = Path(run_dir) / ORDINAL_FILE
+        if path.exists():
+            return cls(**json.loads(path.read_text()))
+        return cls.from_config(task)
+
+    # ------------------------------------------------------------- the Task protocol
+
+    @property
+    def n_outputs(self) -> int:
+        return self.n_classes - 1  # CORN: K-1 conditional logits
+
+    def check_config(self, cfg: Any) -> None:
+        if cfg.augment.mixup_alpha or cfg.augment.cutmix_alpha:
+            raise ConfigError(
+                "task.kind=ordinal: mixup/cutmix do not apply (CORN needs hard labels)"
+            )
+
+    def prepare(
+        self, data: Any, synthetic_mask: np.ndarray, drop_missing: bool = False
+    ) -> tuple[dict[str, pd.DataFrame], np.ndarray]:
+        """Relabelled rows (``ordinal_parts``); the centres are fitted on real train rows."""
+        parts, synthetic_mask = ordinal_parts(data, self, drop_missing, synthetic_mask)
+        self.fit_centres(parts["train"][~synthetic_mask])
+        counts = np.bincount(self.codes(parts["train"]), minlength=self.n_classes)
+        log.info("ordinal classes %s, train counts %s", self.class_names, counts.tolist())
+        return parts, synthetic_mask
+
+    @property
+    def loop_criterion(self):
+        return corn_criterion
+
+    @property
+    def loop_probs(self):
+        return corn_class_probs
+
+    def fit_probs(self, val_logits: np.ndarray, val_labels: np.ndarray, mode: str) -> None:
+        """Nothing to fit: temperature/class scales are softmax-specific."""
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """Conditional logits (N, K-1) -> class probabilities (N, K)."""
+        return corn_class_probs(torch.as_tensor(np.asarray(logits))).numpy()
+
+    def probs_rows(
+        self, mode: str, test_logits: np.ndarray, y_test: np.ndarray, result: dict, seed: int
+    ) -> dict[str, str]:
+        return {}  # no decision rule
+
+    def evaluate(
+        self, y: np.ndarray, probs: np.ndarray, part: pd.DataFrame, cfg: Any, seed: int
+    ) -> dict:
+        """QWK, MAE, Spearman/Pearson (overall and per range) with lesion-level CIs."""
+        return ordinal_metrics(
+            y,
+            probs,
+            self.truth(part),
+            self.class_names,
+            expected_value=expected_value(probs, self.centres),
+            groups=part["lesion_id"].to_numpy(),
+            n_boot=cfg.n_boot,
+            ci=cfg.ci,
+            seed=seed,
+        )
+
+    def write_predictions(self, path: Path, part: pd.DataFrame, probs: np.ndarray) -> Path:
+        """Class probabilities (N, K) + the column's value (``ordinal_truth``), expected value.
+
+        ``ordinal_truth`` marks the file as ordinal for ``dermkit evaluate``.
+        """
+        path = write_predictions(path, part, probs, self.class_names)
+        frame = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str, "label": str})
+        frame[TRUTH_COLUMN] = self.truth(part)
+        frame[EXPECTED_VALUE_COLUMN] = expected_value(probs, self.centres)
+        frame[DIAGNOSIS_COLUMN] = part[DIAGNOSIS_COLUMN].to_numpy()
+        frame.to_csv(path, index=False, float_format="%.6g")
+        return path
+
+    def report_figures(
+        self, model: torch.nn.Module, dataset: Any, part: pd.DataFrame, out: Path
+    ) -> dict[str, str]:
+        """PCA of the test features coloured by the task column; {png name: caption}."""
+        from dermkit.eval.embedding import pca_2d, plot_embedding
+        from dermkit.eval.plots import save_figure
+        from dermkit.eval.probe import extract_features
+
+        if len(part) < 3:
+            return {}
+        coords, var = pca_2d(extract_features(model, dataset))
+        fig = plot_embedding(
+            coords,
+            part[self.column],
+            self.column,
+            f"PCA of test features by {self.column}",
+            ("PC1", "PC2"),
+        )
+        save_figure(fig, out / "features_pca.png")
+        return {
+            "features_pca.png": f"PCA of the penultimate test features ({var[0]:.0%} + "
+            f"{var[1]:.0%} of the variance), coloured by {self.column}."
+        }
+
+    def write_report(
+        self,
+        result: dict,
+        y: np.ndarray,
+        probs: np.ndarray,
+        part: pd.DataFrame,
+        out: Path,
+        title: str,
+        extra: dict,
+        extra_figures: dict[str, str],
+    ) -> Path:
+        return write_ordinal_report(
+            result,
+            y,
+            probs,
+            self.truth(part),
+            out,
+            title=title,
+            expected_value=expected_value(probs, self.centres),
+            extra={"task": self.to_dict(), **extra},
+            extra_figures=extra_figures,
+        )
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / CLASSES_FILE).write_text(json.dumps(self.class_names))
+        (run_dir / ORDINAL_FILE).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def ordinal_parts(data, task: OrdinalTask, drop_missing: bool, synthetic_mask: np.ndarray):
+    """Relabelled train/val/test rows and the train synthetic mask, rows without value dropped."""
+    parts = {s: data.part(s) for s in SPLIT_NAMES}
+    for s, part in parts.items():
+        missing = task.missing(part)
+        if missing.any() and drop_missing:
+            log.info("%s: leaving out %d rows without '%s'", s, missing.sum(), task.column)
+            if s == "train":
+                synthetic_mask = synthetic_mask[~missing]
+            parts[s] = part[~missing].reset_index(drop=True)
+    try:
+        parts = {s: task.relabel(p) for s, p in parts.items()}
+    except ValueError as e:
+        raise ConfigError(f"{e} (set task.drop_missing=true to leave these rows out)") from e
+    return parts, synthetic_mask
 
 
 # ----------------------------------------------------------------------------- CORN
