@@ -348,3 +348,40 @@ def test_adabn_end_to_end_on_a_batchnorm_run(tiny_bn_run, phantom_root, tmp_path
     first = adapter(full).probs
     adapter(half)
     np.testing.assert_allclose(adapter(full).probs, first, atol=1e-6)
+
+
+def test_shift_bench_as_is_and_adapted(tiny_bn_run, tmp_path):
+    """`evaluate RUN --adapt bn,priors --shift-bench`: each condition scored as is and
+    adapted to its own images, with paired CIs; the run's weights are left as they were."""
+    before = load_file(tiny_bn_run / "model.safetensors")
+    result = _invoke(
+        "evaluate",
+        tiny_bn_run,
+        "--adapt",
+        "bn,priors",
+        "--shift-bench",
+        "--shifts",
+        "warm,dark",
+        "--limit",
+        40,
+        "--n-boot",
+        20,
+        "--out",
+        tmp_path / "adapt-shift",
+    )
+    assert "| clean | clean |" in result.stdout and "| warm | middle |" in result.stdout
+    body = json.loads((tmp_path / "adapt-shift" / "adapt_shift.json").read_text())
+    assert body["adaptations"] == ["bn", "priors"] and body["n_images"] == 40
+    assert [(r["shift"], r["severity"]) for r in body["rows"]] == [
+        ("clean", "clean"),
+        ("warm", "middle"),
+        ("dark", "middle"),
+    ]
+    for row in body["rows"]:
+        e = row["metrics"]["balanced_accuracy"]
+        assert e["delta"] == pytest.approx(e["adapted"] - e["as_is"])
+        assert row["priors"]["check"] is not None
+    after = load_file(tiny_bn_run / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    result = _invoke("evaluate", tiny_bn_run, "--shift-bench", code=2)
+    assert "needs --adapt" in " ".join(result.output.split())

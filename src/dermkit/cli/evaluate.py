@@ -47,6 +47,18 @@ def evaluate(
         Path | None,
         typer.Option(help="dataset folder: AUROC of the OOD scores, its images vs RUN's test"),
     ] = None,
+    shift_bench: Annotated[
+        bool, typer.Option(help="with --adapt: the shift benchmark, each shift as is and adapted")
+    ] = False,
+    shifts: Annotated[
+        str | None, typer.Option(help="with --shift-bench: comma list of shifts (default all)")
+    ] = None,
+    severities: Annotated[
+        str, typer.Option(help="with --shift-bench: comma list of 1, 2, 3 (low/middle/high)")
+    ] = "2",
+    limit: Annotated[
+        int | None, typer.Option(help="with --shift-bench: first N test images (a quick look)")
+    ] = None,
 ) -> None:
     """Metrics with lesion-level bootstrap CIs and an HTML report from a predictions file.
 
@@ -57,9 +69,14 @@ def evaluate(
     labels; --save-adaptation DIR keeps the result as a run folder to export and serve.
     --fit-ood fits the unfamiliar-image flag (RUN/ood.json); --ood-auroc DIR reports how
     well its scores tell DIR's images from RUN's test images.
+    --adapt ... --shift-bench scores RUN's test split under the shifts of `dermkit bench
+    shift`, as is and adapted to each shift's images (adapt_shift.json and .md).
     """
     from dermkit.eval.evaluate import evaluate_file
 
+    if shift_bench:
+        _adapted_shift_bench(predictions, adapt, out, shifts, severities, limit, n_boot, seed)
+        return
     if fit_ood or ood_auroc is not None:
         _ood_commands(predictions, fit_ood, ood_quantile, ood_auroc, layout, label_map, cache_dir)
         return
@@ -184,3 +201,35 @@ def _ood_commands(
             print(json.dumps(result, indent=2))
     except (*user_errors(), ValueError) as e:
         fail(str(e))
+
+
+def _adapted_shift_bench(
+    run: Path,
+    adapt: str | None,
+    out: Path | None,
+    shifts: str | None,
+    severities: str,
+    limit: int | None,
+    n_boot: int,
+    seed: int,
+) -> None:
+    """--shift-bench: the shift benchmark as is and adapted (dermkit.bench.adapt_shift)."""
+    from dermkit.bench.adapt_shift import run_adapted_shift_bench
+
+    if not adapt:
+        fail("--shift-bench compares the run as is with the run adapted: it needs --adapt")
+    try:
+        levels = tuple(int(v) for v in severities.split(",") if v.strip())
+        result = run_adapted_shift_bench(
+            run,
+            adapt,
+            out,
+            shifts=[s.strip() for s in shifts.split(",")] if shifts else None,
+            severities=levels,
+            n_boot=n_boot,
+            seed=seed,
+            limit=limit,
+        )
+    except (*user_errors(), ValueError) as e:
+        fail(str(e))
+    print(Path(result["files"]["markdown"]).read_text(), end="")

@@ -209,6 +209,7 @@ def evaluate_external(
         cfg.data.crop,
         cache_dir if cache_dir is not None else cfg.data.cache_dir,
         progress=progress,
+        colour_constancy=cfg.data.colour_constancy,  # the run's own preprocessing
     )
     # in_memory=False: an external set may be large; rows are gathered from the memmap.
     dataset = CachedImageDataset(cache, manifest, classes, in_memory=False)

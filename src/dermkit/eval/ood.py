@@ -352,7 +352,13 @@ class OodScorer:
         )
         cfg = self.cfg.data
         root = cache_dir if cache_dir is not None else cfg.cache_dir
-        cache = build_cache(loaded.manifest, cfg.image_size, cfg.crop, root)
+        cache = build_cache(
+            loaded.manifest,
+            cfg.image_size,
+            cfg.crop,
+            root,
+            colour_constancy=cfg.colour_constancy,
+        )
         return CachedImageDataset(cache, loaded.manifest, self.classes, in_memory=False)
 
     def compare(self, out_set, name: str) -> dict:
