@@ -115,3 +115,15 @@ def test_page_shows_the_unfamiliar_message(browser, tiny_export, tmp_path, test_
         page = browser()
         result = _page_answer(page, url, test_png)
         assert result["unfamiliar"] is False and not page.is_visible("#unfamiliar")
+
+
+def test_export_carries_the_runs_flag(tiny_classifier_run, tmp_path):
+    from dermkit.deploy.export import export_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_classifier_run, run)
+    OodRule(threshold=-1.5, n_val=10).save(run / OOD_FILE)
+    export_run(run, tmp_path / "export", int8=None, n_parity=8, n_calibration=0)
+    shutil.rmtree(run)  # the export alone, as on another machine
+    served = ServedModel(tmp_path / "export")
+    assert served.ood is not None and served.ood.threshold == -1.5

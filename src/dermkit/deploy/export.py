@@ -12,7 +12,8 @@
   Only MatMul/Gemm/Conv are quantised: they hold the weights and the time, while INT8
   softmax, layer norm or GELU inputs cost accuracy for little speed.
 * ``export.json`` (parity, sizes, timings of the export) and ``model_card.json`` +
-  ``model_card.schema.json`` (see ``model_card.py``).
+  ``model_card.schema.json`` (see ``model_card.py``); the run's ``ood.json`` (the
+  unfamiliar-image flag of ``dermkit evaluate RUN --fit-ood``) when it has one.
 """
 
 from __future__ import annotations
@@ -351,6 +352,8 @@ def export_run(
     (out_dir / "export.json").write_text(json.dumps(report, indent=2))
     card = build_card(run_dir, cfg, classes, model, data, entries)
     write_card(card, out_dir)
+    if (run_dir / "ood.json").exists():  # the unfamiliar-image flag travels with the model
+        (out_dir / "ood.json").write_bytes((run_dir / "ood.json").read_bytes())
     return report
 
 
