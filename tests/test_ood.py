@@ -81,3 +81,12 @@ def test_fit_ood_on_a_run_flags_a_clearly_different_dataset(
     assert result.exit_code == 0, result.output
     body = json.loads(result.stdout[result.stdout.index("{") :])
     assert set(body) >= {"in", "out", "energy", "mahalanobis"}
+
+    # --ood-shifts: the flag's AUROC per shift of the shift benchmark (source images shifted)
+    args = ["evaluate", str(run), "--ood-shifts", "--shifts", "warm,zoom_in", "--limit", "20"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "warm (middle) | energy AUROC" in result.output
+    body = json.loads(result.stdout[result.stdout.index("{") :])
+    assert [r["shift"] for r in body["rows"]] == ["warm", "zoom_in"] and body["n_images"] == 20
+    assert all(0 <= r["mahalanobis"]["auroc"] <= 1 for r in body["rows"])

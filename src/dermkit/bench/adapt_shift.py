@@ -11,6 +11,9 @@ B = as is) for balanced accuracy, macro-F1 and the positive class's recall.
 
 Output (default ``RUN/shift-adapt-<adaptations>``): ``adapt_shift.json`` and
 ``adapt_shift.md``.
+
+:func:`shift_ood_aurocs` scores the same conditions with the run's unfamiliar-image flag
+(``ood.json``): the AUROC of telling each shift's images from the clean ones.
 """
 
 from __future__ import annotations
@@ -30,6 +33,69 @@ from dermkit.eval.adapt import RunAdapter, parse_adaptations
 from dermkit.eval.calibration import DecisionRule
 from dermkit.eval.paired import compare_predictions
 from dermkit.eval.shifts import SEVERITY_NAMES, SHIFTS
+
+
+def _check_shifts(shifts: list[str] | None, severities: tuple[int, ...]) -> list[str]:
+    shifts = list(SHIFTS) if shifts is None else list(shifts)
+    unknown = [s for s in shifts if s not in SHIFTS]
+    if unknown:
+        raise ConfigError(f"unknown shifts {unknown}; the shifts are {list(SHIFTS)}")
+    if not severities or any(k not in (1, 2, 3) for k in severities):
+        raise ConfigError(f"severities must be among 1, 2, 3, got {list(severities)}")
+    return shifts
+
+
+def _test_sources(run_dir: Path, cfg, classes: list[str], limit: int | None):
+    """(the run's test rows of its classes, their decoded source images)."""
+    manifest = test_split(cfg)
+    manifest = manifest[manifest["label"].isin(classes)].reset_index(drop=True)
+    if limit is not None:
+        manifest = manifest.iloc[:limit].reset_index(drop=True)
+    if manifest.empty:
+        raise ConfigError(f"{run_dir}: the run's test split has no images of its classes")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        sources = list(pool.map(load_rgb, manifest["path"]))
+    return manifest, sources
+
+
+def _dataset(images: np.ndarray, manifest, classes: list[str]) -> CachedImageDataset:
+    cache = ImageCache(images=images, image_ids=manifest["image_id"].to_numpy(), root=Path("."))
+    return CachedImageDataset(cache, manifest, classes, in_memory=False)
+
+
+def shift_ood_aurocs(
+    run_dir: str | Path,
+    *,
+    shifts: list[str] | None = None,
+    severities: tuple[int, ...] = (2,),
+    limit: int | None = None,
+    batch_size: int = 256,
+) -> dict:
+    """{"in": ..., "rows": [{shift, severity, energy: {auroc, flagged_in, flagged_out},
+    mahalanobis: ...}]}: the run's flag on each shifted copy of its test split (shifted as
+    ``dermkit bench shift`` shifts it: the source image, before the crop) against the
+    clean test images. Needs ``ood.json`` (``dermkit evaluate RUN --fit-ood``)."""
+    from dermkit.eval.ood import OodScorer
+
+    shifts = _check_shifts(shifts, severities)
+    scorer = OodScorer(run_dir, batch_size)
+    cfg, classes = scorer.cfg, scorer.classes
+    manifest, sources = _test_sources(Path(run_dir), cfg, classes, limit)
+    clean = _dataset(_preprocess(sources, cfg), manifest, classes)
+    scorer.test, scorer.clean = clean, scorer.scores(clean)  # the same rows as the shifts
+    rows = []
+    for shift in shifts:
+        for k in severities:
+            shifted = _preprocess(shifted_sources(sources, shift, k), cfg)
+            name = f"{shift} ({SEVERITY_NAMES[k]})"
+            rows.append(
+                {
+                    "shift": shift,
+                    "severity": SEVERITY_NAMES[k],
+                    **scorer.compare(_dataset(shifted, manifest, classes), name),
+                }
+            )
+    return {"run": str(run_dir), "n_images": len(manifest), "rows": rows}
 
 
 def run_adapted_shift_bench(
@@ -68,12 +134,7 @@ def run_adapted_shift_bench(
     adapt = parse_adaptations(adaptations)
     if not adapt:
         raise ConfigError("name at least one adaptation (bn, priors, tta)")
-    shifts = list(SHIFTS) if shifts is None else list(shifts)
-    unknown = [s for s in shifts if s not in SHIFTS]
-    if unknown:
-        raise ConfigError(f"unknown shifts {unknown}; the shifts are {list(SHIFTS)}")
-    if not severities or any(k not in (1, 2, 3) for k in severities):
-        raise ConfigError(f"severities must be among 1, 2, 3, got {list(severities)}")
+    shifts = _check_shifts(shifts, severities)
     model, cfg, classes = load_run_model(run_dir)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rule = DecisionRule.load(run_dir / "decision.json")
@@ -87,14 +148,7 @@ def run_adapted_shift_bench(
         priors_max_error=priors_max_error,
         batch_size=batch_size,
     )
-    manifest = test_split(cfg)
-    manifest = manifest[manifest["label"].isin(classes)].reset_index(drop=True)
-    if limit is not None:
-        manifest = manifest.iloc[:limit].reset_index(drop=True)
-    if manifest.empty:
-        raise ConfigError(f"{run_dir}: the run's test split has no images of its classes")
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        sources = list(pool.map(load_rgb, manifest["path"]))
+    manifest, sources = _test_sources(run_dir, cfg, classes, limit)
     y = manifest["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     groups = manifest["lesion_id"].to_numpy()
     accelerator = make_accelerator(cfg.optim.precision)
@@ -102,8 +156,7 @@ def run_adapted_shift_bench(
 
     def both(images: list[np.ndarray]):
         x = _preprocess(images, cfg)
-        cache = ImageCache(images=x, image_ids=manifest["image_id"].to_numpy(), root=Path("."))
-        dataset = CachedImageDataset(cache, manifest, classes, in_memory=False)
+        dataset = _dataset(x, manifest, classes)
 
         def run_logits(m):
             return _logits(m, cfg, x, manifest, classes, accelerator, batch_size)

@@ -47,17 +47,20 @@ def evaluate(
         Path | None,
         typer.Option(help="dataset folder: AUROC of the OOD scores, its images vs RUN's test"),
     ] = None,
+    ood_shifts: Annotated[
+        bool, typer.Option(help="AUROC of RUN's flag: each shift of the shift bench vs clean")
+    ] = False,
     shift_bench: Annotated[
         bool, typer.Option(help="with --adapt: the shift benchmark, each shift as is and adapted")
     ] = False,
     shifts: Annotated[
-        str | None, typer.Option(help="with --shift-bench: comma list of shifts (default all)")
+        str | None, typer.Option(help="with --shift-bench/--ood-shifts: comma list (default all)")
     ] = None,
     severities: Annotated[
-        str, typer.Option(help="with --shift-bench: comma list of 1, 2, 3 (low/middle/high)")
+        str, typer.Option(help="with --shift-bench/--ood-shifts: of 1, 2, 3 (low/middle/high)")
     ] = "2",
     limit: Annotated[
-        int | None, typer.Option(help="with --shift-bench: first N test images (a quick look)")
+        int | None, typer.Option(help="with --shift-bench/--ood-shifts: first N test images")
     ] = None,
 ) -> None:
     """Metrics with lesion-level bootstrap CIs and an HTML report from a predictions file.
@@ -69,6 +72,7 @@ def evaluate(
     labels; --save-adaptation DIR keeps the result as a run folder to export and serve.
     --fit-ood fits the unfamiliar-image flag (RUN/ood.json); --ood-auroc DIR reports how
     well its scores tell DIR's images from RUN's test images.
+    --ood-shifts: the flag's AUROC for each shift of the shift benchmark against clean.
     --adapt ... --shift-bench scores RUN's test split under the shifts of `dermkit bench
     shift`, as is and adapted to each shift's images (adapt_shift.json and .md).
     """
@@ -77,8 +81,10 @@ def evaluate(
     if shift_bench:
         _adapted_shift_bench(predictions, adapt, out, shifts, severities, limit, n_boot, seed)
         return
-    if fit_ood or ood_auroc is not None:
+    if fit_ood or ood_auroc is not None or ood_shifts:
         _ood_commands(predictions, fit_ood, ood_quantile, ood_auroc, layout, label_map, cache_dir)
+        if ood_shifts:
+            _ood_shift_aurocs(predictions, shifts, severities, limit)
         return
     if (adapt is not None or save_adaptation is not None) and data is None:
         fail("--adapt and --save-adaptation adapt the model to a dataset: they need --data")
@@ -233,3 +239,31 @@ def _adapted_shift_bench(
     except (*user_errors(), ValueError) as e:
         fail(str(e))
     print(Path(result["files"]["markdown"]).read_text(), end="")
+
+
+def _ood_shift_aurocs(run: Path, shifts: str | None, severities: str, limit: int | None) -> None:
+    """--ood-shifts: the flag's AUROC per shift (dermkit.bench.adapt_shift)."""
+    import json
+
+    from dermkit.bench.adapt_shift import shift_ood_aurocs
+
+    try:
+        result = shift_ood_aurocs(
+            run,
+            shifts=[s.strip() for s in shifts.split(",")] if shifts else None,
+            severities=tuple(int(v) for v in severities.split(",") if v.strip()),
+            limit=limit,
+        )
+    except (*user_errors(), ValueError) as e:
+        fail(str(e))
+    for row in result["rows"]:
+        cells = [f"{row['shift']} ({row['severity']})"]
+        for key in ("energy", "mahalanobis"):
+            if key in row:
+                e = row[key]
+                cells.append(
+                    f"{key} AUROC {e['auroc']:.3f}, flagged {e['flagged_out']:.1%} "
+                    f"(clean {e['flagged_in']:.1%})"
+                )
+        console.print(" | ".join(cells), highlight=False)
+    print(json.dumps(result, indent=2))
