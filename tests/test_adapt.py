@@ -275,7 +275,25 @@ def test_cli_reports_the_adaptation_and_refuses_adabn_without_batchnorm(
     text = " ".join(result.output.split())
     assert "adapted: priors" in text and "class priors (source->target, EM)" in text
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert metrics["external"]["adaptation"]["priors"]["iterations"] >= 1
+    priors = metrics["external"]["adaptation"]["priors"]
+    assert priors["iterations"] >= 1 and "EM check on the run's val set: error" in text
+    # --priors-limit 1: the check always passes, the priors are applied
+    _invoke(
+        "evaluate",
+        tiny_classifier_run,
+        "--data",
+        phantom_root,
+        "--adapt",
+        "priors",
+        "--priors-limit",
+        1,
+        "--out",
+        tmp_path / "ev1",
+        "--n-boot",
+        0,
+    )
+    forced = json.loads((tmp_path / "ev1" / "metrics.json").read_text())
+    assert forced["external"]["adaptation"]["priors"]["applied"] is True
 
     result = _invoke(
         "evaluate", tiny_classifier_run, "--data", phantom_root, "--adapt", "bn", code=2

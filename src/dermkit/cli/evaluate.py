@@ -37,6 +37,13 @@ def evaluate(
         Path | None,
         typer.Option(help="with --adapt: write an adapted run folder (export/serve it)"),
     ] = None,
+    priors_limit: Annotated[
+        float,
+        typer.Option(
+            help="with --adapt priors: apply them only if EM on RUN's val set lands within "
+            "this total variation of its label frequencies (1 = always)"
+        ),
+    ] = 0.1,
     fit_ood: Annotated[
         bool, typer.Option(help="fit the unfamiliar-image flag of RUN (writes RUN/ood.json)")
     ] = False,
@@ -79,7 +86,9 @@ def evaluate(
     from dermkit.eval.evaluate import evaluate_file
 
     if shift_bench:
-        _adapted_shift_bench(predictions, adapt, out, shifts, severities, limit, n_boot, seed)
+        _adapted_shift_bench(
+            predictions, adapt, out, shifts, severities, limit, n_boot, seed, priors_limit
+        )
         return
     if fit_ood or ood_auroc is not None or ood_shifts:
         _ood_commands(predictions, fit_ood, ood_quantile, ood_auroc, layout, label_map, cache_dir)
@@ -122,6 +131,7 @@ def evaluate(
                 progress=True,
                 adapt=adapt,
                 save_adaptation=save_adaptation,
+                priors_max_error=priors_limit,
             )
         except user_errors() as e:
             fail(str(e))
@@ -160,6 +170,18 @@ def _print_adaptation(ext: dict) -> None:
                 for c, a, b in zip(priors["classes"], priors["source"], priors["target"])
             )
             console.print(f"class priors (source->target, EM): {pairs}", highlight=False)
+            check = priors.get("check")
+            if check is not None:
+                verdict = (
+                    "applied"
+                    if priors["applied"]
+                    else "NOT applied (the posteriors are too poorly calibrated for EM)"
+                )
+                console.print(
+                    f"EM check on the run's val set: error {check['error']:.3f} "
+                    f"(limit {check['max_error']}): {verdict}",
+                    highlight=False,
+                )
         if adaptation.get("saved_to"):
             console.print(f"adapted run folder: {adaptation['saved_to']}", highlight=False)
     ood = ext.get("ood")
@@ -218,6 +240,7 @@ def _adapted_shift_bench(
     limit: int | None,
     n_boot: int,
     seed: int,
+    priors_limit: float = 0.1,
 ) -> None:
     """--shift-bench: the shift benchmark as is and adapted (dermkit.bench.adapt_shift)."""
     from dermkit.bench.adapt_shift import run_adapted_shift_bench
@@ -235,6 +258,7 @@ def _adapted_shift_bench(
             n_boot=n_boot,
             seed=seed,
             limit=limit,
+            priors_max_error=priors_limit,
         )
     except (*user_errors(), ValueError) as e:
         fail(str(e))
