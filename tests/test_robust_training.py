@@ -212,7 +212,9 @@ def test_model_card_and_server_apply_colour_constancy(cc_export, tiny_export):
     image = _skin(h=120, w=160)
     served = ServedModel(cc_export)
     assert served.web_config()["colour_constancy"] == "shades_of_gray"
-    crop, _ = served.preprocess(image)
+    crop, x = served.preprocess(image)
+    # saliency re-feeds the served crop: no second colour constancy on it
+    assert np.array_equal(served.normalise(crop), x)
     size, policy = card["preprocessing"]["image_size"], card["preprocessing"]["crop_policy"]
     assert np.array_equal(crop, crop_image(image, size, policy, "shades_of_gray"))
     plain, _ = ServedModel(tiny_export).preprocess(image)

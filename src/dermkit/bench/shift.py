@@ -13,7 +13,11 @@ Every shifted condition is compared with the clean images by the paired lesion-l
 bootstrap of ``eval/paired.py`` (the same lesion resamples for both), for balanced
 accuracy, macro-F1 and the positive class's recall at the decision rule (argmax of the
 rule's probabilities). Output (default ``RUN/shift``): ``shift.json``, ``shift.md`` and
-``shift.png`` (the balanced-accuracy change per shift and severity, with its interval).
+``shift.png`` (the balanced-accuracy change per shift and severity, with its interval),
+``shift_examples.png`` (one test image, a melanoma where there is one, under every shift
+and severity) and ``predictions/<shift>-<severity>.csv`` (``clean.csv`` too) in the
+predictions-file format, so two runs can be compared under one shift with
+``dermkit evaluate A.csv --against B.csv``.
 The worst shift is the one with the largest balanced-accuracy loss at the middle severity.
 """
 
@@ -26,14 +30,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from dermkit.config import ConfigError
-from dermkit.core.files import write_json_atomic, write_text_atomic
+from dermkit.core.files import atomic_path, write_json_atomic, write_text_atomic
 from dermkit.data.cache import ImageCache, crop_image
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.images import load_rgb
 from dermkit.eval.calibration import DecisionRule
 from dermkit.eval.paired import compare_predictions
+from dermkit.eval.predictions import write_predictions
 from dermkit.eval.shifts import SEVERITY_NAMES, SHIFTS, apply_shift, to_uint8
 
 log = logging.getLogger(__name__)
@@ -124,6 +130,7 @@ def run_shift_bench(
     seed: int = 0,
     batch_size: int = 256,
     limit: int | None = None,
+    save_predictions: bool = True,
     progress: bool = False,
 ) -> dict:
     """Score the run in ``run_dir`` on its test split, clean and under every shift.
@@ -137,6 +144,7 @@ def run_shift_bench(
         n_boot, seed: paired lesion-bootstrap replicates and their seed.
         batch_size: images per forward pass.
         limit: score only the first ``limit`` test images (a quick look; not a benchmark).
+        save_predictions: write ``predictions/clean.csv`` and ``<shift>-<severity>.csv``.
 
     Returns:
         The ``shift.json`` dict: ``run``, ``n_images``, ``n_lesions``, ``classes``,
@@ -201,13 +209,23 @@ def run_shift_bench(
             positive_class=positive,
         )
 
+    predictions = out_dir / "predictions"
+
+    def save(name: str, probs: np.ndarray) -> None:
+        if save_predictions:
+            predictions.mkdir(exist_ok=True)
+            with atomic_path(predictions / f"{name}.csv") as tmp:
+                write_predictions(tmp, manifest, probs, classes)
+
     clean = probs_of(sources)
+    save("clean", clean)
     agreement = _agreement_with_run(run_dir, manifest, clean, classes)
     clean_check = _summary(compare(clean, clean), positive)
     conditions = [(s, k) for s in shifts for k in severities]
     rows = []
     for i, (shift, severity) in enumerate(conditions, 1):
         probs = probs_of(shifted_sources(sources, shift, severity))
+        save(f"{shift}-{severity}", probs)
         result = compare(probs, clean)
         row = {
             "shift": shift,
@@ -269,10 +287,23 @@ def run_shift_bench(
         out_dir / "shift.md",
         out_dir / "shift.png",
     )
-    result["files"] = {"json": str(json_path), "markdown": str(md_path), "figure": str(png_path)}
+    result["files"] = {
+        "json": str(json_path),
+        "markdown": str(md_path),
+        "figure": str(png_path),
+        "predictions": str(predictions) if save_predictions else None,
+    }
     write_json_atomic(json_path, result, allow_nan=False)
     write_text_atomic(md_path, shift_markdown(result))
     plot_shift(result, png_path)
+    # a melanoma when the split has one: what each shift does to a lesion that matters most
+    positives = np.flatnonzero(manifest["label"].to_numpy() == positive)
+    example = int(positives[0]) if positives.size else 0
+    examples_path = out_dir / "shift_examples.png"
+    Image.fromarray(example_grid(sources[example], shifts)).save(examples_path)
+    result["files"]["examples"] = str(examples_path)
+    result["files"]["example_image"] = str(manifest["image_id"].iloc[example])
+    write_json_atomic(json_path, result, allow_nan=False)
     return result
 
 
@@ -295,6 +326,16 @@ def _agreement_with_run(run_dir: Path, manifest, clean: np.ndarray, classes) -> 
     theirs = probs[row[ids[shared]].to_numpy()][:, [run_classes.index(c) for c in classes]]
     diff = float(np.abs(theirs - clean[shared]).max())
     return {"n_images": int(shared.sum()), "max_abs_prob_diff": diff}
+
+
+def example_grid(source: np.ndarray, shifts: list[str]) -> np.ndarray:
+    """One source image under every shift: a row per shift, columns clean / low / middle /
+    high, (rows x H, 4 x W, 3) uint8 (what the model's crop is then taken from)."""
+    rows = []
+    for shift in shifts:
+        cells = [shifted_sources([source], shift, severity)[0] for severity in range(4)]
+        rows.append(np.concatenate(cells, axis=1))
+    return np.concatenate(rows, axis=0)
 
 
 def worst_shift(rows: list[dict]) -> dict | None:
@@ -419,7 +460,9 @@ def plot_shift(result: dict, path: Path) -> Path:
             label=SEVERITY_NAMES[severity],
         )
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.axhline(-0.10, color="#cb181d", linewidth=0.8, linestyle="--", label="-0.10")
+    ax.axhline(
+        -0.10, color="#cb181d", linewidth=0.8, linestyle="--", label="-0.10 (issue 20's bound)"
+    )
     ax.set_xticks(range(len(shifts)), shifts, rotation=30, ha="right")
     ax.set_ylabel("balanced accuracy: shifted - clean")
     ax.set_title(

@@ -135,6 +135,9 @@ def bench_shift_cmd(
     limit: Annotated[
         int | None, typer.Option(help="first N test images only (a quick look, not a benchmark)")
     ] = None,
+    save_predictions: Annotated[
+        bool, typer.Option(help="write OUT/predictions/<shift>-<severity>.csv and clean.csv")
+    ] = True,
 ) -> None:
     """Test-split metrics under image shifts (zoom, colour, exposure, vignette, blur, JPEG,
     clinical camera), each with a paired lesion-bootstrap CI against the clean images."""
@@ -155,6 +158,7 @@ def bench_shift_cmd(
             seed=seed,
             batch_size=batch_size,
             limit=limit,
+            save_predictions=save_predictions,
             progress=True,
         )
     except user_errors() as e:

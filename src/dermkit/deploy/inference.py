@@ -184,9 +184,13 @@ class ServedModel:
         """(H, W, 3) uint8 -> (crop (S, S, 3) uint8, input (1, 3, S, S) float32)."""
         pre = self.card.preprocessing
         crop = crop_image(rgb, self.size, pre.crop_policy, pre.colour_constancy)
+        return crop, self.normalise(crop)
+
+    def normalise(self, crop: np.ndarray) -> np.ndarray:
+        """A preprocessed crop (S, S, 3) uint8 -> the model input (1, 3, S, S) float32."""
         x = crop.transpose(2, 0, 1)[None].astype(np.float32) * self.scale
         x = (x - self.mean) / self.std
-        return crop, np.ascontiguousarray(x, dtype=np.float32)
+        return np.ascontiguousarray(x, dtype=np.float32)
 
     def probabilities(self, logits: np.ndarray, exit_index: int | None = None) -> np.ndarray:
         """(C,) logits -> (C,) float64 probabilities of the exit the image left at."""
@@ -294,7 +298,7 @@ class ServedModel:
                         f"{self._saliency_run}: classes {classes} differ from the card's"
                     )
                 self._torch_model = model
-            _, x = self.preprocess(pred.crop)  # the crop is already S x S: resize is identity
+            x = self.normalise(pred.crop)  # already the model's crop (colour constancy included)
             from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
             target = [ClassifierOutputTarget(int(np.argmax(pred.probabilities)))]

@@ -18,7 +18,7 @@ them:
 - ``warm`` / ``cool``: colour temperature, red gain e^t and blue gain e^-t with t = 0.1 /
   0.2 / 0.3 (warm) or -0.1 / -0.2 / -0.3 (cool); green unchanged.
 - ``dark``: brightness x 0.85 / 0.7 / 0.55 (under-exposure).
-- ``low_contrast``: contrast x 0.8 / 0.6 / 0.4 around each image's mean grey.
+- ``low_contrast``: contrast x 0.85 / 0.7 / 0.5 around each image's mean grey.
 - ``vignette``: a dermoscope's dark circular border. r is the distance from the centre over
   the half-diagonal (corners at r = 1); brightness falls smoothly (smoothstep) from 1 at r0
   to 0 at r0 + 0.15, with r0 = 0.85 / 0.7 / 0.55 (low: corners only; high: the sides too).
@@ -183,7 +183,7 @@ _TABLE = (
     ("warm", "warmer light", "log R/B gain t", (0.1, 0.2, 0.3), colour_temperature),
     ("cool", "cooler light", "log R/B gain t", (-0.1, -0.2, -0.3), colour_temperature),
     ("dark", "under-exposure", "brightness factor", (0.85, 0.7, 0.55), brightness),
-    ("low_contrast", "flat contrast", "contrast factor", (0.8, 0.6, 0.4), contrast),
+    ("low_contrast", "flat contrast", "contrast factor", (0.85, 0.7, 0.5), contrast),
     ("vignette", "dermoscope's dark border", "clear radius r0", (0.85, 0.7, 0.55), vignette),
     ("blur", "out of focus", "sigma / short side", (0.01, 0.02, 0.04), gaussian_blur),
     ("jpeg", "JPEG compression", "JPEG quality", (40, 20, 10), jpeg),
