@@ -173,6 +173,38 @@ def test_bench_shift_end_to_end(tiny_classifier_run, tmp_path):
     )
 
 
+def test_shift_compare_pairs_two_benches(tiny_classifier_run, tmp_path):
+    """Run A - run B per condition; here B is A's bench with one condition's answers
+    replaced by a constant class, so only that row differs."""
+    import shutil
+
+    import pandas as pd
+
+    a = tmp_path / "a"
+    args = ["bench", "shift", str(tiny_classifier_run), "--out", str(a), "--shifts", "blur"]
+    result = runner.invoke(app, [*args, "--severities", "2", "--n-boot", "0"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    path = b / "predictions" / "blur-2.csv"
+    df = pd.read_csv(path)
+    columns = [c for c in df.columns if c.startswith("prob_")]
+    df[columns] = 0.0
+    df[columns[0]] = 1.0
+    df.to_csv(path, index=False)
+    result = runner.invoke(app, ["bench", "shift-compare", str(a), str(b), "--n-boot", "30"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads((a / "compare-vs-b" / "shift_compare.json").read_text())
+    rows = {r["condition"]: r for r in report["rows"]}
+    assert list(rows) == ["clean", "blur-2"]
+    assert rows["clean"]["metrics"]["balanced_accuracy"]["delta"] == 0.0
+    blurred = rows["blur-2"]["metrics"]["balanced_accuracy"]
+    assert blurred["delta"] != 0.0 and blurred["b"] == pytest.approx(1 / len(columns), abs=0.2)
+    assert "| blur-2 |" in (a / "compare-vs-b" / "shift_compare.md").read_text()
+    missing = runner.invoke(app, ["bench", "shift-compare", str(a), str(tmp_path / "none")])
+    assert missing.exit_code == 2 and "bench shift" in missing.output
+
+
 def test_bench_shift_refuses_unknown_shifts(tiny_classifier_run, tmp_path):
     result = runner.invoke(
         app, ["bench", "shift", str(tiny_classifier_run), "--out", str(tmp_path), "--shifts", "fog"]

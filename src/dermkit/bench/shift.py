@@ -23,6 +23,7 @@ The worst shift is the one with the largest balanced-accuracy loss at the middle
 
 from __future__ import annotations
 
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -97,8 +98,9 @@ def _logits(model, cfg, images: np.ndarray, manifest, classes, accelerator, batc
     return logits.numpy()
 
 
-def _summary(result: dict, positive: str) -> dict:
-    """The reported metrics of one paired comparison (A = shifted, B = clean)."""
+def _summary(result: dict, positive: str, names: tuple[str, str] = ("shifted", "clean")) -> dict:
+    """The reported metrics of one paired comparison: balanced accuracy, macro-F1 and the
+    positive class's recall, each {names[0]: A, names[1]: B, delta, ci_low, ci_high}."""
     keys = {
         "balanced_accuracy": result["metrics"]["balanced_accuracy"],
         "macro_f1": result["metrics"]["macro_f1"],
@@ -111,8 +113,8 @@ def _summary(result: dict, positive: str) -> dict:
         if e is None:
             continue
         out[name] = {
-            "shifted": e["value_a"],
-            "clean": e["value_b"],
+            names[0]: e["value_a"],
+            names[1]: e["value_b"],
             "delta": e["delta"],
             "ci_low": e["ci_low"],
             "ci_high": e["ci_high"],
@@ -355,13 +357,20 @@ def worst_shift(rows: list[dict]) -> dict | None:
     }
 
 
+def _interval(e: dict) -> str:
+    return "" if e["ci_low"] is None else f" [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]"
+
+
 def _cell(e: dict | None) -> str:
     if e is None or e["shifted"] is None:
         return "n/a"
-    text = f"{e['shifted']:.3f} ({e['delta']:+.3f}"
-    if e["ci_low"] is not None:
-        text += f" [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]"
-    return text + ")"
+    return f"{e['shifted']:.3f} ({e['delta']:+.3f}{_interval(e)})"
+
+
+def _metric_cells(metrics: dict, positive: str, cell) -> str:
+    """Balanced accuracy | macro-F1 | positive recall, each formatted by ``cell``."""
+    names = ("balanced_accuracy", "macro_f1", f"{positive}_recall")
+    return " | ".join(cell(metrics.get(name)) for name in names)
 
 
 def shift_markdown(result: dict) -> str:
@@ -414,8 +423,7 @@ def shift_markdown(result: dict) -> str:
         m = r["metrics"]
         lines.append(
             f"| {r['shift']} | {r['severity_name']} | {r['parameter']:.3g} | "
-            f"{_cell(m['balanced_accuracy'])} | {_cell(m['macro_f1'])} | "
-            f"{_cell(m.get(f'{positive}_recall'))} |"
+            f"{_metric_cells(m, positive, _cell)} |"
         )
     lines += ["", "Shifts (eval/shifts.py):", ""]
     for name, s in result["shifts"].items():
@@ -471,3 +479,121 @@ def plot_shift(result: dict, path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
     return path
+
+
+# ------------------------------------------------------------- two runs, one shift
+
+
+def shift_dir(path: str | Path) -> Path:
+    """A shift bench's output folder: ``path`` itself when it holds shift.json, else
+    ``path/shift`` (a run folder benched with the default output)."""
+    path = Path(path)
+    folder = path if (path / "shift.json").exists() else path / "shift"
+    if not (folder / "shift.json").exists():
+        raise FileNotFoundError(
+            f"no shift.json in {path} or {path / 'shift'}: run `dermkit bench shift` first"
+        )
+    if not (folder / "predictions").is_dir():
+        raise FileNotFoundError(
+            f"{folder / 'predictions'} not found: bench with --save-predictions (the default)"
+        )
+    return folder
+
+
+def compare_shift_benches(
+    a: str | Path,
+    b: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Run A - run B under every condition (clean and each shift x severity) both benches
+    scored, paired by image and lesion (``eval.paired``): was a robustness measure worth it?
+
+    Args:
+        a, b: shift bench folders (or run folders benched into ``RUN/shift``).
+        out_dir: default ``<A's bench folder>/compare-vs-<B's run name>``.
+
+    Returns:
+        The ``shift_compare.json`` dict: ``a``, ``b``, ``positive_class``, ``rows`` (one
+        per condition: {condition, shift, severity, metrics: name -> {a, b, delta, ci_low,
+        ci_high}}) and ``files``; also written as ``shift_compare.md``.
+    """
+    from dermkit.eval.paired import compare_prediction_files
+
+    dir_a, dir_b = shift_dir(a), shift_dir(b)
+    bench_a = json.loads((dir_a / "shift.json").read_text())
+    positive, ci = bench_a["positive_class"], bench_a["ci_level"]
+    order = ["clean"] + [f"{r['shift']}-{r['severity']}" for r in bench_a["results"]]
+    shared = [c for c in order if (dir_b / "predictions" / f"{c}.csv").exists()]
+    shared = [c for c in shared if (dir_a / "predictions" / f"{c}.csv").exists()]
+    if not shared:
+        raise ConfigError(f"{dir_a} and {dir_b} have no shift condition in common")
+    rows = []
+    for condition in shared:
+        result = compare_prediction_files(
+            dir_a / "predictions" / f"{condition}.csv",
+            dir_b / "predictions" / f"{condition}.csv",
+            n_boot=n_boot,
+            seed=seed,
+            ci=ci,
+            positive_class=positive,
+        )
+        shift, _, severity = condition.rpartition("-")
+        rows.append(
+            {
+                "condition": condition,
+                "shift": shift or "clean",
+                "severity": int(severity) if shift else 0,
+                "n_images": result["n"],
+                "metrics": _summary(result, positive, names=("a", "b")),
+            }
+        )
+    name_b = dir_b.parent.name if dir_b.name == "shift" else dir_b.name
+    out_dir = Path(out_dir) if out_dir is not None else dir_a / f"compare-vs-{name_b}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {
+        "a": str(dir_a),
+        "b": str(dir_b),
+        "positive_class": positive,
+        "ci_level": ci,
+        "n_boot": n_boot,
+        "seed": seed,
+        "rows": rows,
+        "files": {
+            "json": str(out_dir / "shift_compare.json"),
+            "markdown": str(out_dir / "shift_compare.md"),
+        },
+    }
+    write_json_atomic(out_dir / "shift_compare.json", result, allow_nan=False)
+    write_text_atomic(out_dir / "shift_compare.md", shift_compare_markdown(result))
+    return result
+
+
+def _delta_cell(e: dict | None) -> str:
+    if e is None or e["delta"] is None:
+        return "n/a"
+    text = f"{e['a']:.3f} vs {e['b']:.3f}: {e['delta']:+.3f}{_interval(e)}"
+    clear = e["ci_low"] is not None and (e["ci_low"] > 0 or e["ci_high"] < 0)
+    return f"**{text}**" if clear else text
+
+
+def shift_compare_markdown(result: dict) -> str:
+    """One row per condition: A vs B and A - B with its paired interval (bold: excludes 0)."""
+    positive = result["positive_class"]
+    level = round(100 * result["ci_level"])
+    lines = [
+        "# Shift benchmark: A - B",
+        "",
+        f"- A: `{result['a']}`",
+        f"- B: `{result['b']}`",
+        f"- each cell: A vs B: A - B [{level}% CI, paired lesion bootstrap, "
+        f"{result['n_boot']} replicates]; **bold**: the interval excludes 0",
+        "",
+        f"| condition | balanced accuracy | macro-F1 | {positive} recall |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['condition']} | {_metric_cells(r['metrics'], positive, _delta_cell)} |")
+    return "\n".join(lines) + "\n"

@@ -171,3 +171,21 @@ def bench_shift_cmd(
             highlight=False,
         )
     print(result["files"]["markdown"])
+
+
+def bench_shift_compare_cmd(
+    a: Annotated[Path, typer.Argument(help="run A's shift bench folder (or run folder)")],
+    b: Annotated[Path, typer.Argument(help="run B's shift bench folder (or run folder)")],
+    out: Annotated[Path | None, typer.Option(help="default: A's bench/compare-vs-<B>")] = None,
+    n_boot: Annotated[int, typer.Option(help="paired lesion-bootstrap replicates")] = 1000,
+    seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
+) -> None:
+    """Run A - run B under every shift both were benched on, with paired CIs (e.g. a
+    robustness arm against its control)."""
+    from dermkit.bench.shift import compare_shift_benches
+
+    try:
+        result = compare_shift_benches(a, b, out, n_boot=n_boot, seed=seed)
+    except (*user_errors(), ValueError) as e:
+        fail(str(e))
+    print(result["files"]["markdown"])

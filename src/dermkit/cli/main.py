@@ -65,6 +65,7 @@ for name, command in (
     ("sampling", bench.bench_sampling_cmd),
     ("ablation", pipeline.bench_ablation_cmd),
     ("shift", bench.bench_shift_cmd),
+    ("shift-compare", bench.bench_shift_compare_cmd),
 ):
     bench.app.command(name)(command)
 
