@@ -17,6 +17,16 @@ from dermkit.config import ConfigError, FinetuneRunConfig, load_config
 from dermkit.data.cache import build_cache, cache_key, crop_image, shades_of_gray
 from dermkit.data.manifest import new_manifest
 from dermkit.data.transforms import AugmentConfig, BatchAugment
+from dermkit.deploy.loadtest import BackgroundServer
+from test_web import (  # the browser fixture and page helpers of the main web test
+    DESKTOP,
+    _app,
+    _compare,
+    _page_answer,
+    _server_answer,
+    browser,  # noqa: F401  (fixture)
+    test_png,  # noqa: F401  (fixture)
+)
 
 # ------------------------------------------------------------ colour constancy
 
@@ -250,3 +260,25 @@ def test_shades_of_gray_in_js_matches_python():
     for (a, s, policy), got in zip(cases, json.loads(run.stdout)):
         want = crop_image(a, s, policy, "shades_of_gray")
         np.testing.assert_array_equal(np.asarray(got, np.uint8), want.reshape(-1))
+
+
+def test_the_page_applies_the_cards_colour_constancy(cc_export, test_png, browser):  # noqa: F811
+    """In Chromium the page crops and colour-corrects as the server does (same crop, same
+    answer); the crop differs from the one without colour constancy."""
+    card = json.loads((cc_export / "model_card.json").read_text())
+    size, policy = card["preprocessing"]["image_size"], card["preprocessing"]["crop_policy"]
+    with BackgroundServer(_app(cc_export)) as url:
+        server = _server_answer(url, test_png)
+        page = browser(DESKTOP)
+        result = _page_answer(page, url, test_png)
+        assert result["engine"] == "browser"
+        _compare(result, server)
+        drawn = page.evaluate(
+            f"""() => Array.from(document.getElementById('crop').getContext('2d')
+                .getImageData(0, 0, {size}, {size}).data)"""
+        )
+        assert not page.errors
+    rgba = np.asarray(drawn, np.uint8).reshape(size, size, 4)
+    source = np.asarray(Image.open(test_png).convert("RGB"))
+    np.testing.assert_array_equal(rgba[..., :3], crop_image(source, size, policy, "shades_of_gray"))
+    assert not np.array_equal(rgba[..., :3], crop_image(source, size, policy))
