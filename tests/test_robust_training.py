@@ -192,6 +192,27 @@ def test_camera_augmentation_changes_white_balance_and_tone():
     assert torch.allclose(gam[:, 0], gam[:, 2])  # a tone curve keeps grey grey
 
 
+def test_blur_augmentation_blurs_half_the_images_like_the_shift_bench():
+    """Per-image sigma: a sharp edge softens in about half of the batch, the rest untouched,
+    and a blurred image equals the shift benchmark's blur at the same sigma."""
+    from dermkit.data.transforms import _blur
+    from dermkit.eval.shifts import gaussian_blur
+
+    x = torch.zeros(64, 3, 32, 32)
+    x[..., 16:] = 1.0  # a vertical edge
+    g = torch.Generator().manual_seed(0)
+    aug = BatchAugment(_still(blur=0.05))
+    params = aug.sample(64, g)
+    y = aug.apply(x.clone(), params)
+    sharp = params["blur"] == 0
+    assert 16 <= int(sharp.sum()) <= 48
+    assert torch.equal(y[sharp], x[sharp])
+    visible = params["blur"] * 32 > 0.6  # sigma > 0.6 px: the edge bleeds into column 15
+    assert visible.sum() >= 8 and bool((y[visible][..., 15] > 0.01).all())
+    one = _blur(x[:1], torch.tensor([0.02 * 32]))
+    assert torch.allclose(one, gaussian_blur(x[:1], 0.02), atol=1e-5)
+
+
 # ------------------------------------------------- the run carries it into deployment
 
 

@@ -164,6 +164,9 @@ class AugmentSettings(Strict):
     )
     tint: float = Field(0.0, ge=0, description="green x e^g, g ~ U(-v, v) (magenta/green)")
     gamma: float = Field(0.0, ge=0, description="tone curve: x^(e^u), u ~ U(-g, g)")
+    blur: float = Field(
+        0.0, ge=0, le=0.2, description="half the images blurred, sigma ~ U(0, v) x short side"
+    )
     mixup_alpha: float = Field(0.0, ge=0)
     cutmix_alpha: float = Field(0.0, ge=0)
     tta: bool = Field(False, description="average predictions over flips and rotations")
