@@ -4,8 +4,8 @@ tests/test_pipeline.py, whose shared fixture is ``run_demo``)."""
 from pathlib import Path
 
 from dermkit.demo import demo_pipeline
-from dermkit.pipeline import plan_pipeline
-from dermkit.stages import DERMAE_STAGES
+from dermkit.pipeline import dermae
+from dermkit.pipeline.dermae import DERMAE_STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ def test_demo_pipeline_is_offline_and_every_stage_is_on(tmp_path):
     cfg = demo_pipeline(tmp_path / "d", n_lesions=40, seed=3)
     assert cfg.preset == "tiny" and cfg.data.path is None  # phantoms: nothing to download
     assert cfg.data.phantoms.n_lesions == 40 and cfg.data.phantoms.seed == 3 and cfg.seed == 3
-    plans = plan_pipeline(cfg, DERMAE_STAGES)
+    plans = dermae.plan(cfg)
     assert list(plans) == [s.name for s in DERMAE_STAGES]
     assert all(p.path.parent == tmp_path / "d" for p in plans.values())
 
@@ -36,10 +36,8 @@ def test_demo_split_holds_enough_images_of_every_class_to_score_it(tmp_path):
     in tests/test_pipeline.py (test_demo_teacher_and_student_learn_the_phantom_classes)."""
     import json
 
-    from dermkit.pipeline import run_pipeline
-
     cfg = demo_pipeline(tmp_path / "d")
-    result = run_pipeline(cfg, DERMAE_STAGES, targets=["data"], progress=False, summary=False)
+    result = dermae.run(cfg, targets=["data"], progress=False, summary=False)
     counts = json.loads((result.path("data") / "metrics.json").read_text())["class_counts"]
     assert len(counts["test"]) == 7
     assert min(counts["test"].values()) >= 10, counts["test"]

@@ -357,6 +357,8 @@ def test_export_parity_int8_agreement_and_sizes(teacher_run, teacher_export, cac
     report = json.loads((teacher_export / "export.json").read_text())
     files = report["files"]
     assert set(files) == {"fp32", "dynamic", "static"}
+    metrics = json.loads((teacher_export / "metrics.json").read_text())  # as the pipeline's
+    assert metrics["files"] == files and (teacher_export / "report.html").is_file()
     assert files["fp32"]["max_abs_logit_diff"] < 1e-4
     assert files["fp32"]["prediction_agreement"] == 1.0
     for mode in ("dynamic", "static"):

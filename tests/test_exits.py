@@ -464,6 +464,9 @@ def test_exits_calibrate_and_bench(exit_run):
     bench = json.loads((exit_run / "bench.json").read_text())
     assert report.exists() and (exit_run / "curves.png").exists()
     assert sum("error" not in h for h in bench["heads"].values()) >= 2
+    metrics = json.loads((exit_run / "metrics.json").read_text())
+    assert metrics["plain"] == bench["plain"]["test_metrics"]
+    assert set(metrics["heads"]) == {h for h, v in bench["heads"].items() if "error" not in v}
     for head, h in bench["heads"].items():
         if "error" in h:
             continue

@@ -4,9 +4,8 @@ Layers, top to bottom (a module may import its own package and any LOWER layer):
 
     cli                                 command-line entry points
     demo | bench                        one-command runs of whole pipelines
-    stages                              the DermAE stage wiring (one function per stage)
-    pipeline                            the DAG runner (stage types, cache keys, state)
-    pipeline_report                     the runner's summary report.html
+    pipeline                            dermae (the stage wiring) > report > runner (the
+                                        DAG runner: it imports no domain code, only core)
     deploy                              export, inference, serving, latency benches
     explain | exits | synth | ssl       methods built on trained classifiers
     train                               supervised training, distillation
@@ -37,9 +36,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dermkit"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("cli",),
     ("demo", "bench"),
-    ("stages",),
     ("pipeline",),
-    ("pipeline_report",),
     ("deploy",),
     ("explain", "exits", "synth", "ssl"),
     ("train",),
@@ -193,6 +190,20 @@ def test_there_are_no_import_circles(graph):
     assert not new, "import circles:\n" + "\n".join(new)
     stale = [" <-> ".join(c) for c in KNOWN_CYCLES if c not in found]
     assert not stale, "fixed, now delete from KNOWN_CYCLES:\n" + "\n".join(stale)
+
+
+# Inside the pipeline package, top to bottom: each module may import only those below it.
+PIPELINE_MODULES = ("dermkit.pipeline.dermae", "dermkit.pipeline.report", "dermkit.pipeline.runner")
+
+
+def test_the_pipeline_runner_imports_no_domain_code(graph):
+    runner = graph["dermkit.pipeline.runner"]
+    assert runner, "dermkit.pipeline.runner not found or imports nothing"
+    assert all(t == "dermkit" or t.startswith("dermkit.core.") for t in runner), runner
+    for i, module in enumerate(PIPELINE_MODULES):
+        above = set(PIPELINE_MODULES[:i])
+        assert not graph[module] & above, (module, graph[module] & above)
+    assert graph["dermkit.pipeline"] == set()  # importing the runner loads no stage
 
 
 def test_core_imports_no_other_dermkit_package(graph):

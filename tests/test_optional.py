@@ -63,7 +63,7 @@ def test_training_and_the_pipeline_import_without_any_extra():
         "import sys\n"
         f"for m in {blocked!r}: sys.modules[m] = None\n"
         "import dermkit.cli, dermkit.train.finetune, dermkit.train.distill, "
-        "dermkit.train.baseline, dermkit.eval.summary, dermkit.stages, dermkit.pipeline\n"
+        "dermkit.train.baseline, dermkit.eval.summary, dermkit.pipeline.dermae\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -22,15 +22,16 @@ from typer.testing import CliRunner
 
 from dermkit.cli import app
 from dermkit.config import ConfigError
-from dermkit.pipeline import (
+from dermkit.pipeline import dermae
+from dermkit.pipeline.dermae import DERMAE_STAGES, load_pipeline
+from dermkit.pipeline.runner import (
     ATTEMPTS,
     MARKER,
-    load_pipeline,
+    PipelineError,
     plan_pipeline,
     read_marker,
     run_pipeline,
 )
-from dermkit.stages import DERMAE_STAGES
 
 STAGES = [s.name for s in DERMAE_STAGES]
 UPSTREAM_OF_DISTILL = [
@@ -40,7 +41,7 @@ UPSTREAM_OF_DISTILL = [
     "diffusion",
     "sample",
     "pretrain",
-    "teacher",
+    "finetune",
 ]
 DOWNSTREAM_OF_DISTILL = ["distill", "exits", "export", "explain", "evaluate"]
 
@@ -90,9 +91,9 @@ def test_tiny_pipeline_produces_every_stage_artifact(demo_out):
     pngs = list((f["sample"] / "images").rglob("*.png"))
     plan = json.loads((f["sample"] / "plan.json").read_text())
     assert len(manifest) == len(pngs) == sum(plan["generate"].values()) > 0
-    for stage in ("pretrain", "teacher", "distill"):
+    for stage in ("pretrain", "finetune", "distill"):
         assert (f[stage] / "model.safetensors").exists()
-    for stage in ("baseline", "teacher", "distill"):
+    for stage in ("baseline", "finetune", "distill"):
         assert (
             len(pd.read_csv(f[stage] / "predictions_test.csv")) == (split["split"] == "test").sum()
         )
@@ -106,13 +107,13 @@ def test_tiny_pipeline_produces_every_stage_artifact(demo_out):
     import yaml
 
     pretrain = yaml.safe_load((f["pretrain"] / "config.yaml").read_text())
-    teacher = yaml.safe_load((f["teacher"] / "config.yaml").read_text())
+    teacher = yaml.safe_load((f["finetune"] / "config.yaml").read_text())
     distill = yaml.safe_load((f["distill"] / "config.yaml").read_text())
     assert pretrain["synthetic_manifest"] == str(f["sample"] / "manifest.csv")
     assert pretrain["synthetic_ratio"] > 0
     assert teacher["model"]["weights"] == str(f["pretrain"])
     assert teacher["model"]["name"] == pretrain["model"]["name"]
-    assert distill["teacher"] == str(f["teacher"])
+    assert distill["teacher"] == str(f["finetune"])
     for cfg in (pretrain, teacher, distill):
         assert cfg["data"]["split_file"] == str(f["data"] / "split.csv")
 
@@ -155,7 +156,7 @@ def test_summary_report_shows_each_stage_as_pictures_and_the_config_as_yaml(demo
 
     import yaml
 
-    from dermkit.pipeline_report import DEMO_DATA_NOTICE, STAGE_FIGURES
+    from dermkit.pipeline.report import DEMO_DATA_NOTICE
 
     text = (demo_out / "report.html").read_text()
     assert "<script" not in text and 'src="http' not in text  # one self-contained file
@@ -167,11 +168,12 @@ def test_summary_report_shows_each_stage_as_pictures_and_the_config_as_yaml(demo
     for _, alt in figures:
         stage, caption = html.unescape(alt).split(": ", 1)
         by_stage.setdefault(stage, []).append(caption)
-    assert set(by_stage) == set(STAGE_FIGURES)  # every stage that draws has its pictures
+    drawing = {s.name for s in DERMAE_STAGES if s.figures}
+    assert set(by_stage) == drawing  # every stage that draws has its pictures
     assert "images and their reconstructions" in by_stage["autoencoder"]
     assert "input images, one per class first" in by_stage["data"]
     assert len(by_stage["sample"]) == len(list(_stage_dir(demo_out, "sample").glob("grid_*.png")))
-    for stage in ("teacher", "distill"):
+    for stage in ("finetune", "distill"):
         assert {"learning curves", "confusion matrix (test)"} <= set(by_stage[stage])
     assert "accuracy and macro-F1 against compute" in by_stage["exits"]
     saliency = [c for c in by_stage["explain"] if c.startswith("saliency: ")]
@@ -183,7 +185,7 @@ def test_summary_report_shows_each_stage_as_pictures_and_the_config_as_yaml(demo
 
 
 def test_unchanged_rerun_reuses_everything_and_keys_ignore_the_folder(demo_out, tmp_path):
-    result = run_pipeline(_pipeline(demo_out), DERMAE_STAGES, progress=False)
+    result = dermae.run(_pipeline(demo_out), progress=False)
     assert result.executed == []
     assert all(r.status == "cached" for r in result.records.values())
     here = plan_pipeline(_pipeline(demo_out), DERMAE_STAGES)
@@ -200,8 +202,8 @@ def test_changing_distill_temperature_reruns_distill_and_later_stages_only(demo_
         )
         for s in UPSTREAM_OF_DISTILL
     }
-    result = run_pipeline(
-        _pipeline(demo_out, "stages.distill.distill.temperature=2.0"), DERMAE_STAGES, progress=False
+    result = dermae.run(
+        _pipeline(demo_out, "stages.distill.distill.temperature=2.0"), progress=False
     )
     assert result.executed == DOWNSTREAM_OF_DISTILL
     for s in UPSTREAM_OF_DISTILL:
@@ -311,7 +313,7 @@ def test_tiny_ablation_has_every_row_and_column(demo_out):
 
     records = {r["id"]: r for r in json.loads((demo_out / "ablation.json").read_text())}
     # Rows that are the demo's own stages were reused, not recomputed.
-    assert Path(records["mae_synth"]["folder"]) == _stage_dir(demo_out, "teacher")
+    assert Path(records["mae_synth"]["folder"]) == _stage_dir(demo_out, "finetune")
     assert records["mae_synth"]["computed"] == [] and records["student_exits"]["computed"] == []
     teachers = [records[i]["folder"] for i in ("cnn_scratch", "vit_scratch", "vit_cb_loss")]
     teachers += [records[i]["folder"] for i in ("vit_cb_synth", "mae_real", "mae_synth", "vae")]
@@ -344,7 +346,7 @@ def test_tiny_ablation_has_every_row_and_column(demo_out):
     from dermkit.bench.ablation import total_stage_seconds
 
     exits_row = records["student_exits"]["stage_wall_s"]
-    assert {Path(p).name.split("-")[0] for p in exits_row} >= {"data", "teacher", "distill"}
+    assert {Path(p).name.split("-")[0] for p in exits_row} >= {"data", "finetune", "distill"}
     assert all(v >= 0 for v in exits_row.values())
     every = {p: v for r in records.values() for p, v in r["stage_wall_s"].items()}
     assert total_stage_seconds(list(records.values())) == pytest.approx(sum(every.values()))
@@ -394,7 +396,7 @@ def test_cli_dry_run_and_errors(demo_out):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "weights chosen on val" in result.output and "mae_real:" in result.output
-    with pytest.raises(ConfigError, match=r"pretrain\.method"):
+    with pytest.raises(PipelineError, match=r"stage 'pretrain': pretrain\.method"):
         plan_pipeline(_pipeline(demo_out, "stages.pretrain.method=simclr"), DERMAE_STAGES)
     with pytest.raises(FileNotFoundError, match="dermae-tiny"):
         load_pipeline("no-such-pipeline")
@@ -405,14 +407,14 @@ def test_ablation_ensemble_rows_are_checked_and_bring_their_members():
 
     rows = [
         {"id": "a", "name": "A", "target": "baseline"},
-        {"id": "b", "name": "B", "target": "teacher"},
+        {"id": "b", "name": "B", "target": "finetune"},
         {"id": "c", "name": "C", "target": "distill"},
         {"id": "ens", "name": "E", "ensemble": ["a", "b"], "select": "all"},
     ]
     ablation = AblationConfig(pipeline="dermae-tiny", rows=rows)
     assert [r.id for r in select_rows(ablation, ["ens"])] == ["a", "b", "ens"]
     bad = [
-        ({"ensemble": ["a", "b"], "target": "teacher"}, "either target"),
+        ({"ensemble": ["a", "b"], "target": "finetune"}, "either target"),
         ({"ensemble": ["a", "zz"]}, r"members \['zz'\] are not stage rows above"),
         ({"ensemble": ["a"]}, "at least two rows"),
         ({"ensemble": ["a", "b"], "overrides": ["seed=1"]}, "takes no overrides"),
@@ -441,9 +443,165 @@ def test_shipped_cpu_and_gpu_pipelines_and_cpu_ablation_rows_resolve(ham10000_ro
     assert list(plans) == [r.id for r in ablation.rows]
     assert plans.pop("ensemble") == {}  # computed from the rows' folders: no stages
     assert len({p["data"]["full_key"] for p in plans.values()}) == 1  # one split for all rows
-    fine_tunes = [i for i, r in zip(plans, ablation.rows) if r.target == "teacher"]
-    assert len({plans[i]["teacher"]["full_key"] for i in fine_tunes}) == len(fine_tunes) == 8
+    fine_tunes = [i for i, r in zip(plans, ablation.rows) if r.target == "finetune"]
+    assert len({plans[i]["finetune"]["full_key"] for i in fine_tunes}) == len(fine_tunes) == 8
     # The student rows distil the MAE (real + synthetic) teacher: the same stage folder.
-    assert plans["student"]["teacher"]["folder"] == plans["mae_synth"]["teacher"]["folder"]
+    assert plans["student"]["finetune"]["folder"] == plans["mae_synth"]["finetune"]["folder"]
     assert plans["mae_real"]["pretrain"]["full_key"] != plans["mae_synth"]["pretrain"]["full_key"]
     assert plans["vit_scratch"]["pretrain"]["status"] == "off"
+
+
+def _files(folder: Path, skip: tuple[str, ...] = ()) -> set[str]:
+    """Every file under ``folder`` (relative names), without the runner's own ones and the
+    summary caches that later readers (evaluate, the ablation) leave in a run folder."""
+    runner = {MARKER, "stage.log", ATTEMPTS, "run.json", "config.yaml"}
+    return {
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.name not in runner
+        and not p.name.startswith("summary")
+        and not str(p.relative_to(folder)).startswith(skip)
+    }
+
+
+def test_each_stage_folder_is_what_its_command_writes(demo_out, tmp_path):
+    """A stage calls its command's function: the command, given the stage's settings, writes
+    the same files (metrics.json and report.html included) into its own folder."""
+    runner = CliRunner()
+    stage = {s: _stage_dir(demo_out, s) for s in ("diffusion", "sample", "distill", "exits")}
+    stage |= {s: _stage_dir(demo_out, s) for s in ("export", "explain")}
+
+    sample = tmp_path / "sample"
+    args = ["synth", "sample", str(stage["diffusion"]), "--config"]
+    args += [str(stage["sample"] / "config.yaml"), "--out", str(sample)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert _files(sample) == _files(stage["sample"]) - {"balance.json"}
+    assert {"metrics.json", "report.html", "manifest.csv"} <= _files(sample)
+    same = pd.read_csv(sample / "manifest.csv")["label"].value_counts().to_dict()
+    assert same == json.loads((stage["sample"] / "metrics.json").read_text())["per_class"]
+
+    export = tmp_path / "export"
+    args = ["export", str(stage["distill"]), "--out", str(export), "--int8", "dynamic"]
+    result = runner.invoke(app, [*args, "--parity-images", "64", "--calibration-images", "16"])
+    assert result.exit_code == 0, result.output
+    assert _files(export) == _files(stage["export"], skip=("exits",))
+    exported = json.loads((export / "metrics.json").read_text())
+    assert exported["files"].keys() == {"fp32", "dynamic"}
+
+    explain = tmp_path / "explain"
+    args = ["explain", "all", str(stage["distill"]), "--out", str(explain), "--max-images"]
+    args += ["200", "--sanity-images", "4", "--random-copies", "1", "--per-class", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert _files(explain) == _files(stage["explain"])
+
+    exits = tmp_path / "exits"
+    args = ["exits", "train", str(stage["distill"]), "--config"]
+    result = runner.invoke(app, [*args, str(stage["exits"] / "config.yaml"), f"out_dir={exits}"])
+    assert result.exit_code == 0, result.output
+    for command in ("calibrate", "bench"):
+        result = runner.invoke(app, ["exits", command, str(exits)])
+        assert result.exit_code == 0, result.output
+    assert _files(exits) == _files(stage["exits"])
+    assert json.loads((exits / "metrics.json").read_text()).keys() == {"plain", "heads"}
+
+
+# ----------------------------------------------------------------------------- no demo needed
+
+
+def test_a_stage_is_named_after_its_command_and_the_old_name_is_refused(tmp_path):
+    names = [s.name for s in DERMAE_STAGES]
+    assert "finetune" in names and "teacher" not in names
+    with pytest.raises(ConfigError, match="stage 'teacher' is now called 'finetune'"):
+        load_pipeline("dermae-tiny", [f"out_dir={tmp_path}", "stages.teacher.optim.epochs=1"])
+    result = CliRunner().invoke(
+        app, ["run", "dermae-tiny", f"out_dir={tmp_path}", "stages.teacher=false", "--dry-run"]
+    )
+    output = " ".join(result.output.split())  # rich wraps the line
+    assert result.exit_code == 2 and "rename stages.teacher to stages.finetune" in output
+
+
+def test_pipeline_data_settings_reach_every_stage_and_settings_stay_mappings(tmp_path):
+    cfg = load_pipeline(
+        "dermae-tiny",
+        [f"out_dir={tmp_path}", "data.crop=full_frame", "stages.finetune.optim.epochs=7"],
+    )
+    # a dotted key and a nested mapping of the same stage merge (no key=value round trip)
+    cfg.stages["finetune"] |= {"loss": {"label_smoothing": 0.2}, "optim.batch_size": 16}
+    plans = dermae.plan(cfg)
+    data = plans["data"].path
+    for stage in ("baseline", "autoencoder", "pretrain", "finetune", "distill"):
+        c = plans[stage].config
+        assert c.data.crop == "full_frame", stage  # declared once, in the pipeline's data
+        assert c.data.split_file == str(data / "split.csv") and c.seed == cfg.seed, stage
+    assert plans["data"].config.crop == "full_frame"
+    ft = plans["finetune"].config
+    assert (ft.optim.epochs, ft.optim.batch_size, ft.loss.label_smoothing) == (7, 16, 0.2)
+    assert ft.optim.base_lr == 0.01  # the file's other settings of the stage stay
+    assert ft.data.image_size == plans["pretrain"].config.data.image_size  # the wiring wins
+
+
+def test_the_runner_runs_any_stages_it_is_given_and_caches_them_by_key(tmp_path):
+    """The runner knows no DerMAE stage: two toy stages, one reading the other."""
+    from pydantic import BaseModel
+
+    from dermkit.pipeline.runner import (
+        FigureSpec,
+        PipelineSpec,
+        Stage,
+        plan_status,
+        stage_figures,
+    )
+
+    class Count(BaseModel):
+        n: int = 1
+        source: str | None = None
+
+    calls: list[str] = []
+
+    def build_a(ctx):
+        return Count(n=ctx.overrides.get("n", 1) + ctx.seed)
+
+    def build_b(ctx):
+        return Count(n=ctx.config("a").n * 2, source=str(ctx.input("a")))
+
+    def work(name):
+        def run(cfg, folder, resume):
+            calls.append(name)
+            (folder / "metrics.json").write_text(json.dumps({"n": cfg.n}))
+            (folder / "report.html").write_text(f"<p>{cfg.n}</p>")
+            (folder / "plot.png").write_bytes(b"\x89PNG")
+
+        return run
+
+    def metric(folder):
+        return f"n = {json.loads((folder / 'metrics.json').read_text())['n']}"
+
+    figure = (FigureSpec("plot.png", "the plot"),)
+    stages = (
+        Stage("a", "first", build_a, work("a"), metric, figures=figure),
+        Stage("b", "second", build_b, work("b"), metric),
+    )
+    spec = PipelineSpec(out_dir=str(tmp_path), stages={"a": {"n": 2}})
+    seen = []
+    result = run_pipeline(spec, stages, progress=False, summary=lambda r, s: seen.append(r))
+    assert calls == ["a", "b"] and seen == [result] and result.report is None
+    assert result.records["b"].metric == "n = 4"
+    assert stage_figures(stages[0], result.path("a")) == [
+        (result.path("a") / "plot.png", "the plot")
+    ]
+    b = plan_pipeline(spec, stages)["b"]
+    assert b.material["config"]["source"] == "@a"  # the input's folder is hashed by its key
+    assert [r["status"] for r in plan_status(spec, stages)] == ["cached", "cached"]
+    run_pipeline(spec, stages, progress=False)
+    assert calls == ["a", "b"]  # nothing ran again
+    changed = PipelineSpec(out_dir=str(tmp_path), stages={"a": {"n": 3}})
+    run_pipeline(changed, stages, progress=False)
+    assert calls == ["a", "b", "a", "b"]  # a new setting of a: a and what reads it
+    with pytest.raises(PipelineError, match="unknown stages"):
+        plan_pipeline(PipelineSpec(out_dir=str(tmp_path), stages={"c": False}), stages)
+    off = PipelineSpec(out_dir=str(tmp_path), stages={"a": False})
+    with pytest.raises(PipelineError, match="stage 'b': stage 'b' needs stage 'a', which is off"):
+        plan_pipeline(off, stages)

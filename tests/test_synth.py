@@ -439,6 +439,9 @@ def test_cli_synth_sample_and_bench_sampling(tiny_generator, tmp_path):
     counts = manifest["label"].value_counts()
     real = json.loads((tiny_generator / "generator.json").read_text())["train_counts"]
     assert {c: real[c] + counts.get(c, 0) for c in real} == dict.fromkeys(real, max(real.values()))
+    metrics = json.loads((out / "metrics.json").read_text())  # the pipeline stage's files too
+    assert metrics["synthetic_images"] == len(manifest) and (out / "report.html").is_file()
+    assert metrics["final_counts"] == dict.fromkeys(real, max(real.values()))
     bad = runner.invoke(app, ["synth", "sample", str(tmp_path / "nowhere"), "--out", str(out)])
     assert bad.exit_code == 2 and "generator.json" in bad.output.replace("\n", "")
 

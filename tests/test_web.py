@@ -371,14 +371,15 @@ def test_pipeline_report_renders_its_pictures_and_the_phantom_label(
     the demo notice shows, the config is a YAML block. Screenshot: pipeline-report.png."""
     import yaml
 
-    from dermkit.pipeline import PipelineResult, StageRecord, load_pipeline
-    from dermkit.pipeline_report import DEMO_DATA_NOTICE, write_summary_report
+    from dermkit.pipeline.dermae import DERMAE_STAGES, load_pipeline
+    from dermkit.pipeline.report import DEMO_DATA_NOTICE, write_summary_report
+    from dermkit.pipeline.runner import PipelineResult, StageRecord
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     cfg = load_pipeline("dermae-tiny", [f"out_dir={tmp_path}"])
     records = {
-        "teacher": StageRecord(
-            "teacher",
+        "finetune": StageRecord(
+            "finetune",
             "fine-tuned teacher",
             "cached",
             "0" * 64,
@@ -388,7 +389,8 @@ def test_pipeline_report_renders_its_pictures_and_the_phantom_label(
         ),
         "distill": StageRecord("distill", "distilled student", "off"),
     }
-    report = write_summary_report(PipelineResult(cfg, records, None, {}), 1.0)
+    stages = {s.name: s for s in DERMAE_STAGES}
+    report = write_summary_report(PipelineResult(cfg, records, None, {}, stages), 1.0)
     page = browser(DESKTOP)
     page.goto(report.as_uri())
     sizes = page.eval_on_selector_all(
@@ -397,8 +399,8 @@ def test_pipeline_report_renders_its_pictures_and_the_phantom_label(
     assert len(sizes) >= 2  # the teacher's learning curves and confusion matrix at least
     assert all(done and width > 0 for done, width, _ in sizes), sizes
     assert {alt for *_, alt in sizes} >= {
-        "teacher: learning curves",
-        "teacher: confusion matrix (test)",
+        "finetune: learning curves",
+        "finetune: confusion matrix (test)",
     }
     assert page.is_visible(".demo") and page.inner_text(".demo") == DEMO_DATA_NOTICE
     shown = yaml.safe_load(page.inner_text("pre.config"))

@@ -2,16 +2,16 @@
 
 It is ``dermkit run dermae-tiny`` (``pipelines/dermae-tiny.yaml``): phantoms -> split ->
 baseline -> autoencoder -> diffusion -> balanced sampling -> MAE on real + synthetic ->
-teacher -> student -> early exits -> ONNX export -> explain -> evaluate, each stage cached
-in its own folder, ending in one summary ``report.html`` that links every stage's report.
+fine-tuned teacher -> distilled student -> early exits -> ONNX export -> explain ->
+evaluate, each stage cached in its own folder, ending in one summary ``report.html`` that
+links every stage's report.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dermkit.pipeline import PipelineResult, load_pipeline, run_pipeline
-from dermkit.stages import DERMAE_STAGES
+from dermkit.pipeline import dermae
 
 DEMO_PIPELINE = "dermae-tiny"
 
@@ -30,7 +30,7 @@ def demo_pipeline(
         items.append(f"data.phantoms.n_lesions={n_lesions}")
     if seed is not None:
         items += [f"seed={seed}", f"data.phantoms.seed={seed}"]
-    return load_pipeline(DEMO_PIPELINE, items)
+    return dermae.load_pipeline(DEMO_PIPELINE, items)
 
 
 def run_demo(
@@ -40,7 +40,5 @@ def run_demo(
     progress: bool = True,
 ) -> Path:
     """Run the demo pipeline; returns the summary report's path."""
-    result: PipelineResult = run_pipeline(
-        demo_pipeline(out, n_lesions, seed), DERMAE_STAGES, progress=progress
-    )
+    result = dermae.run(demo_pipeline(out, n_lesions, seed), progress=progress)
     return Path(result.report)

@@ -3,7 +3,7 @@
 An ablation file (``pipelines/ablation-<preset>.yaml``) names a base pipeline, one output
 folder and rows. A row is a variant of the base pipeline (``key=value`` overrides of the
 pipeline file) plus the stage whose run gives the row's numbers. Every row runs through
-:func:`dermkit.pipeline.run_pipeline` into the *same* folder with only the stages its target
+:func:`dermkit.pipeline.dermae.run` into the *same* folder with only the stages its target
 needs, so stages that rows share (the data split, the synthetic set, an MAE encoder, the
 teacher) have the same key and are computed once; a killed ablation re-run resumes where
 it stopped, and rows already finished cost nothing. All rows share the data stage, hence
@@ -31,14 +31,9 @@ from pydantic import Field, ValidationError, model_validator
 
 from dermkit.config import ConfigError, Strict, _read_yaml
 from dermkit.core.files import write_json_atomic, write_text_atomic
-from dermkit.pipeline import (
-    PipelineResult,
-    load_pipeline,
-    plan_status,
-    resolve_pipeline_path,
-    run_pipeline,
-)
-from dermkit.stages import DERMAE_STAGES
+from dermkit.pipeline import dermae
+from dermkit.pipeline.dermae import load_pipeline, resolve_pipeline_path
+from dermkit.pipeline.runner import PipelineResult
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +119,13 @@ def row_pipeline(ablation: AblationConfig, row: AblationRow, extra: Sequence[str
 def plan_ablation(
     ablation: AblationConfig, ids: Sequence[str] = (), extra: Sequence[str] = ()
 ) -> list[tuple[AblationRow, list[dict]]]:
-    """Per row, what running it would do (see :func:`dermkit.pipeline.plan_status`)."""
+    """Per row, what running it would do (see :func:`dermkit.pipeline.dermae.status`)."""
     plans = []
     for row in select_rows(ablation, ids):
         if row.ensemble:  # computed from its members' folders in seconds: no stages
             plans.append((row, []))
             continue
-        rows = plan_status(row_pipeline(ablation, row, extra), DERMAE_STAGES, targets=[row.target])
+        rows = dermae.status(row_pipeline(ablation, row, extra), targets=[row.target])
         plans.append((row, rows))
     return plans
 
@@ -254,9 +249,7 @@ def run_ablation(
             continue
         cfg = row_pipeline(ablation, row, extra)
         started = time.time()
-        result = run_pipeline(
-            cfg, DERMAE_STAGES, targets=[row.target], progress=progress, summary=False
-        )
+        result = dermae.run(cfg, targets=[row.target], progress=progress, summary=False)
         summary = summarize_run(
             result.path(row.target), latency=latency, n_boot=ablation.n_boot, seed=cfg.seed
         )

@@ -59,6 +59,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from dermkit.data.readers import DataValidationError
     from dermkit.data.splits import LeakageError
     from dermkit.models.weights import WeightsError
+    from dermkit.pipeline.runner import PipelineError
     from dermkit.synth.encoders import EncoderError
 
     return (
@@ -70,6 +71,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         FileNotFoundError,
         WeightsError,
         EncoderError,
+        PipelineError,
     )
 
 

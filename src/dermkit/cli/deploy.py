@@ -25,12 +25,12 @@ def export_cmd(
     needs("export")
     import json
 
-    from dermkit.deploy.export import export_run
+    from dermkit.deploy.export_folder import export_folder
 
     if int8 not in (None, "dynamic", "static", "both"):
         fail(f"--int8 must be dynamic, static or both, got '{int8}'")
     try:
-        result = export_run(run, out, int8, parity_images, calibration_images)
+        result = export_folder(run, out, int8, parity_images, calibration_images)
     except user_errors() as e:
         fail(str(e))
     console.print(json.dumps(result["files"], indent=2), highlight=False)

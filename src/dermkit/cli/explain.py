@@ -16,6 +16,9 @@ thickness_app = typer.Typer(help="Melanoma thickness (Breslow category).", no_ar
 RunArg = Annotated[Path, typer.Argument(help="classifier run folder (finetune or distill)")]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="dataset root, if it moved")]
 OutOpt = Annotated[Path | None, typer.Option(help="output folder (default: inside the run)")]
+PerClass = Annotated[int, typer.Option(help="correct and wrong examples per class")]
+SanityImages = Annotated[int, typer.Option(help="images in the randomisation check")]
+RandomCopies = Annotated[int, typer.Option(help="randomised models averaged")]
 
 
 @app.command("features")
@@ -56,9 +59,9 @@ def explain_saliency_cmd(
     data: DataOpt = None,
     out: OutOpt = None,
     split: Annotated[str, typer.Option(help="split whose predictions are explained")] = "test",
-    per_class: Annotated[int, typer.Option(help="correct and wrong examples per class")] = 2,
-    sanity_images: Annotated[int, typer.Option(help="images in the randomisation check")] = 16,
-    random_copies: Annotated[int, typer.Option(help="randomised models averaged")] = 3,
+    per_class: PerClass = 2,
+    sanity_images: SanityImages = 16,
+    random_copies: RandomCopies = 3,
     seed: int = 0,
 ) -> None:
     """Grad-CAM (+ attention rollout for ViTs) overlays per class, and the sanity check."""
@@ -68,6 +71,41 @@ def explain_saliency_cmd(
     try:
         report = run_explain_saliency(
             run, out, data, split, per_class, sanity_images, seed, random_copies
+        )
+    except (*user_errors(), ValueError) as e:
+        fail(str(e))
+    print(report)
+
+
+@app.command("all")
+def explain_all_cmd(
+    run: RunArg,
+    out: Annotated[Path, typer.Option(help="output folder (features/, saliency/, report.html)")],
+    splits: Annotated[str, typer.Option(help="comma-separated splits (saliency: the first)")] = (
+        "test"
+    ),
+    max_images: Annotated[int | None, typer.Option(help="features: random subset size")] = 2000,
+    umap: Annotated[bool, typer.Option("--umap/--no-umap", help="UMAP when installed")] = False,
+    per_class: PerClass = 2,
+    sanity_images: SanityImages = 16,
+    random_copies: RandomCopies = 3,
+    seed: int = 0,
+) -> None:
+    """Features and saliency into one folder with an index report (the pipeline's stage)."""
+    needs("explain")
+    from dermkit.explain.index import run_explain
+
+    try:
+        report = run_explain(
+            run,
+            out,
+            splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
+            max_images=max_images,
+            use_umap=umap,
+            per_class=per_class,
+            sanity_images=sanity_images,
+            random_copies=random_copies,
+            seed=seed,
         )
     except (*user_errors(), ValueError) as e:
         fail(str(e))

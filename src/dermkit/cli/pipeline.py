@@ -38,22 +38,21 @@ def run_cmd(
     ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Run a pipeline: data -> synth -> pretrain -> teacher -> student -> exits -> export.
+    """Run a pipeline: data -> synth -> pretrain -> finetune -> distill -> exits -> export.
 
     Stages are cached by the hash of their resolved config and inputs: a re-run computes
     only what a change affects, and a killed run resumes where it stopped. Prints the path
     of the summary report.html.
     """
     needs(*PIPELINE_EXTRAS)
-    from dermkit.pipeline import load_pipeline, plan_status, run_pipeline
-    from dermkit.stages import DERMAE_STAGES
+    from dermkit.pipeline import dermae
 
     try:
-        cfg = load_pipeline(pipeline, overrides or [])
+        cfg = dermae.load_pipeline(pipeline, overrides or [])
         if dry_run:
-            _print_plan(plan_status(cfg, DERMAE_STAGES, targets=until))
+            _print_plan(dermae.status(cfg, targets=until))
             return
-        result = run_pipeline(cfg, DERMAE_STAGES, targets=until, progress=progress)
+        result = dermae.run(cfg, targets=until, progress=progress)
     except user_errors() as e:
         fail(str(e))
     console.print(

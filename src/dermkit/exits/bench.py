@@ -11,7 +11,8 @@ For every head type of an exit run:
 * wall time of the dropping inference (``predict_early_exit``) against the plain
   backbone on the same test images, measured in interleaved rounds in one process.
 
-Writes ``bench.json``, ``curves.png``, ``exit_distribution.png`` and ``report.html``.
+Writes ``bench.json``, ``metrics.json`` (its key figures), ``curves.png``,
+``exit_distribution.png`` and ``report.html``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from dermkit.core.files import write_json_atomic
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import to_float
 from dermkit.eval.metrics import evaluate_predictions
@@ -263,12 +265,39 @@ def run_exits_bench(
         "gflops": run.info["gflops"],
     }
     (run.path / "bench.json").write_text(json.dumps(to_jsonable(result), indent=2))
+    write_json_atomic(run.path / "metrics.json", to_jsonable(bench_metrics(result)))
     save_figure(plot_curves(curves, points, plain), run.path / "curves.png")
     if dists:
         save_figure(
             plot_exit_distribution(dists, classes, depths), run.path / "exit_distribution.png"
         )
     return _write_report(run, result, points, dists)
+
+
+def bench_metrics(bench: dict) -> dict:
+    """The run's ``metrics.json``: test metrics of the plain model and of each calibrated
+    head type, with its compute fraction, mean blocks and speed-up (from ``bench.json``)."""
+    heads = {
+        h: {
+            "test_metrics": v["test_metrics"],
+            "gflops_fraction": v["test"]["gflops_fraction"],
+            "mean_blocks": v["test"]["mean_blocks"],
+            "speedup_vs_plain": v.get("speedup_vs_plain"),
+        }
+        for h, v in bench["heads"].items()
+        if "error" not in v
+    }
+    return {"plain": bench["plain"]["test_metrics"], "heads": heads}
+
+
+def best_head(exit_run: str | Path) -> str | None:
+    """The calibrated head type with the best val macro-F1 (None when none is calibrated)."""
+    scores = {}
+    for policy in Path(exit_run).glob("policy_*.json"):
+        scores[policy.stem.removeprefix("policy_")] = (
+            json.loads(policy.read_text()).get("val_macro_f1") or 0.0
+        )
+    return max(scores, key=scores.get) if scores else None
 
 
 def _write_report(run: ExitRun, result: dict, points: dict, dists: dict) -> Path:

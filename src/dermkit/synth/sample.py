@@ -350,4 +350,40 @@ def run_sample(cfg: SampleConfig, progress: bool = True) -> Path:
         )
         if cfg.grid_per_class:
             write_class_grids(manifest, run.path, cfg.grid_per_class)
+        write_sample_report(cfg, run.path, manifest)
         return run / MANIFEST
+
+
+def write_sample_report(cfg: SampleConfig, out: Path, manifest: pd.DataFrame) -> Path:
+    """``metrics.json`` (images per class and the plan) and ``report.html`` of a sample run."""
+    from dermkit.eval.report import HtmlReport
+
+    plan = json.loads((out / "plan.json").read_text())
+    metrics = {
+        "synthetic_images": len(manifest),
+        "per_class": manifest["label"].value_counts().to_dict(),
+        **plan,
+    }
+    write_json(metrics, out / "metrics.json")
+    report = HtmlReport("dermkit synth sample: the class-balanced synthetic set")
+    report.add_paragraph(
+        f"{len(manifest)} images from {cfg.generator} ({cfg.sampler.sampler}, "
+        f"{cfg.sampler.steps} steps, guidance {cfg.sampler.guidance}); "
+        f"target {json.dumps(plan['target'])}. Manifest: {MANIFEST}."
+    )
+    real = plan["real_train_counts"]
+    report.add_table(
+        [
+            {
+                "class": c,
+                "real train": real[c],
+                "synthetic": plan["synthetic_counts"][c],
+                "total": plan["final_counts"][c],
+            }
+            for c in real
+        ],
+        caption="Training images per class",
+    )
+    for grid in sorted(out.glob("grid_*.png")):
+        report.add_figure(grid, f"{grid.stem.removeprefix('grid_')}: synthetic samples")
+    return report.write(out / "report.html")

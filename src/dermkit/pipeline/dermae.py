@@ -1,17 +1,27 @@
-"""The DerMAE chain as pipeline stages (``dermkit.pipeline``): one build + run per stage.
+"""The DerMAE pipeline: its file, its stages and what feeds what.
 
 ::
 
     data ─┬─ baseline ─────────────────────────────────────────────────┐
           ├─ autoencoder ─ diffusion ─ sample ┐                         │
-          └──────────────────────────────────┴─ pretrain ─ teacher ─ distill ─ exits ─ export
-                                                                           └── explain   evaluate
+          └──────────────────────────────────┴─ pretrain ─ finetune ─ distill ─ exits ─ export
+                                                                            └── explain  evaluate
 
-Each stage's config is its preset (``configs/<preset>/<stage>.yaml``) < the pipeline's seed
-and data < the pipeline file's overrides for the stage < the wiring to its inputs (their
-folders). The wiring also keeps the chain consistent where two stages must agree: the
-teacher fine-tunes the pretrained encoder's architecture at its resolution, and synthetic
-rows are used (``synthetic_ratio`` > 0) only while ``sample`` is on; with synthesis off,
+A stage is named after the ``dermkit`` command it runs, and calls the function that command
+calls, so its folder holds what the command writes: ``finetune`` is ``dermkit finetune``,
+``autoencoder``/``diffusion``/``sample`` are ``dermkit synth ...``, ``pretrain`` is
+``dermkit pretrain mae|vae``, ``exits`` is ``dermkit exits train`` + ``calibrate`` +
+``bench``, ``export`` is ``dermkit export`` (+ ``dermkit exits export`` of the best head),
+``explain`` is ``dermkit explain all``.
+
+Each stage's config is its preset (``configs/<preset>/<section>.yaml``) < the pipeline's
+seed < the pipeline file's settings for the stage < the wiring to its inputs (their
+folders), all merged as mappings. The pipeline file's ``data`` section is a
+:class:`~dermkit.config.DataConfig` (plus ``phantoms``): the data stage splits it once, and
+every other stage's ``data`` gets the settings the file names, the split and the cache.
+The wiring also keeps the chain consistent where two stages must agree: the fine-tuned
+model is the pretrained encoder's architecture at its resolution, and synthetic rows are
+used (``synthetic_ratio`` > 0) only while ``sample`` is on; with synthesis off,
 pretraining and fine-tuning read real images only.
 
 Stage-only keys of a pipeline entry (not config fields): ``pretrain.method`` (mae or vae)
@@ -25,14 +35,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 
 from dermkit.config import (
+    PRESETS,
     AutoencoderRunConfig,
     BaselineRunConfig,
     ConfigError,
@@ -45,52 +56,171 @@ from dermkit.config import (
     SampleConfig,
     Strict,
     VaePretrainRunConfig,
+    _read_yaml,
     load_config,
+    parse_override,
 )
 from dermkit.core.files import write_json_atomic
-from dermkit.eval.report import HtmlReport, format_estimate, markdown_rows, to_jsonable
-from dermkit.pipeline import PhantomsSource, Stage, StageContext, flatten_overrides
+from dermkit.core.mappings import expand_dotted, merge, nested
+from dermkit.eval.report import HtmlReport, format_estimate, to_jsonable
+from dermkit.pipeline.report import write_summary_report
+from dermkit.pipeline.runner import (
+    METRICS,
+    FigureSpec,
+    PipelineResult,
+    PipelineSpec,
+    Stage,
+    StageContext,
+    plan_pipeline,
+    plan_status,
+    run_pipeline,
+)
 from dermkit.runs import RunDir
 
 log = logging.getLogger(__name__)
 
+PIPELINE_DIR = Path(__file__).parents[1] / "pipelines"
+# Old stage names -> the command's name they took (a pipeline file naming one is refused).
+RENAMED = {"teacher": "finetune"}
 
-def _write_json(obj, path: Path) -> Path:
-    return write_json_atomic(path, to_jsonable(obj), default=str)
+
+# ----------------------------------------------------------------------------- pipeline file
+
+
+class PhantomsSource(Strict):
+    """Generate a phantom dataset inside the data stage's folder (no download)."""
+
+    n_lesions: int = Field(150, ge=14)
+    seed: int = 0
+    image_size: tuple[int, int] = Field((160, 120), description="(width, height) in px")
+    class_weights: dict[str, float] | None = Field(
+        None, description="class -> unnormalised share of lesions; null: HAM10000-like"
+    )
+
+
+class PipelineData(DataConfig):
+    """The data source, how it is split and read: generated phantoms or a dataset folder.
+
+    Every :class:`DataConfig` field; those the file sets reach every stage's ``data``.
+    ``cache_dir`` null: ``<out_dir>/cache`` for phantoms, else the default.
+    """
+
+    phantoms: PhantomsSource | None = None
+    path: str | None = Field(None, description="dataset root (HAM10000, ISIC or folder layout)")
+    image_size: int | None = Field(
+        None, ge=16, le=1024, description="null: each stage's preset (data stage: finetune's)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PipelineData:
+        if (self.phantoms is None) == (self.path is None):
+            raise ValueError("data needs exactly one of 'phantoms' and 'path'")
+        return self
+
+
+class PipelineConfig(PipelineSpec):
+    """A DerMAE pipeline file: the runner's fields, the preset (scale) and the data."""
+
+    preset: Literal["tiny", "cpu", "gpu"] = "tiny"
+    data: PipelineData
+
+
+def resolve_pipeline_path(spec: str | Path) -> Path:
+    """A pipeline file path, or a shipped pipeline's name (``dermae-tiny``)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    for candidate in (PIPELINE_DIR / path.name, PIPELINE_DIR / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(p.stem for p in PIPELINE_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"pipeline file {spec} not found (shipped pipelines: {shipped})")
+
+
+def load_pipeline(spec: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Read a pipeline file (or shipped name) and apply command-line ``key=value`` overrides.
+
+    Overrides address the file's structure, e.g. ``seed=1``, ``out_dir=runs/x`` or
+    ``stages.distill.distill.temperature=2``; ``stages.synth=false`` switches stages off.
+    """
+    path = resolve_pipeline_path(spec)
+    data = _read_yaml(path)
+    for item in overrides:
+        data = merge(data, nested(*parse_override(item)))
+    for old, new in RENAMED.items():
+        if old in (data.get("stages") or {}):
+            raise ConfigError(
+                f"{path}: stage '{old}' is now called '{new}', after the `dermkit {new}` "
+                f"command it runs: rename stages.{old} to stages.{new}"
+            )
+    try:
+        cfg = _validate(PipelineConfig, {**data, "source": str(path)}, "pipeline")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    if cfg.preset not in PRESETS:  # pragma: no cover - Literal already checks
+        raise ConfigError(f"{path}: unknown preset {cfg.preset}")
+    return cfg
+
+
+def run(
+    cfg: PipelineConfig,
+    targets: Sequence[str] | None = None,
+    progress: bool = True,
+    summary: bool = True,
+) -> PipelineResult:
+    """Run the DerMAE stages ``targets`` need (all when None); ``summary``: write
+    ``<out_dir>/report.html`` (:func:`dermkit.pipeline.report.write_summary_report`)."""
+    return run_pipeline(
+        cfg, DERMAE_STAGES, targets, progress, write_summary_report if summary else None
+    )
+
+
+def plan(cfg: PipelineConfig) -> dict:
+    """Every enabled stage's resolved config, key and folder (nothing runs)."""
+    return plan_pipeline(cfg, DERMAE_STAGES)
+
+
+def status(cfg: PipelineConfig, targets: Sequence[str] | None = None) -> list[dict]:
+    """What :func:`run` would do: one row per stage (``runner.plan_status``)."""
+    return plan_status(cfg, DERMAE_STAGES, targets)
+
+
+# ----------------------------------------------------------------------------- helpers
 
 
 def _metrics(path: Path) -> dict:
-    return json.loads((path / "metrics.json").read_text())
+    return json.loads((path / METRICS).read_text())
 
 
-def _resolve(ctx: StageContext, schema, preset_stage: str, base: dict, wiring: dict):
-    """preset < pipeline (seed, data) < the file's overrides < wiring, validated."""
-    items = [
-        *flatten_overrides(base),
-        *flatten_overrides(ctx.overrides),
-        *flatten_overrides(wiring),
-    ]
-    return load_config(schema, preset_stage, ctx.preset, None, items)
+def _resolve(ctx: StageContext, schema, section: str, wiring: dict):
+    """preset < the pipeline's seed < the file's settings < wiring, merged as mappings and
+    validated once (the preset as ``load_config`` reads it: the fields its YAML sets)."""
+    data = load_config(schema, section, ctx.pipeline.preset).model_dump(exclude_unset=True)
+    for update in ({"seed": ctx.seed}, ctx.overrides, wiring):
+        data = merge(data, expand_dotted(update))
+    return _validate(schema, data, section)
+
+
+def _validate(schema, data: dict, what: str):
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"invalid {what} settings:\n  " + "\n  ".join(lines)) from e
+
+
+def _out(cfg, out: Path):
+    """The config with its ``out_dir`` set to the stage folder."""
+    return cfg.model_copy(update={"out_dir": str(out)})
 
 
 # ----------------------------------------------------------------------------- data
 
 
-class DataStageConfig(Strict):
-    """``data``: phantoms (generated in the stage folder) or a dataset, split once."""
+class DataStageConfig(PipelineData):
+    """``data``: the pipeline's data section, split once (phantoms drawn in the folder)."""
 
-    phantoms: PhantomsSource | None = None
-    path: str | None = None
     fingerprint: str | None = Field(None, description="sha256 of the dataset and split file")
-    layout: Literal["auto", "ham10000", "isic", "folder"] = "auto"
-    split_file: str | None = None
-    split_seed: int = 0
-    train: float = 0.7
-    val: float = 0.1
-    test: float = 0.2
-    image_size: int = Field(64, description="cache resolution of the near-duplicate check")
-    near_duplicate_distance: int = 4
-    cache_dir: str | None = None
 
 
 def dataset_fingerprint(root: str | Path, split_file: str | None = None) -> str:
@@ -128,26 +258,17 @@ def cache_dir(ctx: StageContext) -> str | None:
 
 
 def _build_data(ctx: StageContext) -> DataStageConfig:
-    d = ctx.pipeline.data
-    teacher_size = load_config(FinetuneRunConfig, "finetune", ctx.preset).data.image_size
-    base = {
-        "phantoms": d.phantoms.model_dump() if d.phantoms else None,
-        "path": d.path,
+    d: PipelineData = ctx.pipeline.data
+    base = d.model_dump() | {
         "fingerprint": dataset_fingerprint(d.path, d.split_file) if d.path else None,
-        "layout": d.layout,
-        "split_file": d.split_file,
-        "split_seed": ctx.seed,
-        "train": d.train,
-        "val": d.val,
-        "test": d.test,
-        "image_size": teacher_size,
-        "near_duplicate_distance": d.near_duplicate_distance,
         "cache_dir": cache_dir(ctx),
     }
-    try:
-        return DataStageConfig.model_validate({**base, **ctx.overrides})
-    except ValueError as e:
-        raise ConfigError(f"invalid data stage settings: {e}") from e
+    if "split_seed" not in d.model_fields_set:
+        base["split_seed"] = ctx.seed
+    if d.image_size is None:  # the pHash check at the classifier's size
+        preset = ctx.pipeline.preset
+        base["image_size"] = load_config(FinetuneRunConfig, "finetune", preset).data.image_size
+    return _validate(DataStageConfig, merge(base, ctx.overrides), "data stage")
 
 
 def data_root(cfg: DataStageConfig, folder: Path) -> str:
@@ -155,11 +276,17 @@ def data_root(cfg: DataStageConfig, folder: Path) -> str:
 
 
 def _data_wiring(ctx: StageContext) -> dict:
-    """The ``data`` section every stage gets: the source, its one split, the cache."""
+    """The ``data`` section every stage gets: what the file sets, the one split, the cache."""
     folder = ctx.input("data")
     cfg: DataStageConfig = ctx.config("data")
+    named = ctx.pipeline.data.model_dump(
+        exclude_unset=True, exclude={"phantoms", "split_seed", "train", "val", "test"}
+    )
+    if named.get("image_size") is None:
+        named.pop("image_size", None)  # null: each stage's own
     return {
-        "data": {
+        "data": named
+        | {
             "path": data_root(cfg, folder),
             "layout": cfg.layout,
             "split_file": str(folder / "split.csv"),
@@ -207,18 +334,8 @@ def _run_data(cfg: DataStageConfig, out: Path, resume: bool) -> Path:
             root, p.n_lesions, image_size=p.image_size, seed=p.seed, class_weights=p.class_weights
         )
     with RunDir(out, cfg, "data") as run:
-        data_cfg = DataConfig(
-            path=str(root),
-            layout=cfg.layout,
-            image_size=cfg.image_size,
-            split_file=cfg.split_file,
-            split_seed=cfg.split_seed,
-            train=cfg.train,
-            val=cfg.val,
-            test=cfg.test,
-            near_duplicate_distance=cfg.near_duplicate_distance,
-            cache_dir=cfg.cache_dir,
-        )
+        fields = cfg.model_dump(exclude={"phantoms", "fingerprint"}) | {"path": str(root)}
+        data_cfg = DataConfig.model_validate(fields)
         prepared = prepare_data(data_cfg, rejects_path=run / "rejects.csv")
         write_split_file(prepared.manifest, run / "split.csv")
         m = prepared.manifest
@@ -239,7 +356,7 @@ def _run_data(cfg: DataStageConfig, out: Path, resume: bool) -> Path:
             "near_duplicate_pairs_across_splits": len(prepared.leakage.near_duplicates),
             "rejected": len(prepared.rejects),
         }
-        _write_json(metrics, run / "metrics.json")
+        write_json_atomic(run / METRICS, to_jsonable(metrics), default=str)
         report = HtmlReport(f"dermkit data: {root.name}")
         report.add_paragraph(
             f"{metrics['images']} images of {metrics['lesions']} lesions from {root}; "
@@ -289,13 +406,13 @@ def _metric_classifier(path: Path) -> str:
 
 
 def _build_baseline(ctx: StageContext) -> BaselineRunConfig:
-    return _resolve(ctx, BaselineRunConfig, "baseline", {"seed": ctx.seed}, _data_wiring(ctx))
+    return _resolve(ctx, BaselineRunConfig, "baseline", _data_wiring(ctx))
 
 
-def _run_baseline(cfg: BaselineRunConfig, out: Path, resume: bool) -> Path:
+def _run_baseline(cfg: BaselineRunConfig, out: Path, resume: bool) -> None:
     from dermkit.train.baseline import run_baseline
 
-    return run_baseline(cfg.model_copy(update={"out_dir": str(out)}))
+    run_baseline(_out(cfg, out))
 
 
 def _synthetic_wiring(ctx: StageContext, cfg) -> None:
@@ -307,54 +424,52 @@ def _synthetic_wiring(ctx: StageContext, cfg) -> None:
         cfg.synthetic_manifest = None
 
 
-def _build_teacher(ctx: StageContext) -> FinetuneRunConfig:
+def _build_finetune(ctx: StageContext) -> FinetuneRunConfig:
     wiring = _data_wiring(ctx)
     if ctx.on("pretrain"):  # fine-tune the pretrained encoder, at its resolution
         pre = ctx.config("pretrain")
         wiring["model"] = {"name": pre.model.name, "weights": str(ctx.input("pretrain"))}
         wiring["data"]["image_size"] = pre.data.image_size
-    cfg = _resolve(ctx, FinetuneRunConfig, "finetune", {"seed": ctx.seed}, wiring)
+    cfg = _resolve(ctx, FinetuneRunConfig, "finetune", wiring)
     _synthetic_wiring(ctx, cfg)
     return cfg
 
 
-def _run_finetune(cfg: FinetuneRunConfig, out: Path, resume: bool) -> Path:
+def _run_finetune(cfg: FinetuneRunConfig, out: Path, resume: bool) -> None:
     from dermkit.train.finetune import run_finetune
 
-    return run_finetune(cfg.model_copy(update={"out_dir": str(out)}), resume, progress=False)
+    run_finetune(_out(cfg, out), resume, progress=False)
 
 
 def _build_distill(ctx: StageContext) -> DistillRunConfig:
-    wiring = _data_wiring(ctx) | {"teacher": str(ctx.input("teacher"))}
-    cfg = _resolve(ctx, DistillRunConfig, "distill", {"seed": ctx.seed}, wiring)
+    wiring = _data_wiring(ctx) | {"teacher": str(ctx.input("finetune"))}
+    cfg = _resolve(ctx, DistillRunConfig, "distill", wiring)
     _synthetic_wiring(ctx, cfg)
     return cfg
 
 
-def _run_distill(cfg: DistillRunConfig, out: Path, resume: bool) -> Path:
+def _run_distill(cfg: DistillRunConfig, out: Path, resume: bool) -> None:
     from dermkit.train.distill import run_distill
 
-    return run_distill(cfg.model_copy(update={"out_dir": str(out)}), resume, progress=False)
+    run_distill(_out(cfg, out), resume, progress=False)
 
 
 def deployed_model(ctx: StageContext) -> Path:
-    """The classifier that ships: the student when distillation is on, else the teacher."""
-    return ctx.input("distill") if ctx.on("distill") else ctx.input("teacher")
+    """The classifier that ships: the student when distillation is on, else the fine-tune."""
+    return ctx.input("distill") if ctx.on("distill") else ctx.input("finetune")
 
 
 # ----------------------------------------------------------------------------- synth
 
 
 def _build_autoencoder(ctx: StageContext) -> AutoencoderRunConfig:
-    return _resolve(
-        ctx, AutoencoderRunConfig, "synth_autoencoder", {"seed": ctx.seed}, _data_wiring(ctx)
-    )
+    return _resolve(ctx, AutoencoderRunConfig, "synth_autoencoder", _data_wiring(ctx))
 
 
-def _run_autoencoder(cfg: AutoencoderRunConfig, out: Path, resume: bool) -> Path:
+def _run_autoencoder(cfg: AutoencoderRunConfig, out: Path, resume: bool) -> None:
     from dermkit.synth.autoencoder import train_autoencoder
 
-    return train_autoencoder(cfg.model_copy(update={"out_dir": str(out)}), resume, False)
+    train_autoencoder(_out(cfg, out), resume, False)
 
 
 def _metric_autoencoder(path: Path) -> str:
@@ -366,13 +481,13 @@ def _build_diffusion(ctx: StageContext) -> DiffusionRunConfig:
     wiring = _data_wiring(ctx)
     # Without the autoencoder stage the UNet runs in pixel space.
     wiring["autoencoder"] = str(ctx.input("autoencoder")) if ctx.on("autoencoder") else None
-    return _resolve(ctx, DiffusionRunConfig, "synth_diffusion", {"seed": ctx.seed}, wiring)
+    return _resolve(ctx, DiffusionRunConfig, "synth_diffusion", wiring)
 
 
-def _run_diffusion(cfg: DiffusionRunConfig, out: Path, resume: bool) -> Path:
+def _run_diffusion(cfg: DiffusionRunConfig, out: Path, resume: bool) -> None:
     from dermkit.synth.diffusion import train_diffusion
 
-    return train_diffusion(cfg.model_copy(update={"out_dir": str(out)}), resume, False)
+    train_diffusion(_out(cfg, out), resume, False)
 
 
 def _metric_diffusion(path: Path) -> str:
@@ -395,50 +510,18 @@ def _build_sample(ctx: StageContext) -> SampleStageConfig:
         balance = load_target(balance)  # the target's content is hashed, not its path
     parse_target(balance)  # errors now, not after the generator is trained
     wiring = {"generator": str(ctx.input("diffusion")), "balance": "uniform"}
-    cfg = _resolve(ctx, SampleConfig, "synth_sample", {"seed": ctx.seed}, wiring)
+    cfg = _resolve(ctx, SampleConfig, "synth_sample", wiring)
     return SampleStageConfig(sample=cfg, balance=balance)
 
 
-def _run_sample(cfg: SampleStageConfig, out: Path, resume: bool) -> Path:
-    import pandas as pd
-
+def _run_sample(cfg: SampleStageConfig, out: Path, resume: bool) -> None:
     from dermkit.synth.sample import run_sample
 
-    sample = cfg.sample.model_copy(update={"out_dir": str(out)})
-    if cfg.balance != "uniform":
-        target = _write_json(cfg.balance, out / "balance.json")
+    sample = _out(cfg.sample, out)
+    if cfg.balance != "uniform":  # `dermkit synth sample --balance FILE`
+        target = write_json_atomic(out / "balance.json", cfg.balance)
         sample = sample.model_copy(update={"balance": str(target)})
-    manifest = run_sample(sample, progress=False)
-    plan = json.loads((out / "plan.json").read_text())
-    rows = pd.read_csv(manifest)
-    metrics = {
-        "synthetic_images": len(rows),
-        "per_class": rows["label"].value_counts().to_dict(),
-        **plan,
-    }
-    _write_json(metrics, out / "metrics.json")
-    report = HtmlReport("dermkit synth sample: the class-balanced synthetic set")
-    report.add_paragraph(
-        f"{len(rows)} images from {cfg.sample.generator} ({cfg.sample.sampler.sampler}, "
-        f"{cfg.sample.sampler.steps} steps, guidance {cfg.sample.sampler.guidance}); "
-        f"target {json.dumps(cfg.balance)}. Manifest: manifest.csv."
-    )
-    real = plan["real_train_counts"]
-    report.add_table(
-        [
-            {
-                "class": c,
-                "real train": real[c],
-                "synthetic": plan["synthetic_counts"][c],
-                "total": plan["final_counts"][c],
-            }
-            for c in real
-        ],
-        caption="Training images per class",
-    )
-    for grid in sorted(out.glob("grid_*.png")):
-        report.add_figure(grid, f"{grid.stem.removeprefix('grid_')}: synthetic samples")
-    return report.write(out / "report.html")
+    run_sample(sample, progress=False)
 
 
 def _metric_sample(path: Path) -> str:
@@ -453,16 +536,16 @@ def _build_pretrain(ctx: StageContext) -> MaePretrainRunConfig | VaePretrainRunC
     if method not in ("mae", "vae"):
         raise ConfigError(f"pretrain.method must be mae or vae, got {method!r}")
     schema = MaePretrainRunConfig if method == "mae" else VaePretrainRunConfig
-    cfg = _resolve(ctx, schema, f"pretrain_{method}", {"seed": ctx.seed}, _data_wiring(ctx))
+    cfg = _resolve(ctx, schema, f"pretrain_{method}", _data_wiring(ctx))
     _synthetic_wiring(ctx, cfg)
     return cfg
 
 
-def _run_pretrain(cfg, out: Path, resume: bool) -> Path:
+def _run_pretrain(cfg, out: Path, resume: bool) -> None:
     from dermkit.ssl.pretrain import run_pretrain_mae, run_pretrain_vae
 
-    run = run_pretrain_mae if isinstance(cfg, MaePretrainRunConfig) else run_pretrain_vae
-    return run(cfg.model_copy(update={"out_dir": str(out)}), resume, progress=False)
+    pretrain = run_pretrain_mae if isinstance(cfg, MaePretrainRunConfig) else run_pretrain_vae
+    pretrain(_out(cfg, out), resume, progress=False)
 
 
 def _metric_pretrain(path: Path) -> str:
@@ -475,46 +558,24 @@ def _metric_pretrain(path: Path) -> str:
 
 def _build_exits(ctx: StageContext) -> ExitsRunConfig:
     wiring = {"base_run": str(deployed_model(ctx)), "cache_dir": cache_dir(ctx)}
-    return _resolve(ctx, ExitsRunConfig, "exits", {"seed": ctx.seed}, wiring)
+    return _resolve(ctx, ExitsRunConfig, "exits", wiring)
 
 
-def _run_exits(cfg: ExitsRunConfig, out: Path, resume: bool) -> Path:
+def _run_exits(cfg: ExitsRunConfig, out: Path, resume: bool) -> None:
     from dermkit.exits.bench import run_exits_bench
     from dermkit.exits.calibrate import run_exits_calibrate
     from dermkit.exits.train import run_exits_train
 
-    run_exits_train(cfg.model_copy(update={"out_dir": str(out)}), progress=False, resume=resume)
+    run_exits_train(_out(cfg, out), progress=False, resume=resume)
     run_exits_calibrate(out)
-    report = run_exits_bench(out)
-    bench = json.loads((out / "bench.json").read_text())
-    heads = {
-        h: {
-            "test_metrics": v["test_metrics"],
-            "gflops_fraction": v["test"]["gflops_fraction"],
-            "mean_blocks": v["test"]["mean_blocks"],
-            "speedup_vs_plain": v.get("speedup_vs_plain"),
-        }
-        for h, v in bench["heads"].items()
-        if "error" not in v
-    }
-    metrics = {"plain": bench["plain"]["test_metrics"], "heads": heads}
-    _write_json(metrics, out / "metrics.json")
-    return report
-
-
-def best_exit_head(folder: Path) -> str | None:
-    """The calibrated head type with the best val macro-F1 (None when none is calibrated)."""
-    scores = {}
-    for policy in folder.glob("policy_*.json"):
-        scores[policy.stem.removeprefix("policy_")] = (
-            json.loads(policy.read_text()).get("val_macro_f1") or 0.0
-        )
-    return max(scores, key=scores.get) if scores else None
+    run_exits_bench(out)
 
 
 def _metric_exits(path: Path) -> str:
+    from dermkit.exits.bench import best_head
+
     heads = _metrics(path)["heads"]
-    head = best_exit_head(path)
+    head = best_head(path)
     if head is None or head not in heads:
         return "no calibrated head"
     h = heads[head]
@@ -539,53 +600,23 @@ class ExportStageConfig(Strict):
 
 
 def _build_export(ctx: StageContext) -> ExportStageConfig:
-    try:
-        cfg = ExportStageConfig.model_validate(ctx.overrides)
-    except ValueError as e:
-        raise ConfigError(f"invalid export settings: {e}") from e
+    cfg = _validate(ExportStageConfig, ctx.overrides, "export")
     cfg.model_run = str(deployed_model(ctx))
     cfg.exits_run = str(ctx.input("exits")) if cfg.exits and ctx.on("exits") else None
     return cfg
 
 
-def _run_export(cfg: ExportStageConfig, out: Path, resume: bool) -> Path:
-    from dermkit.deploy.export import export_run
+def _run_export(cfg: ExportStageConfig, out: Path, resume: bool) -> None:
+    from dermkit.deploy.export_folder import export_folder
 
-    result = export_run(cfg.model_run, out, cfg.int8, cfg.parity_images, cfg.calibration_images)
-    metrics = {"model_run": cfg.model_run, "files": result["files"], "exits": None}
-    if cfg.exits_run is not None:
-        from dermkit.exits.onnx_segments import export_segments
-        from dermkit.exits.run_io import ExitRun
+    export_folder(cfg.model_run, out, cfg.int8, cfg.parity_images, cfg.calibration_images)
+    if cfg.exits_run is not None:  # `dermkit exits export --no-fused` of the best head
+        from dermkit.exits.bench import best_head
+        from dermkit.exits.onnx_segments import export_exit_run
 
-        run = ExitRun.open(cfg.exits_run)
-        head = best_exit_head(run.path)
+        head = best_head(cfg.exits_run)
         if head is not None:
-            segments = out / "exits"
-            export_segments(run.model(head), segments, run.info["img_size"])
-            run.policy(head).save(segments / "policy.json", run.classes)
-            metrics["exits"] = {
-                "head": head,
-                "files": sorted(p.name for p in segments.iterdir()),
-            }
-    _write_json(metrics, out / "metrics.json")
-    report = HtmlReport(f"dermkit export: {result['model']}")
-    report.add_paragraph(
-        f"ONNX export of {cfg.model_run}: input {result['input']}, output {result['output']}, "
-        f"opset {result['opset']}. Parity against PyTorch on {result['parity_images']} val "
-        "images. Model card: model_card.json."
-    )
-    report.add_table(
-        [{"key": k, **f} for k, f in result["files"].items()],
-        caption="Exported files",
-    )
-    if metrics["exits"]:
-        report.add_paragraph(
-            f"Early-exit segments of the {metrics['exits']['head']} heads and their policy in "
-            f"exits/: {', '.join(metrics['exits']['files'])}."
-        )
-    report.add_link("model_card.json", "model card (JSON)")
-    report.add_link("export.json", "export.json (all numbers)")
-    return report.write(out / "report.html")
+            export_exit_run(cfg.exits_run, head, out / "exits", fused=False)
 
 
 def _metric_export(path: Path) -> str:
@@ -617,48 +648,27 @@ class ExplainStageConfig(Strict):
 
 
 def _build_explain(ctx: StageContext) -> ExplainStageConfig:
-    try:
-        cfg = ExplainStageConfig.model_validate({"seed": ctx.seed, **ctx.overrides})
-    except ValueError as e:
-        raise ConfigError(f"invalid explain settings: {e}") from e
+    cfg = _validate(ExplainStageConfig, {"seed": ctx.seed, **ctx.overrides}, "explain")
     cfg.model_run = str(deployed_model(ctx))
     return cfg
 
 
-def _run_explain(cfg: ExplainStageConfig, out: Path, resume: bool) -> Path:
-    from dermkit.explain.features import run_explain_features
-    from dermkit.explain.saliency import run_explain_saliency
+def _run_explain(cfg: ExplainStageConfig, out: Path, resume: bool) -> None:
+    from dermkit.explain.index import run_explain
 
-    metrics, links = {}, []
-    if cfg.features:
-        report = run_explain_features(
-            cfg.model_run,
-            out / "features",
-            splits=tuple(cfg.splits),
-            max_images=cfg.max_images,
-            seed=cfg.seed,
-            use_umap=cfg.umap,
-        )
-        metrics["features"] = json.loads((out / "features" / "features_metrics.json").read_text())
-        links.append((report, "feature maps (PCA/UMAP) and class separation"))
-    if cfg.saliency:
-        report = run_explain_saliency(
-            cfg.model_run,
-            out / "saliency",
-            split=cfg.splits[0],
-            per_class=cfg.per_class,
-            sanity_images=cfg.sanity_images,
-            seed=cfg.seed,
-            random_copies=cfg.random_copies,
-        )
-        metrics["saliency"] = json.loads((out / "saliency" / "saliency_metrics.json").read_text())
-        links.append((report, "saliency overlays and the randomisation sanity check"))
-    _write_json(metrics, out / "metrics.json")
-    index = HtmlReport(f"dermkit explain: {Path(cfg.model_run).name}")
-    index.add_paragraph(f"What the classifier of {cfg.model_run} encodes and where it looks.")
-    for report, text in links:
-        index.add_link(str(report.relative_to(out)), text)
-    return index.write(out / "report.html")
+    run_explain(
+        cfg.model_run,
+        out,
+        features=cfg.features,
+        saliency=cfg.saliency,
+        splits=tuple(cfg.splits),
+        max_images=cfg.max_images,
+        use_umap=cfg.umap,
+        per_class=cfg.per_class,
+        sanity_images=cfg.sanity_images,
+        random_copies=cfg.random_copies,
+        seed=cfg.seed,
+    )
 
 
 def _metric_explain(path: Path) -> str:
@@ -676,7 +686,7 @@ def _metric_explain(path: Path) -> str:
 
 
 class EvaluateStageConfig(Strict):
-    """``evaluate``: one table of every classifier of the pipeline (``eval/summary.py``)."""
+    """``evaluate``: one table of every classifier of the pipeline (``eval/table.py``)."""
 
     runs: dict[str, str] = Field(default_factory=dict, description="row name -> run folder")
     latency: bool = True
@@ -686,17 +696,14 @@ class EvaluateStageConfig(Strict):
 
 EVALUATED = {
     "baseline": "classical baseline",
-    "teacher": "teacher (fine-tuned)",
+    "finetune": "teacher (fine-tuned)",
     "distill": "distilled student",
     "exits": "student + exits",
 }
 
 
 def _build_evaluate(ctx: StageContext) -> EvaluateStageConfig:
-    try:
-        cfg = EvaluateStageConfig.model_validate({"seed": ctx.seed, **ctx.overrides})
-    except ValueError as e:
-        raise ConfigError(f"invalid evaluate settings: {e}") from e
+    cfg = _validate(EvaluateStageConfig, {"seed": ctx.seed, **ctx.overrides}, "evaluate")
     runs = {}
     for stage, name in EVALUATED.items():
         if ctx.on(stage):
@@ -704,30 +711,15 @@ def _build_evaluate(ctx: StageContext) -> EvaluateStageConfig:
                 name = "teacher + exits"
             runs[name] = str(ctx.input(stage))
     if not runs:
-        raise ConfigError("evaluate needs at least one of baseline, teacher, distill, exits")
+        raise ConfigError("evaluate needs at least one of baseline, finetune, distill, exits")
     cfg.runs = runs
     return cfg
 
 
-def _run_evaluate(cfg: EvaluateStageConfig, out: Path, resume: bool) -> Path:
-    from dermkit.eval.summary import ablation_table_markdown, summarize_run
+def _run_evaluate(cfg: EvaluateStageConfig, out: Path, resume: bool) -> None:
+    from dermkit.eval.table import run_table
 
-    rows = [
-        (name, summarize_run(Path(run), latency=cfg.latency, n_boot=cfg.n_boot, seed=cfg.seed))
-        for name, run in cfg.runs.items()
-    ]
-    table = ablation_table_markdown(rows)
-    (out / "table.md").write_text(table)
-    _write_json({"rows": [{"name": n, **s} for n, s in rows]}, out / "metrics.json")
-    report = HtmlReport("dermkit evaluate: every classifier of the pipeline on the test split")
-    report.add_paragraph(
-        f"Test metrics with 95% lesion-level bootstrap CIs (B = {cfg.n_boot}); params, GFLOPs "
-        "per image and batch-1 CPU latency where the run has a torch model."
-    )
-    report.add_table(markdown_rows(table), caption="test split")
-    for name, run in cfg.runs.items():
-        report.add_link(os.path.relpath(Path(run, "report.html"), out), f"{name}: full report")
-    return report.write(out / "report.html")
+    run_table(cfg.runs, out, latency=cfg.latency, n_boot=cfg.n_boot, seed=cfg.seed)
 
 
 def _metric_evaluate(path: Path) -> str:
@@ -738,14 +730,27 @@ def _metric_evaluate(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- the chain
 
+_CLASSIFIER_FIGURES = (
+    FigureSpec("learning_curves.png", "learning curves"),
+    FigureSpec("confusion_matrix.png", "confusion matrix (test)"),
+)
+
 DERMAE_STAGES: tuple[Stage, ...] = (
-    Stage("data", "source, one split, image cache", _build_data, _run_data, _metric_data),
+    Stage(
+        "data",
+        "source, one split, image cache",
+        _build_data,
+        _run_data,
+        _metric_data,
+        figures=(FigureSpec(PHANTOM_GRID, "input images, one per class first"),),
+    ),
     Stage(
         "baseline",
         "classical baseline",
         _build_baseline,
         _run_baseline,
         _metric_classifier,
+        figures=(FigureSpec("confusion_matrix.png", "confusion matrix (test)"),),
     ),
     Stage(
         "autoencoder",
@@ -753,6 +758,7 @@ DERMAE_STAGES: tuple[Stage, ...] = (
         _build_autoencoder,
         _run_autoencoder,
         _metric_autoencoder,
+        figures=(FigureSpec("reconstructions.png", "images and their reconstructions"),),
     ),
     Stage(
         "diffusion",
@@ -760,6 +766,7 @@ DERMAE_STAGES: tuple[Stage, ...] = (
         _build_diffusion,
         _run_diffusion,
         _metric_diffusion,
+        figures=(FigureSpec("samples.png", "samples of the generator"),),
     ),
     Stage(
         "sample",
@@ -768,6 +775,7 @@ DERMAE_STAGES: tuple[Stage, ...] = (
         _run_sample,
         _metric_sample,
         knobs=("balance",),
+        figures=(FigureSpec("grid_*.png", "synthetic {name}", "all"),),
     ),
     Stage(
         "pretrain",
@@ -776,11 +784,46 @@ DERMAE_STAGES: tuple[Stage, ...] = (
         _run_pretrain,
         _metric_pretrain,
         knobs=("method",),
+        figures=(FigureSpec("grids/epoch-*.png", "MAE reconstructions, last epoch", "last"),),
     ),
-    Stage("teacher", "fine-tuned teacher", _build_teacher, _run_finetune, _metric_classifier),
-    Stage("distill", "distilled student", _build_distill, _run_distill, _metric_classifier),
-    Stage("exits", "early exits, thresholds, benchmark", _build_exits, _run_exits, _metric_exits),
+    Stage(
+        "finetune",
+        "fine-tuned teacher",
+        _build_finetune,
+        _run_finetune,
+        _metric_classifier,
+        figures=_CLASSIFIER_FIGURES,
+    ),
+    Stage(
+        "distill",
+        "distilled student",
+        _build_distill,
+        _run_distill,
+        _metric_classifier,
+        figures=(
+            *_CLASSIFIER_FIGURES,
+            FigureSpec("teacher_vs_student.png", "teacher against student"),
+        ),
+    ),
+    Stage(
+        "exits",
+        "early exits, thresholds, benchmark",
+        _build_exits,
+        _run_exits,
+        _metric_exits,
+        figures=(FigureSpec("curves.png", "accuracy and macro-F1 against compute"),),
+    ),
     Stage("export", "ONNX (+ INT8) export, model card", _build_export, _run_export, _metric_export),
-    Stage("explain", "feature maps and saliency", _build_explain, _run_explain, _metric_explain),
+    Stage(
+        "explain",
+        "feature maps and saliency",
+        _build_explain,
+        _run_explain,
+        _metric_explain,
+        figures=(
+            FigureSpec("saliency/saliency/class_*.png", "saliency: {name}", "all"),
+            FigureSpec("features/pca_label.png", "features (PCA) by class"),
+        ),
+    ),
     Stage("evaluate", "all classifiers", _build_evaluate, _run_evaluate, _metric_evaluate),
 )

@@ -1,9 +1,10 @@
-"""``dermkit run PIPELINE.yaml``: stages as a small DAG whose artifacts are cached by key.
+"""The DAG runner: stages whose artifacts are cached by key. It knows no stage itself.
 
-A pipeline file names the data source, the preset, the seed, an output folder and, per
-stage, overrides of that stage's preset config (or ``false`` to switch it off). Each
-:class:`Stage` builds its fully resolved config from the pipeline and the folders of the
-stages it reads (recorded as its inputs while it builds), and runs into its own folder::
+A pipeline is a :class:`PipelineSpec` (a name, a seed, an output folder and, per stage,
+its settings: ``false`` to switch it off, or a mapping of overrides) and an ordered list of
+:class:`Stage` callables. Each stage builds its fully resolved config from the pipeline and
+the folders of the stages it reads (recorded as its inputs while it builds), and runs into
+its own folder::
 
     key    = sha256(stage name, dermkit version, resolved config, keys of its inputs)
     folder = <out_dir>/<stage>-<key[:10]>/
@@ -15,8 +16,11 @@ that marker and the same key is skipped; a folder without it is a run that was k
 failed, and its stage is called again with ``resume=True`` (the training stages continue
 from their last checkpoint, sampling skips the images it already wrote). Changing one
 stage's settings therefore re-runs that stage and the stages downstream of it, nothing
-upstream. Every run rewrites ``pipeline.json`` (what ran, what was reused) and a summary
-``report.html`` linking each stage's own report.
+upstream. Every run rewrites ``pipeline.json`` (what ran, what was reused) and, when the
+caller gives one, a summary report.
+
+This module imports no domain code (``tests/test_layers.py`` checks it): which stages
+exist and what feeds what is the caller's (``dermkit.pipeline.dermae``).
 """
 
 from __future__ import annotations
@@ -30,70 +34,42 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from dermkit import __version__
-from dermkit.config import PRESETS, ConfigError, Strict, _merge, _read_yaml, parse_override
 from dermkit.core.files import write_json_atomic
+from dermkit.core.mappings import expand_dotted
 
 log = logging.getLogger(__name__)
 
-PIPELINE_DIR = Path(__file__).parent / "pipelines"
 MARKER = "stage.json"
 STATE_FILE = "pipeline.json"
+REPORT = "report.html"  # every stage folder ends up holding one, and metrics.json
+METRICS = "metrics.json"
+
+
+class PipelineError(ValueError):
+    """A pipeline file or its stages' settings are wrong; the message names the stage."""
+
+
 # Config keys that say where files go, not what is computed: left out of the cache key.
 _UNHASHED_KEYS = frozenset({"out_dir", "cache_dir"})
 
 
-# ----------------------------------------------------------------------------- pipeline file
-
-
-class PhantomsSource(Strict):
-    """Generate a phantom dataset inside the data stage's folder (no download)."""
-
-    n_lesions: int = Field(150, ge=14)
-    seed: int = 0
-    image_size: tuple[int, int] = Field((160, 120), description="(width, height) in px")
-    class_weights: dict[str, float] | None = Field(
-        None, description="class -> unnormalised share of lesions; null: HAM10000-like"
-    )
-
-
-class PipelineData(Strict):
-    """The data source: generated phantoms or a dataset folder, and how it is split."""
-
-    phantoms: PhantomsSource | None = None
-    path: str | None = Field(None, description="dataset root (HAM10000, ISIC or folder layout)")
-    layout: Literal["auto", "ham10000", "isic", "folder"] = "auto"
-    split_file: str | None = Field(None, description="committed split (image_id,lesion_id,split)")
-    train: float = Field(0.7, ge=0)
-    val: float = Field(0.1, ge=0)
-    test: float = Field(0.2, ge=0)
-    near_duplicate_distance: int = Field(4, ge=-1, description="pHash distance; -1 disables")
-    cache_dir: str | None = Field(
-        None, description="image cache root; null: <out_dir>/cache for phantoms, else the default"
-    )
-
-    @model_validator(mode="after")
-    def _one_source(self) -> PipelineData:
-        if (self.phantoms is None) == (self.path is None):
-            raise ValueError("data needs exactly one of 'phantoms' and 'path'")
-        return self
-
-
-class PipelineConfig(Strict):
-    """One pipeline file: source, scale, seed, output folder and per-stage settings.
+class PipelineSpec(BaseModel):
+    """What the runner reads of a pipeline file; a concrete pipeline adds its own fields.
 
     ``stages`` maps a stage name to ``false`` (off), ``true``/``{}`` (on, preset settings)
     or a mapping of overrides of that stage's config: nested (``optim: {epochs: 3}``) or
-    dotted (``optim.epochs: 3``) keys; ``enabled: false`` switches it off as well. A few
-    stages take extra keys of their own (see ``dermkit.stages``).
+    dotted (``optim.epochs: 3``) keys; ``enabled: false`` switches it off as well. A stage
+    may take extra keys of its own (:attr:`Stage.knobs`).
     """
 
+    model_config = ConfigDict(extra="forbid")
+
     name: str = "pipeline"
-    preset: Literal["tiny", "cpu", "gpu"] = "tiny"
     seed: int = 0
     out_dir: str = "runs/pipeline"
     threads: int | None = Field(
@@ -102,60 +78,8 @@ class PipelineConfig(Strict):
         description="CPU threads of torch and OpenMP/BLAS while stages run; null: the default. "
         "Tiny models run faster on one thread (synchronisation dominates their small ops).",
     )
-    data: PipelineData
     stages: dict[str, Any] = Field(default_factory=dict)
     source: str | None = Field(None, description="the file this was read from (set on load)")
-
-
-def resolve_pipeline_path(spec: str | Path) -> Path:
-    """A pipeline file path, or a shipped pipeline's name (``dermae-tiny``)."""
-    path = Path(spec)
-    if path.is_file():
-        return path
-    for candidate in (PIPELINE_DIR / path.name, PIPELINE_DIR / f"{path.name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    shipped = sorted(p.stem for p in PIPELINE_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"pipeline file {spec} not found (shipped pipelines: {shipped})")
-
-
-def load_pipeline(spec: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
-    """Read a pipeline file (or shipped name) and apply ``key=value`` overrides.
-
-    Overrides address the file's structure, e.g. ``seed=1``, ``out_dir=runs/x`` or
-    ``stages.distill.distill.temperature=2``; ``stages.synth=false`` switches stages off.
-    """
-    path = resolve_pipeline_path(spec)
-    data = _read_yaml(path)
-    for item in overrides:
-        keys, value = parse_override(item)
-        nested: Any = value
-        for k in reversed(keys):
-            nested = {k: nested}
-        data = _merge(data, nested)
-    try:
-        cfg = PipelineConfig.model_validate({**data, "source": str(path)})
-    except ValidationError as e:
-        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"{path}: invalid pipeline:\n  " + "\n  ".join(lines)) from e
-    if cfg.preset not in PRESETS:  # pragma: no cover - Literal already checks
-        raise ConfigError(f"{path}: unknown preset {cfg.preset}")
-    return cfg
-
-
-def flatten_overrides(tree: dict, prefix: str = "") -> list[str]:
-    """``{"optim": {"epochs": 3}, "a.b": [1]}`` -> ``["optim.epochs=3", "a.b=[1]"]``.
-
-    Values are written as JSON, which ``parse_override`` reads back as YAML unchanged.
-    """
-    items = []
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            items.extend(flatten_overrides(value, f"{name}."))
-        else:
-            items.append(f"{name}={json.dumps(value)}")
-    return items
 
 
 # ----------------------------------------------------------------------------- stages
@@ -170,35 +94,64 @@ class Stage:
         title: what the stage does, for the progress view and the summary.
         build: resolved config from a :class:`StageContext`; reading another stage's
             folder through ``ctx.input`` makes that stage an input.
-        run: ``(config, folder, resume) -> report.html`` of the finished stage; the
-            folder must end up holding ``metrics.json`` and ``report.html``.
+        run: ``(config, folder, resume)``, the stage's work; the folder must end up
+            holding ``metrics.json`` and ``report.html`` (what it returns is not used).
         metric: one short line (the key figure) from a finished folder.
         knobs: extra keys this stage reads from its pipeline entry (not config overrides).
+        figures: the pictures of a finished folder a summary shows (:func:`stage_figures`).
     """
 
     name: str
     title: str
     build: Callable[[StageContext], BaseModel]
-    run: Callable[[BaseModel, Path, bool], Path]
+    run: Callable[[Any, Path, bool], object]
     metric: Callable[[Path], str]
     knobs: tuple[str, ...] = ()
+    figures: tuple[FigureSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """PNG(s) of a stage folder to show: ``pattern`` (a glob relative to the folder),
+    which matches to take (``first``, ``last`` or ``all``, in name order) and a caption
+    (``{name}``: the file name without ``.png`` and the pattern's fixed prefix)."""
+
+    pattern: str
+    caption: str
+    take: str = "first"
+
+
+MAX_PER_SPEC = 8  # "all" shows at most this many (one per class for 7 classes)
+
+
+def stage_figures(stage: Stage, folder: Path) -> list[tuple[Path, str]]:
+    """(PNG path, caption) of a finished stage folder, in ``stage.figures`` order; files a
+    stage did not draw (another method, a switched-off part) are left out."""
+    shown = []
+    for spec in stage.figures:
+        matches = sorted(folder.glob(spec.pattern))
+        if spec.take == "first":
+            matches = matches[:1]
+        elif spec.take == "last":
+            matches = matches[-1:]
+        prefix = Path(spec.pattern).name.split("*")[0]
+        for path in matches[:MAX_PER_SPEC]:
+            name = path.stem.removeprefix(prefix)
+            shown.append((path, spec.caption.format(name=name)))
+    return shown
 
 
 @dataclass
 class StageContext:
     """What a stage's ``build`` sees: the pipeline, its own settings and earlier stages."""
 
-    pipeline: PipelineConfig
+    pipeline: Any  # the pipeline's PipelineSpec (subclass)
     stage: str
     overrides: dict
     knobs: dict
     _plans: dict[str, Planned]
     _enabled: dict[str, bool]
     inputs: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def preset(self) -> str:
-        return self.pipeline.preset
 
     @property
     def seed(self) -> int:
@@ -211,9 +164,9 @@ class StageContext:
     def input(self, stage: str) -> Path:
         """The folder of an earlier stage; records it as an input of this one."""
         if not self.on(stage):
-            raise ConfigError(f"stage '{self.stage}' needs stage '{stage}', which is off")
+            raise PipelineError(f"stage '{self.stage}' needs stage '{stage}', which is off")
         if stage not in self._plans:
-            raise ConfigError(f"stage '{self.stage}' needs '{stage}', which must come earlier")
+            raise PipelineError(f"stage '{self.stage}' needs '{stage}', which must come earlier")
         planned = self._plans[stage]
         self.inputs[stage] = planned.key
         return planned.path
@@ -240,7 +193,7 @@ class Planned:
         return self.stage.name
 
 
-def _settings(cfg: PipelineConfig, stage: Stage) -> tuple[bool, dict, dict]:
+def _settings(cfg: PipelineSpec, stage: Stage) -> tuple[bool, dict, dict]:
     """(enabled, config overrides, knobs) of a stage's entry in the pipeline file."""
     entry = cfg.stages.get(stage.name, True)
     if entry is None or entry is True:
@@ -248,27 +201,15 @@ def _settings(cfg: PipelineConfig, stage: Stage) -> tuple[bool, dict, dict]:
     if entry is False:
         return False, {}, {}
     if not isinstance(entry, dict):
-        raise ConfigError(
+        raise PipelineError(
             f"{cfg.source}: stages.{stage.name} must be true, false or a mapping, got {entry!r}"
         )
     entry = dict(entry)
     enabled = entry.pop("enabled", True)
     if not isinstance(enabled, bool):
-        raise ConfigError(f"{cfg.source}: stages.{stage.name}.enabled must be true or false")
+        raise PipelineError(f"{cfg.source}: stages.{stage.name}.enabled must be true or false")
     knobs = {k: entry.pop(k) for k in stage.knobs if k in entry}
-    overrides: dict = {}
-    for item in entry.pop("overrides", None) or []:  # a list of "key=value" strings
-        keys, value = parse_override(item)
-        nested: Any = value
-        for k in reversed(keys):
-            nested = {k: nested}
-        overrides = _merge(overrides, nested)
-    for key, value in entry.items():  # dotted or nested keys
-        nested = value
-        for k in reversed(key.split(".")):
-            nested = {k: nested}
-        overrides = _merge(overrides, nested)
-    return enabled, overrides, knobs
+    return enabled, expand_dotted(entry), knobs
 
 
 def _normalise(value: Any, replace: list[tuple[str, str]]) -> Any:
@@ -300,12 +241,12 @@ def stage_key(name: str, config: BaseModel, inputs: dict[str, str], folders: dic
     return hashlib.sha256(text.encode()).hexdigest(), material
 
 
-def plan_pipeline(cfg: PipelineConfig, stages: Sequence[Stage]) -> dict[str, Planned]:
+def plan_pipeline(cfg: PipelineSpec, stages: Sequence[Stage]) -> dict[str, Planned]:
     """Resolve every enabled stage in order: config, inputs, key and folder."""
     names = [s.name for s in stages]
     unknown = sorted(set(cfg.stages) - set(names))
     if unknown:
-        raise ConfigError(f"{cfg.source}: unknown stages {unknown}; the stages are {names}")
+        raise PipelineError(f"{cfg.source}: unknown stages {unknown}; the stages are {names}")
     enabled, plans = {}, {}
     settings = {s.name: _settings(cfg, s) for s in stages}
     for s in stages:
@@ -318,8 +259,8 @@ def plan_pipeline(cfg: PipelineConfig, stages: Sequence[Stage]) -> dict[str, Pla
         ctx = StageContext(cfg, s.name, overrides, knobs, plans, enabled)
         try:
             config = s.build(ctx)
-        except ConfigError as e:
-            raise ConfigError(f"{cfg.source}: stage '{s.name}': {e}") from e
+        except ValueError as e:  # the stage's settings are wrong (ConfigError and the like)
+            raise PipelineError(f"{cfg.source}: stage '{s.name}': {e}") from e
         folders = {d: plans[d].path for d in ctx.inputs}
         key, material = stage_key(s.name, config, ctx.inputs, folders)
         path = out / f"{s.name}-{key[:10]}"
@@ -333,7 +274,7 @@ def needed_stages(plans: dict[str, Planned], targets: Sequence[str] | None) -> l
         return list(plans)
     missing = [t for t in targets if t not in plans]
     if missing:
-        raise ConfigError(f"target stages {missing} are off or unknown (on: {list(plans)})")
+        raise PipelineError(f"target stages {missing} are off or unknown (on: {list(plans)})")
     need: set[str] = set()
     todo = list(targets)
     while todo:
@@ -384,10 +325,11 @@ class StageRecord:
 class PipelineResult:
     """The records of one ``run_pipeline`` call and the summary report's path."""
 
-    config: PipelineConfig
+    config: Any  # the PipelineSpec (subclass) that ran
     records: dict[str, StageRecord]
     report: Path | None
     plans: dict[str, Planned]
+    stages: dict[str, Stage] = field(default_factory=dict)
 
     @property
     def executed(self) -> list[str]:
@@ -512,9 +454,10 @@ def _run_stage(planned: Planned, resume: bool, quiet: bool) -> StageRecord:
     planned.path.mkdir(parents=True, exist_ok=True)
     with _attempt_clock(planned.path) as clock, _stage_log(planned.path, quiet):
         log.info("stage %s (key %s), resume=%s", planned.name, planned.key[:10], resume)
-        report = planned.stage.run(planned.config, planned.path, resume)
+        planned.stage.run(planned.config, planned.path, resume)
     wall, cpu = clock["last_wall_s"], clock["last_cpu_s"]
-    for required in ("metrics.json", "report.html"):
+    report = planned.path / REPORT
+    for required in (METRICS, REPORT):
         if not (planned.path / required).exists():
             raise RuntimeError(f"stage {planned.name} finished without {planned.path / required}")
     record = StageRecord(
@@ -552,7 +495,7 @@ def _run_stage(planned: Planned, resume: bool, quiet: bool) -> StageRecord:
 
 def _cached_record(planned: Planned) -> StageRecord:
     marker = read_marker(planned.path) or {}
-    report = planned.path / marker.get("report", "report.html")
+    report = planned.path / marker.get("report", REPORT)
     return StageRecord(
         planned.name,
         planned.stage.title,
@@ -568,7 +511,7 @@ def _cached_record(planned: Planned) -> StageRecord:
 
 
 def plan_status(
-    cfg: PipelineConfig,
+    cfg: PipelineSpec,
     stages: Sequence[Stage],
     targets: Sequence[str] | None = None,
 ) -> list[dict]:
@@ -601,16 +544,17 @@ def plan_status(
 
 
 def run_pipeline(
-    cfg: PipelineConfig,
+    cfg: PipelineSpec,
     stages: Sequence[Stage],
     targets: Sequence[str] | None = None,
     progress: bool = True,
-    summary: bool = True,
+    summary: Callable[[PipelineResult, float], Path] | None = None,
 ) -> PipelineResult:
     """Run the stages ``targets`` need (all when None), reusing finished ones.
 
-    Returns the records; writes ``<out_dir>/pipeline.json`` and (``summary``) the summary
-    ``<out_dir>/report.html``. A failing stage is recorded, then its error re-raised.
+    Returns the records; writes ``<out_dir>/pipeline.json`` and calls ``summary(result,
+    seconds)`` (when given) for the summary report, whose path lands in ``result.report``.
+    A failing stage is recorded, then its error re-raised.
     """
     t0 = time.time()
     plans = plan_pipeline(cfg, stages)
@@ -641,12 +585,10 @@ def run_pipeline(
                 error = e
                 break
             view.done(name, records[name])
-    result = PipelineResult(cfg, records, None, plans)
+    result = PipelineResult(cfg, records, None, plans, {s.name: s for s in stages})
     _write_state(result, time.time() - t0)
-    if summary:
-        from dermkit.pipeline_report import write_summary_report
-
-        result.report = write_summary_report(result, time.time() - t0)
+    if summary is not None:
+        result.report = summary(result, time.time() - t0)
     if error is not None:
         raise error
     return result
@@ -657,7 +599,6 @@ def _write_state(result: PipelineResult, seconds: float) -> Path:
     state = {
         "name": cfg.name,
         "source": cfg.source,
-        "preset": cfg.preset,
         "seed": cfg.seed,
         "seconds": round(seconds, 2),
         "executed": result.executed,
