@@ -33,7 +33,7 @@ from dermkit.data.prepare import prepare_data
 from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize
 from dermkit.models.backbones import create_backbone
 from dermkit.ssl.mae import MaskedAutoencoder
-from dermkit.train.loop import fused_adamw, plan_epoch, resolve_precision, seed_step
+from dermkit.train.engine import bare_step, fused_adamw, plan_epoch, resolve_precision, seed_step
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
@@ -106,16 +106,12 @@ def bench_mae(
     def mae_step(x, y):
         with autocast():
             loss = mae(x)[0]
-        loss.backward()
-        opts["mae"].step()
-        opts["mae"].zero_grad(set_to_none=True)
+        bare_step(loss, opts["mae"])
 
     def supervised_step(x, y):
         with autocast():
             loss = F.cross_entropy(supervised(x), y)
-        loss.backward()
-        opts["supervised"].step()
-        opts["supervised"].zero_grad(set_to_none=True)
+        bare_step(loss, opts["supervised"])
 
     def run(step_fn) -> float:
         if device.type == "cuda":

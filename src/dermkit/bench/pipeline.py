@@ -23,7 +23,7 @@ from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import prepare_data
 from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize
 from dermkit.models.backbones import create_backbone
-from dermkit.train.loop import plan_epoch, resolve_precision, seed_step
+from dermkit.train.engine import bare_step, plan_epoch, resolve_precision, seed_step
 
 
 def bench_pipeline(cfg: FinetuneRunConfig, steps: int = 10, rounds: int = 3) -> dict:
@@ -51,9 +51,7 @@ def bench_pipeline(cfg: FinetuneRunConfig, steps: int = 10, rounds: int = 3) -> 
     def step(x, y):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        bare_step(loss, opt)
 
     def run_model():
         for x, y in ready:

@@ -59,7 +59,7 @@ def bench_sampling(
     ``unet`` takes class labels in [0, n_classes] (n_classes = the null class);
     ``precision`` is dermkit's sampling precision (auto, bf16, fp16, fp32).
     """
-    from dermkit.train.loop import resolve_precision
+    from dermkit.train.engine import resolve_precision
 
     if guidance in (0, 1):
         raise ValueError("use a guidance other than 0 and 1: those need only one UNet call")

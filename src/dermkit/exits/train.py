@@ -61,8 +61,8 @@ from dermkit.train.checkpoint import (
     load_checkpoint_tensors,
     save_checkpoint,
 )
+from dermkit.train.engine import lr_at, make_accelerator, plan_epoch, seed_step
 from dermkit.train.kd import KDLoss
-from dermkit.train.loop import lr_at, make_accelerator, plan_epoch, seed_step
 from dermkit.train.losses import ClassificationLoss, sampling_weights
 
 log = logging.getLogger(__name__)

@@ -59,8 +59,7 @@ from dermkit.eval.report import HtmlReport
 from dermkit.models.weights import load_pretrained, save_weights
 from dermkit.runs import RunDir
 from dermkit.train.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
-from dermkit.train.finetune import load_training_data
-from dermkit.train.loop import (
+from dermkit.train.engine import (
     MetricsLog,
     fused_adamw,
     lr_at,
@@ -68,6 +67,7 @@ from dermkit.train.loop import (
     plan_epoch,
     seed_step,
 )
+from dermkit.train.finetune import load_training_data
 
 log = logging.getLogger(__name__)
 

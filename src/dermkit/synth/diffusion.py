@@ -65,7 +65,7 @@ from dermkit.synth.training import (
     write_json,
 )
 from dermkit.train.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
-from dermkit.train.loop import lr_at, make_accelerator, seed_step
+from dermkit.train.engine import lr_at, make_accelerator, seed_step
 
 log = logging.getLogger(__name__)
 

@@ -210,7 +210,7 @@ def _settings(generator, cfg: SampleConfig) -> dict:
 
 def _precision(generator, cfg: SampleConfig) -> str:
     """The resolved UNet autocast precision of this sampling run ("bf16", "fp16", "no")."""
-    from dermkit.train.loop import resolve_precision
+    from dermkit.train.engine import resolve_precision
 
     return resolve_precision(cfg.precision, torch.device(generator.device))
 

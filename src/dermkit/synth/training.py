@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from dermkit.config import ConfigError, SynthOptimConfig
 from dermkit.core.files import write_json_atomic
 from dermkit.eval.report import to_jsonable
-from dermkit.train.loop import plan_epoch
+from dermkit.train.engine import plan_epoch
 
 
 def check_optim(optim: SynthOptimConfig) -> None:

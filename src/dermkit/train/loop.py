@@ -1,144 +1,50 @@
-"""The supervised training loop, readable top to bottom (nanoGPT-style), on accelerate.
+"""Supervised training of a classifier on the engine (``train/engine.py``).
 
-One function, ``train_classifier``, owns the loop: plan the epoch's batches -> per step
-set the lr, gather a batch from the in-memory cache, augment it, forward/backward
-(micro-batches for gradient accumulation), clip, step, EMA -> log -> checkpoint -> at
-each epoch end score val (and a clean train subset, for the overfitting gap) and keep the
-best weights -> early stop.
-
-Determinism is by construction, not by restoring opaque states: the batch plan of an
-epoch is a function of (seed, epoch), and every step reseeds torch/numpy from
-(seed, step) before it draws augmentation, mixup, dropout or drop-path randomness. A run
-resumed from its step-k checkpoint therefore replays exactly what the uninterrupted run
-did after step k, and a data-parallel rank augments its slice of the global batch exactly
-as a single process would (parameters are drawn for the whole global batch).
+``train_classifier`` is the supervised method: each micro-batch is gathered from the
+in-memory cache, augmented (parameters drawn for the whole global batch, so a process
+augments its slice as a single process would), mixed (mixup/cutmix) and scored with the
+configured ``ClassificationLoss`` or a given criterion (distillation's KD loss, an ordinal
+task's). At each epoch end it scores val (and a clean train subset, for the overfitting
+gap); the engine keeps the best weights on val macro-F1 (QWK for ordinal heads) and stops
+early. Everything else (lr schedule, accumulation, DDP, EMA, clipping, checkpoints,
+resume, the log) is the engine's.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
-import math
-import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from sklearn.metrics import balanced_accuracy_score
 
 from dermkit.config import FinetuneRunConfig
-from dermkit.core.files import atomic_path
 from dermkit.core.metrics import macro_f1
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize, to_float
 from dermkit.models.backbones import input_stats
-from dermkit.train.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
+from dermkit.train.engine import (  # noqa: F401  (lr_at, plan_epoch: re-exported)
+    Batch,
+    EpochEnd,
+    Rows,
+    fit,
+    lr_at,
+    make_accelerator,
+    peak_lr,
+    plan_epoch,
+)
 from dermkit.train.losses import ClassificationLoss, sampling_weights
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' on CUDA with bf16 or on CPUs with AVX512-BF16/AMX, else 'no'."""
-    if precision == "fp32":
-        return "no"
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "no"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
-
-
-def fused_adamw() -> dict:
-    """Keyword arguments for ``create_optimizer_v2(..., "adamw")``: torch's fused AdamW.
-
-    One fused kernel instead of a loop over parameter tensors: on the 2-core benchmark
-    machine a ViT-Tiny (5.5 M parameters) step of AdamW takes 2.6 ms fused vs 7.9 ms
-    (for-loop, torch's CPU default) and 9.4 ms (foreach). Same update rule and state.
-    """
-    return {"fused": True}
-
-
-def make_accelerator(precision: str = "auto") -> Accelerator:
-    """An Accelerator on CUDA when present, else CPU, with the resolved mixed precision."""
-    cpu = not torch.cuda.is_available()
-    device = torch.device("cpu" if cpu else "cuda")
-    accelerator = Accelerator(cpu=cpu, mixed_precision=resolve_precision(precision, device))
-    if accelerator.num_processes > 1:
-        # A process that exits with its gloo group alive can abort in interpreter teardown
-        # ("terminate called without an active exception", SIGABRT after a finished run):
-        # gloo's worker threads still hold tensors then. Destroying the group while the
-        # interpreter is whole avoids it; atexit covers every command that trains.
-        atexit.register(_destroy_process_group)
-    return accelerator
-
-
-def _destroy_process_group() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float, min_ratio: float) -> float:
-    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine down to peak*min_ratio."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def plan_epoch(
-    real: np.ndarray,
-    synthetic: np.ndarray,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    weights: np.ndarray | None = None,
-    synthetic_ratio: float = 0.0,
-) -> np.ndarray:
-    """The epoch's global batches of dataset indices: (steps, batch_size) int64.
-
-    Real rows are shuffled (or drawn with ``weights`` (len(real),) with replacement, for a
-    class-balanced sampler); with ``synthetic_ratio`` r each batch holds round(r * B)
-    synthetic rows drawn from ``synthetic``. An epoch is one pass over the real rows.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    n_syn = round(synthetic_ratio * batch_size) if len(synthetic) else 0
-    n_real = batch_size - n_syn
-    steps = len(real) // n_real
-    if steps == 0:
-        raise ValueError(f"{len(real)} training images are fewer than one batch of {n_real}")
-    if weights is None:
-        order = real[rng.permutation(len(real))]
-    else:
-        order = real[rng.choice(len(real), size=len(real), p=weights / weights.sum())]
-    batches = order[: steps * n_real].reshape(steps, n_real)
-    if n_syn:
-        syn = synthetic[rng.choice(len(synthetic), size=(steps, n_syn))]
-        batches = np.concatenate([batches, syn], axis=1)
-        batches = np.take_along_axis(batches, rng.permuted(np.indices(batches.shape)[1], axis=1), 1)
-    return batches
-
-
-def seed_step(seed: int, step: int) -> torch.Generator:
-    """Reseed the global RNGs for this step and return a generator for augmentation."""
-    s = (seed * 1_000_003 + step) % (2**31)
-    torch.manual_seed(s)
-    np.random.seed(s)
-    return torch.Generator().manual_seed(s)
 
 
 def _tta_views(x: torch.Tensor) -> list[torch.Tensor]:
@@ -223,52 +129,77 @@ def score(
     return out
 
 
-class MetricsLog:
-    """JSONL (+ CSV of epoch rows, + TensorBoard when installed) metrics log of a run."""
+class Supervised:
+    """The supervised method: augmented cached images -> logits (b, C) -> loss.
 
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.path = run_dir / "log.jsonl"
-        self.enabled = enabled
-        self.tb = None
-        if enabled:
-            try:  # optional: only when tensorboard is installed
-                from torch.utils.tensorboard import SummaryWriter
+    ``criterion(logits (b, C), targets (b,) or (b, C) after mixup, images (b, 3, S, S))``
+    replaces the configured ``ClassificationLoss`` when given. ``to_probs(logits) ->
+    (b, K)`` marks a non-softmax head (ordinal CORN): scoring uses it and QWK selects.
+    """
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                pass
+    def __init__(
+        self,
+        cfg,
+        model,
+        train_ds,
+        val_ds,
+        train_eval_idx,
+        accelerator,
+        counts,
+        criterion=None,
+        to_probs=None,
+    ):
+        lc, device = cfg.loss, accelerator.device
+        self.cfg, self.train_ds, self.val_ds = cfg, train_ds, val_ds
+        self.train_eval_idx, self.accelerator = train_eval_idx, accelerator
+        self.criterion, self.to_probs = criterion, to_probs
+        self.select = "val_qwk" if to_probs is not None else "val_macro_f1"
+        self.stats = input_stats(model)  # the weights source's (mean, std), before wrapping
+        self.class_loss = ClassificationLoss(
+            lc.loss, counts, lc.label_smoothing, lc.weight_power, lc.focal_gamma, lc.logit_tau
+        ).to(device)
+        fields = set(AugmentConfig.__dataclass_fields__)
+        self.augment = BatchAugment(AugmentConfig(**cfg.augment.model_dump(include=fields)))
+        self.mixup = None
+        if cfg.augment.mixup_alpha or cfg.augment.cutmix_alpha:
+            from timm.data import Mixup
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows written after ``step`` (a resumed run rewrites them identically)."""
-        if not (self.enabled and self.path.exists()):
-            return
-        keep = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+            self.mixup = Mixup(
+                mixup_alpha=cfg.augment.mixup_alpha,
+                cutmix_alpha=cfg.augment.cutmix_alpha,
+                label_smoothing=lc.label_smoothing,
+                num_classes=len(train_ds.class_names),
+            )
 
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(f"{row.get('kind', 'train')}/{k}", v, row["step"])
+    def step(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
+        params = batch.once("augment", lambda: self.augment.sample(batch.size, batch.gen))
+        x, y = self.train_ds.__getitems__(batch.rows)  # uint8 (b, 3, S, S), (b,)
+        x = x.to(self.accelerator.device, non_blocking=True).float().div_(255)
+        x = normalize(self.augment.apply(x, params, lo=batch.offset), *self.stats)
+        y = y.to(self.accelerator.device)
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)  # y: (b, C) soft targets
+        logits = model(x)
+        loss = self.criterion(logits, y, x) if self.criterion else self.class_loss(logits, y)
+        return loss, {}
 
-
-@dataclass
-class TrainState:
-    """Everything besides tensors that a resumed run must know."""
-
-    step: int = 0
-    best_metric: float = -1.0
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    stopped_early: bool = False
-    history: list[dict] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- the loop
+    def evaluate(self, model, end: EpochEnd) -> dict:
+        """Score val and a clean train subset; the gaps are train minus val (val minus
+        train for the loss)."""
+        cfg, acc, tds, vds = self.cfg, self.accelerator, self.train_ds, self.val_ds
+        logits = predict_logits(model, vds, np.arange(len(vds)), acc, tta=cfg.augment.tta)
+        val = score(logits, vds.labels, self.to_probs)
+        train = {}
+        if len(self.train_eval_idx):
+            logits = predict_logits(model, tds, self.train_eval_idx, acc)
+            train = score(logits, tds.labels[self.train_eval_idx], self.to_probs)
+        row = {f"val_{k}": v for k, v in val.items()} | {f"train_{k}": v for k, v in train.items()}
+        if train:
+            for k in ("macro_f1", "balanced_accuracy", "accuracy"):
+                row[f"gap_{k}"] = train[k] - val[k]
+            row["gap_loss"] = val["loss"] - train["loss"]
+        log.info("epoch %d: val macro-F1 %.3f", end.epoch, val["macro_f1"])
+        return row
 
 
 def train_classifier(
@@ -296,18 +227,8 @@ def train_classifier(
     the best val macro-F1 epoch, EMA weights when EMA is on), ``log.jsonl`` and
     ``history.json`` (per-epoch train/val loss, macro-F1 and the overfitting gap).
     """
-    oc, lc = cfg.optim, cfg.loss
-    stats = input_stats(model)  # (mean, std) of the model's weights source, before wrapping
+    oc = cfg.optim
     accelerator = accelerator or make_accelerator(oc.precision)
-    precision = accelerator.mixed_precision
-    world, rank = accelerator.num_processes, accelerator.process_index
-    micro = oc.batch_size // (oc.grad_accum * world)
-    if micro * oc.grad_accum * world != oc.batch_size:
-        raise ValueError(
-            f"optim.batch_size={oc.batch_size} must be divisible by grad_accum "
-            f"({oc.grad_accum}) x processes ({world})"
-        )
-
     # --- data: real/synthetic pools, sampler weights, a fixed clean train subset
     synthetic_mask = (
         np.zeros(len(train_ds), bool) if synthetic_mask is None else np.asarray(synthetic_mask)
@@ -315,163 +236,32 @@ def train_classifier(
     real, synthetic = np.flatnonzero(~synthetic_mask), np.flatnonzero(synthetic_mask)
     n_classes = len(train_ds.class_names)
     counts = torch.bincount(train_ds.labels[real], minlength=n_classes)
-    weights = sampling_weights(train_ds.labels[real], lc.sampler, n_classes)
+    weights = sampling_weights(train_ds.labels[real], cfg.loss.sampler, n_classes)
     weights = None if weights is None else weights.numpy()
+    rows = Rows(real, synthetic, weights, cfg.synthetic_ratio)
     rng = np.random.default_rng(cfg.seed)
     train_eval_idx = np.sort(rng.permutation(real)[: cfg.train_eval_images])
-    val_idx = np.arange(len(val_ds))
 
-    # --- model, optimiser, loss, EMA, augmentation
-    from timm.optim import create_optimizer_v2
-    from timm.utils import ModelEmaV3
-
-    peak_lr = oc.base_lr * oc.batch_size / 256
-    optimizer = create_optimizer_v2(
+    method = Supervised(
+        cfg, model, train_ds, val_ds, train_eval_idx, accelerator, counts, criterion, to_probs
+    )
+    state, _ = fit(
+        method,
         model,
-        "adamw",
-        lr=peak_lr,
-        weight_decay=oc.weight_decay,
-        betas=oc.betas,
-        layer_decay=oc.layer_decay,
-        **fused_adamw(),
+        rows,
+        oc,
+        run_dir,
+        seed=cfg.seed,
+        accelerator=accelerator,
+        resume=resume,
+        progress=progress,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
     )
-    class_loss = ClassificationLoss(
-        lc.loss, counts, lc.label_smoothing, lc.weight_power, lc.focal_gamma, lc.logit_tau
-    ).to(accelerator.device)
-    # EMA warm-up: the effective decay grows from 0 towards ema_decay, so early epochs are
-    # not scored with weights that are still mostly the random initialisation.
-    ema = ModelEmaV3(model, decay=oc.ema_decay, use_warmup=True) if oc.ema_decay else None
-    augment = BatchAugment(
-        AugmentConfig(**cfg.augment.model_dump(include=set(AugmentConfig.__dataclass_fields__)))
-    )
-    mixup = None
-    if cfg.augment.mixup_alpha or cfg.augment.cutmix_alpha:
-        from timm.data import Mixup
-
-        mixup = Mixup(
-            mixup_alpha=cfg.augment.mixup_alpha,
-            cutmix_alpha=cfg.augment.cutmix_alpha,
-            label_smoothing=lc.label_smoothing,
-            num_classes=n_classes,
-        )
-
-    # --- resume
-    ckpt_dir = run_dir / "checkpoints"
-    state = TrainState()
-    if (ckpt := checkpoint_to_resume(ckpt_dir, resume)) is not None:
-        saved = load_checkpoint(ckpt, model, optimizer, ema.module if ema else None)
-        state = TrainState(**saved["train_state"])
-        log.info("resumed from %s (step %d)", ckpt, state.step)
-    metrics_log = MetricsLog(run_dir, enabled=accelerator.is_main_process)
-    metrics_log.truncate_after(state.step)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-
-    steps_per_epoch = plan_epoch(
-        real, synthetic, oc.batch_size, cfg.seed, 0, weights, cfg.synthetic_ratio
-    ).shape[0]
-    total_steps = oc.epochs * steps_per_epoch
-    warmup = round(oc.warmup_epochs * steps_per_epoch)
-    lo, hi = rank * micro * oc.grad_accum, (rank + 1) * micro * oc.grad_accum
-    bar = None
-    if progress and accelerator.is_main_process:
-        from rich.progress import Progress
-
-        bar = Progress(transient=False)
-        bar.start()
-        task = bar.add_task("training", total=total_steps, completed=state.step)
-
-    t_last, seen = time.time(), 0
-    while state.step < total_steps and not state.stopped_early:
-        epoch = state.step // steps_per_epoch
-        batches = plan_epoch(
-            real, synthetic, oc.batch_size, cfg.seed, epoch, weights, cfg.synthetic_ratio
-        )
-        model.train()
-        for b in range(state.step % steps_per_epoch, steps_per_epoch):
-            gen = seed_step(cfg.seed, state.step)
-            lr = lr_at(state.step, total_steps, warmup, peak_lr, oc.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            params = augment.sample(oc.batch_size, gen)
-            mine = batches[b][lo:hi]  # this rank's slice of the global batch
-            step_loss = 0.0
-            for m in range(oc.grad_accum):
-                idx = mine[m * micro : (m + 1) * micro]
-                x, y = train_ds.__getitems__(idx)
-                x = x.to(accelerator.device, non_blocking=True).float().div_(255)
-                x = normalize(augment.apply(x, params, lo=lo + m * micro), *stats)
-                y = y.to(accelerator.device)
-                if mixup is not None:
-                    x, y = mixup(x, y)
-                sync = m == oc.grad_accum - 1
-                ctx = accelerator.no_sync(model) if not sync else nullcontext()
-                with ctx, accelerator.autocast():
-                    logits = model(x)
-                    loss = criterion(logits, y, x) if criterion else class_loss(logits, y)
-                    loss = loss / oc.grad_accum
-                    accelerator.backward(loss)
-                step_loss += loss.item()
-            if oc.clip_grad:
-                accelerator.clip_grad_norm_(model.parameters(), oc.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(raw_model, step=state.step)
-            state.step += 1
-            seen += oc.batch_size
-            if bar is not None:
-                bar.update(task, advance=1, description=f"epoch {epoch} loss {step_loss:.3f}")
-            if state.step % cfg.log_every == 0:
-                now = time.time()
-                metrics_log.write(
-                    {
-                        "kind": "train",
-                        "step": state.step,
-                        "epoch": epoch,
-                        "lr": lr,
-                        "loss": step_loss,
-                        "images_per_s": seen / max(now - t_last, 1e-9),
-                    }
-                )
-                t_last, seen = now, 0
-            end_of_epoch = b == steps_per_epoch - 1
-            if end_of_epoch:
-                _end_epoch(
-                    cfg,
-                    state,
-                    epoch,
-                    ema.module if ema else raw_model,
-                    model,
-                    train_ds,
-                    val_ds,
-                    train_eval_idx,
-                    val_idx,
-                    accelerator,
-                    run_dir,
-                    metrics_log,
-                    to_probs=to_probs,
-                )
-            if state.step % cfg.checkpoint_every == 0 or end_of_epoch:
-                if accelerator.is_main_process:
-                    save_checkpoint(
-                        ckpt_dir,
-                        state.step,
-                        raw_model,
-                        optimizer,
-                        ema.module if ema else None,
-                        extra={"train_state": asdict(state), "epoch": epoch},
-                    )
-                accelerator.wait_for_everyone()
-            if state.stopped_early:
-                break
-    if bar is not None:
-        bar.stop()
     if accelerator.is_main_process:
         (run_dir / "history.json").write_text(json.dumps(state.history, indent=2))
     accelerator.wait_for_everyone()
-    # What ``_end_epoch`` selected on: QWK for a non-softmax (ordinal) head, see ``score``.
-    selection = "qwk" if to_probs is not None else "macro_f1"
+    selection = method.select.removeprefix("val_")
     return {
         "best_epoch": state.best_epoch,
         "selection_metric": selection,
@@ -481,77 +271,11 @@ def train_classifier(
         "epochs_run": len(state.history),
         "stopped_early": state.stopped_early,
         "steps": state.step,
-        "peak_lr": peak_lr,
-        "precision": precision,
-        "processes": world,
+        "peak_lr": peak_lr(oc),
+        "precision": accelerator.mixed_precision,
+        "processes": accelerator.num_processes,
         "history": state.history,
     }
-
-
-def _end_epoch(
-    cfg,
-    state,
-    epoch,
-    eval_model,
-    model,
-    train_ds,
-    val_ds,
-    train_eval_idx,
-    val_idx,
-    accelerator,
-    run_dir,
-    metrics_log,
-    to_probs=None,
-) -> None:
-    """Score val and a clean train subset, keep the best weights, decide early stopping."""
-    val = score(
-        predict_logits(eval_model, val_ds, val_idx, accelerator, tta=cfg.augment.tta),
-        val_ds.labels,
-        to_probs,
-    )
-    train = (
-        score(
-            predict_logits(eval_model, train_ds, train_eval_idx, accelerator),
-            train_ds.labels[train_eval_idx],
-            to_probs,
-        )
-        if len(train_eval_idx)
-        else {}
-    )
-    model.train()
-    row = {
-        "kind": "epoch",
-        "step": state.step,
-        "epoch": epoch,
-        **{f"val_{k}": v for k, v in val.items()},
-        **{f"train_{k}": v for k, v in train.items()},
-    }
-    if train:  # the overfitting gaps: train minus val (val minus train for the loss)
-        for k in ("macro_f1", "balanced_accuracy", "accuracy"):
-            row[f"gap_{k}"] = train[k] - val[k]
-        row["gap_loss"] = val["loss"] - train["loss"]
-    state.history.append(row)
-    metrics_log.write(row)
-    selected = val.get("qwk", val["macro_f1"])  # qwk: ordinal heads (see ``score``)
-    if selected > state.best_metric:
-        state.best_metric, state.best_epoch, state.bad_epochs = selected, epoch, 0
-        if accelerator.is_main_process:
-            with atomic_path(run_dir / "best.safetensors") as tmp:
-                state_dict = eval_model.state_dict()
-                save_file({k: v.detach().contiguous().clone() for k, v in state_dict.items()}, tmp)
-    else:
-        state.bad_epochs += 1
-        if cfg.optim.patience and state.bad_epochs >= cfg.optim.patience:
-            state.stopped_early = True
-    log.info(
-        "epoch %d: val macro-F1 %.3f, selected on %s %.3f (best %.3f @ %d)",
-        epoch,
-        val["macro_f1"],
-        "qwk" if "qwk" in val else "macro-F1",
-        selected,
-        state.best_metric,
-        state.best_epoch,
-    )
 
 
 def load_best(model: torch.nn.Module, run_dir: Path) -> torch.nn.Module:
