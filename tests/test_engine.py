@@ -161,3 +161,18 @@ def test_settings_a_method_cannot_use_are_named(tmp_path):
         with pytest.raises(ConfigError, match=field):
             fit(NoSelection(x, y), torch.nn.Linear(4, 1), Rows.of(16), optim, tmp_path, seed=0,
                 accelerator=acc, progress=False)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- 2 vs 1 process
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mae", "vae"])
+def test_pretraining_two_processes_match_one(method, phantom_root, cache_dir, tmp_path):
+    args = ["pretrain", method, "--preset", "tiny", f"data.path={phantom_root}",
+            f"data.cache_dir={cache_dir}", "optim.epochs=1", "grid_every=100"]  # fmt: skip
+    one, two = _one_and_two(tmp_path, args)
+    _assert_same_weights(one / "model.safetensors", two / "model.safetensors")
+    h1 = json.loads((one / "history.json").read_text())
+    h2 = json.loads((two / "history.json").read_text())
+    assert h1[-1]["train_loss"] == pytest.approx(h2[-1]["train_loss"], abs=TOL)

@@ -212,6 +212,7 @@ def test_resume_after_kill_matches_uninterrupted_run(
     phantom_root, cache_dir, tmp_path, monkeypatch
 ):
     import dermkit.ssl.pretrain as pretrain
+    import dermkit.train.engine as engine
 
     def config(out):
         return load_config(
@@ -226,7 +227,7 @@ def test_resume_after_kill_matches_uninterrupted_run(
     class KilledError(Exception):
         pass
 
-    real_save = pretrain.save_checkpoint
+    real_save = engine.save_checkpoint  # the engine writes every method's checkpoints
 
     def save_then_die(ckpt_dir, step, *args, **kwargs):
         path = real_save(ckpt_dir, step, *args, **kwargs)
@@ -234,10 +235,10 @@ def test_resume_after_kill_matches_uninterrupted_run(
             raise KilledError("simulated kill")
         return path
 
-    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
     with pytest.raises(KilledError):
         pretrain.run_pretrain_mae(config(tmp_path / "killed"), progress=False)
-    monkeypatch.setattr(pretrain, "save_checkpoint", real_save)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
     assert not (tmp_path / "killed" / "model.safetensors").exists()
     pretrain.run_pretrain_mae(config(tmp_path / "killed"), resume=True, progress=False)
 

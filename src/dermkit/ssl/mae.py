@@ -56,9 +56,16 @@ def random_masking(
 
 
 def masking_ids(
-    batch: int, length: int, mask_ratio: float, device: torch.device | str = "cpu"
+    batch: int,
+    length: int,
+    mask_ratio: float,
+    device: torch.device | str = "cpu",
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The per-sample random subsets of :func:`random_masking`, without the tokens.
+
+    ``noise`` (B, L) uniform: given, it fixes the subsets (a data-parallel process passes
+    its rows of noise drawn for the global batch); None draws it from torch's global RNG.
 
     Returns:
         ids_keep (B, K), the kept token indices; mask (B, L), 1 = hidden; ids_restore (B, L).
@@ -68,7 +75,8 @@ def masking_ids(
     keep = round(length * (1 - mask_ratio))
     if keep < 1:
         raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch of {length}")
-    noise = torch.rand(batch, length, device=device)
+    if noise is None:
+        noise = torch.rand(batch, length, device=device)
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     mask = torch.ones(batch, length, device=device)
@@ -227,16 +235,16 @@ class MaskedAutoencoder(nn.Module):
     # --------------------------------------------------------------- model
 
     def forward_encoder(
-        self, imgs: torch.Tensor, mask_ratio: float
+        self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encode the visible patches only.
+        """Encode the visible patches only (``noise`` (B, L): see :func:`masking_ids`).
 
         Returns:
             latent (B, P + K, D); mask (B, L), 1 = hidden; ids_restore (B, L).
         """
         enc = self.encoder
         ids_keep, mask, ids_restore = masking_ids(
-            imgs.shape[0], self.num_patches, mask_ratio, imgs.device
+            imgs.shape[0], self.num_patches, mask_ratio, imgs.device, noise
         )
         pos = enc.pos_embed[:, self.pos_prefix :].expand(imgs.shape[0], -1, -1)
         if self.embed_visible_only:
@@ -288,11 +296,17 @@ class MaskedAutoencoder(nn.Module):
         return (per_patch * mask).sum() / mask.sum()
 
     def forward(
-        self, imgs: torch.Tensor, mask_ratio: float | None = None
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float | None = None,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs (B, C, S, S) -> (loss, pred (B, L, p*p*C), mask (B, L))."""
+        """imgs (B, C, S, S) -> (loss, pred (B, L, p*p*C), mask (B, L)).
+
+        ``noise`` (B, L) uniform fixes the masks (see :func:`masking_ids`).
+        """
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        latent, mask, ids_restore = self.forward_encoder(imgs, ratio)
+        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
 

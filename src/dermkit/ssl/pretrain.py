@@ -16,7 +16,7 @@ its backbone and resolution, ``config.yaml`` the full config, so
 written: ``history.json`` (per-epoch loss and probes), ``metrics.json`` (final probe),
 ``log.jsonl``, ``grids/epoch-NNN.png`` and ``report.html``.
 
-Determinism is the fine-tuning loop's (``train/loop.py``): epoch plans depend on (seed,
+Determinism is the engine's (``train/engine.py``): epoch plans depend on (seed,
 epoch), each step reseeds every RNG from (seed, step) before drawing augmentation,
 masks or VAE noise, so a run resumed from its step-k checkpoint repeats what the
 uninterrupted run did after step k. Under ``accelerate launch`` each process takes its
@@ -28,8 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,6 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from dermkit.config import (
-    ConfigError,
     MaePretrainRunConfig,
     VaePretrainRunConfig,
 )
@@ -58,15 +56,7 @@ from dermkit.eval.probe import probe_encoder
 from dermkit.eval.report import HtmlReport
 from dermkit.models.weights import load_pretrained, save_weights
 from dermkit.runs import RunDir
-from dermkit.train.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
-from dermkit.train.engine import (
-    MetricsLog,
-    fused_adamw,
-    lr_at,
-    make_accelerator,
-    plan_epoch,
-    seed_step,
-)
+from dermkit.train.engine import Batch, EpochEnd, FitState, Rows, fit, make_accelerator
 from dermkit.train.finetune import load_training_data
 
 log = logging.getLogger(__name__)
@@ -76,29 +66,19 @@ GRID_IMAGES = 8  # val images shown in each reconstruction grid
 
 
 @dataclass
-class PretrainState:
-    """Everything besides tensors that a resumed pretraining run must know."""
-
-    step: int = 0
-    epoch_loss_sum: float = 0.0  # running sums of the current epoch (a resume mid-epoch
-    epoch_steps: int = 0  # reports the same epoch mean as an uninterrupted run)
-    history: list[dict] = field(default_factory=list)
-    probe: dict | None = None  # the final probe, once computed
-
-
-@dataclass
 class Method:
     """What differs between MAE and VAE pretraining; the loop is shared.
 
     Attributes:
         stage: run stage name (``pretrain-mae``).
-        loss: (model, x (B, 3, S, S) normalised, step) -> (scalar loss, {name: scalar}).
+        loss: (model, x (b, 3, S, S) normalised, the engine's batch) -> (scalar loss,
+            {name: scalar}); per-row noise comes from ``batch.gen`` for the global batch.
         grid: (raw model, uint8 images (n, 3, S, S)) -> grid image (3, H, W) in [0, 1].
         grid_caption: what the grid's rows show.
     """
 
     stage: str
-    loss: Callable[[nn.Module, torch.Tensor, int], tuple[torch.Tensor, dict]]
+    loss: Callable[[nn.Module, torch.Tensor, Batch], tuple[torch.Tensor, dict]]
     grid: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     grid_caption: str
 
@@ -163,15 +143,45 @@ def plot_loss(steps: list[dict], history: list[dict], keys: tuple[str, ...]) -> 
 # ----------------------------------------------------------------------------- the loop
 
 
-def _check_optim(cfg: PretrainConfig) -> None:
-    oc = cfg.optim
-    unused = [k for k in ("ema_decay", "layer_decay") if getattr(oc, k) is not None]
-    unused += ["patience"] if oc.patience else []
-    if unused:
-        raise ConfigError(
-            f"optim.{', optim.'.join(unused)}: not used by pretraining (no EMA, no layer "
-            "decay, no early stopping on a val metric); remove them"
+class Pretraining:
+    """The engine's method for MAE/VAE: lightly augmented images -> ``Method.loss``.
+
+    ``end_epoch(model, epoch, state)`` runs on the main process after each epoch and
+    returns extra entries for that epoch's history row (grid file, probe scores).
+    """
+
+    select = None  # nothing selects an epoch: the last weights are the encoder
+
+    def __init__(self, cfg: PretrainConfig, method: Method, train_ds, accelerator, end_epoch):
+        self.method, self.train_ds, self.accelerator = method, train_ds, accelerator
+        self.end_epoch = end_epoch
+        # Light augmentation only: dermoscopy has no orientation, so flips and 90-degree
+        # rotations are free; masking (MAE) or the bottleneck (VAE) is the actual pretext.
+        light = AugmentConfig(
+            flip=cfg.augment,
+            rot90=cfg.augment,
+            max_rotate_deg=0,
+            max_scale=0,
+            max_translate=0,
+            brightness=0,
+            contrast=0,
+            saturation=0,
+            hue=0,
         )
+        self.augment = BatchAugment(light)
+
+    def step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
+        params = batch.once("augment", lambda: self.augment.sample(batch.size, batch.gen))
+        x, _ = self.train_ds.__getitems__(batch.rows)  # uint8 (b, 3, S, S); labels unused
+        x = x.to(self.accelerator.device, non_blocking=True).float().div_(255)
+        x = normalize(self.augment.apply(x, params, lo=batch.offset))
+        return self.method.loss(model, x, batch)
+
+    def evaluate(self, model: nn.Module, end: EpochEnd) -> dict:
+        row = {"lr": end.lr, "train_loss": end.train_loss}
+        if self.accelerator.is_main_process:
+            row |= self.end_epoch(model, end.epoch, end.state)
+        return row
 
 
 def pretrain_loop(
@@ -182,132 +192,31 @@ def pretrain_loop(
     synthetic_mask: np.ndarray,
     run_dir: Path,
     accelerator: Accelerator,
-    end_epoch: Callable[[nn.Module, int, PretrainState], dict],
+    end_epoch: Callable[[nn.Module, int, FitState], dict],
     resume: bool = False,
     progress: bool = True,
-) -> PretrainState:
-    """Train ``model`` with ``method.loss`` on ``train_ds``; returns the final state.
+) -> tuple[FitState, nn.Module]:
+    """Train ``model`` with ``method.loss`` on ``train_ds``; (final state, final model).
 
-    ``end_epoch(raw_model, epoch, state)`` runs on the main process after each epoch and
-    returns extra entries for that epoch's history row (grid file, probe scores).
+    ``end_epoch(model, epoch, state)`` runs on the main process after each epoch and
+    returns extra entries for that epoch's history row (grid file, probe scores); the
+    final probe goes to ``state.notes["probe"]``.
     """
-    oc = cfg.optim
-    world, rank = accelerator.num_processes, accelerator.process_index
-    micro = oc.batch_size // (oc.grad_accum * world)
-    if micro * oc.grad_accum * world != oc.batch_size:
-        raise ConfigError(
-            f"optim.batch_size={oc.batch_size} must be divisible by grad_accum "
-            f"({oc.grad_accum}) x processes ({world})"
-        )
     real, synthetic = np.flatnonzero(~synthetic_mask), np.flatnonzero(synthetic_mask)
-
-    from timm.optim import create_optimizer_v2
-
-    peak_lr = oc.base_lr * oc.batch_size / 256
-    optimizer = create_optimizer_v2(
-        model, "adamw", lr=peak_lr, weight_decay=oc.weight_decay, betas=oc.betas, **fused_adamw()
+    return fit(
+        Pretraining(cfg, method, train_ds, accelerator, end_epoch),
+        model,
+        Rows(real, synthetic, synthetic_ratio=cfg.synthetic_ratio),
+        cfg.optim,
+        run_dir,
+        seed=cfg.seed,
+        accelerator=accelerator,
+        resume=resume,
+        progress=progress,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        name=method.stage,
     )
-    # Light augmentation only: dermoscopy has no orientation, so flips and 90-degree
-    # rotations are free; masking (MAE) or the bottleneck (VAE) is the actual pretext.
-    light = AugmentConfig(
-        flip=cfg.augment,
-        rot90=cfg.augment,
-        max_rotate_deg=0,
-        max_scale=0,
-        max_translate=0,
-        brightness=0,
-        contrast=0,
-        saturation=0,
-        hue=0,
-    )
-    augment = BatchAugment(light)
-
-    ckpt_dir = run_dir / "checkpoints"
-    state = PretrainState()
-    if (ckpt := checkpoint_to_resume(ckpt_dir, resume)) is not None:
-        saved = load_checkpoint(ckpt, model, optimizer)
-        state = PretrainState(**saved["train_state"])
-        log.info("resumed from %s (step %d)", ckpt, state.step)
-    metrics_log = MetricsLog(run_dir, enabled=accelerator.is_main_process)
-    metrics_log.truncate_after(state.step)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-
-    plan0 = plan_epoch(real, synthetic, oc.batch_size, cfg.seed, 0, None, cfg.synthetic_ratio)
-    steps_per_epoch = plan0.shape[0]
-    total_steps = oc.epochs * steps_per_epoch
-    warmup = round(oc.warmup_epochs * steps_per_epoch)
-    lo = rank * micro * oc.grad_accum
-    hi = lo + micro * oc.grad_accum
-    bar = None
-    if progress and accelerator.is_main_process and state.step < total_steps:
-        from rich.progress import Progress
-
-        bar = Progress(transient=False)
-        bar.start()
-        task = bar.add_task(method.stage, total=total_steps, completed=state.step)
-
-    while state.step < total_steps:
-        epoch = state.step // steps_per_epoch
-        batches = plan_epoch(
-            real, synthetic, oc.batch_size, cfg.seed, epoch, None, cfg.synthetic_ratio
-        )
-        model.train()
-        for b in range(state.step % steps_per_epoch, steps_per_epoch):
-            gen = seed_step(cfg.seed, state.step)
-            lr = lr_at(state.step, total_steps, warmup, peak_lr, oc.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            params = augment.sample(oc.batch_size, gen)
-            mine = batches[b][lo:hi]  # this process's slice of the global batch
-            step_loss, step_logs = 0.0, {}
-            for m in range(oc.grad_accum):
-                x, _ = train_ds.__getitems__(mine[m * micro : (m + 1) * micro])
-                x = x.to(accelerator.device, non_blocking=True).float().div_(255)
-                x = normalize(augment.apply(x, params, lo=lo + m * micro))
-                sync = m == oc.grad_accum - 1
-                ctx = nullcontext() if sync else accelerator.no_sync(model)
-                with ctx, accelerator.autocast():
-                    loss, logs = method.loss(model, x, state.step)
-                    accelerator.backward(loss / oc.grad_accum)
-                step_loss += loss.item() / oc.grad_accum
-                for k, v in logs.items():
-                    step_logs[k] = step_logs.get(k, 0.0) + float(v) / oc.grad_accum
-            if oc.clip_grad:
-                accelerator.clip_grad_norm_(model.parameters(), oc.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.epoch_loss_sum += step_loss
-            state.epoch_steps += 1
-            if bar is not None:
-                bar.update(task, advance=1, description=f"epoch {epoch} loss {step_loss:.4f}")
-            if state.step % cfg.log_every == 0:
-                row = {"kind": "train", "step": state.step, "epoch": epoch, "lr": lr}
-                metrics_log.write(row | {"loss": step_loss} | step_logs)
-            end_of_epoch = b == steps_per_epoch - 1
-            if end_of_epoch:
-                row = {
-                    "epoch": epoch,
-                    "step": state.step,
-                    "lr": lr,
-                    "train_loss": state.epoch_loss_sum / max(1, state.epoch_steps),
-                }
-                if accelerator.is_main_process:
-                    row |= end_epoch(raw_model, epoch, state)
-                    model.train()
-                state.history.append(row)
-                metrics_log.write({"kind": "epoch", **row})
-                state.epoch_loss_sum, state.epoch_steps = 0.0, 0
-                log.info("epoch %d: loss %.4f", epoch, row["train_loss"])
-            if state.step % cfg.checkpoint_every == 0 or end_of_epoch:
-                if accelerator.is_main_process:
-                    extra = {"train_state": asdict(state), "epoch": epoch}
-                    save_checkpoint(ckpt_dir, state.step, raw_model, optimizer, extra=extra)
-                accelerator.wait_for_everyone()
-    if bar is not None:
-        bar.stop()
-    return state
 
 
 # ----------------------------------------------------------------------------- stages
@@ -338,7 +247,6 @@ def _run_pretrain(
     loss_keys: tuple[str, ...],
 ) -> Path:
     """The stage around the loop: data, model, loop, final probe, export, report."""
-    _check_optim(cfg)
     accelerator = make_accelerator(cfg.optim.precision)
     with RunDir(cfg.out_dir, cfg, method.stage, write=accelerator.is_main_process) as run:
         with accelerator.main_process_first():
@@ -358,7 +266,7 @@ def _run_pretrain(
                     encoder_of(raw_model), probe_train, val_ds, k=cfg.probe_k, seed=cfg.seed
                 )
 
-        def end_epoch(raw_model: nn.Module, epoch: int, state: PretrainState) -> dict:
+        def end_epoch(raw_model: nn.Module, epoch: int, state: FitState) -> dict:
             extra = {}
             last = epoch + 1 == cfg.optim.epochs
             if (epoch + 1) % cfg.grid_every == 0 or last:
@@ -372,12 +280,12 @@ def _run_pretrain(
                 save_image(grid, path)
                 extra["grid"] = str(path.relative_to(run.path))
             if last:  # kept in the state, so the final checkpoint records it
-                state.probe = probe(raw_model)
+                state.notes["probe"] = probe(raw_model)
             elif cfg.probe_every and (epoch + 1) % cfg.probe_every == 0:
                 extra |= {f"probe_{k}": v for k, v in probe(raw_model).items()}
             return extra
 
-        state = pretrain_loop(
+        state, final = pretrain_loop(
             cfg,
             method,
             model,
@@ -389,12 +297,11 @@ def _run_pretrain(
             resume=resume,
             progress=progress,
         )
-        raw_model = accelerator.unwrap_model(model)
         if not accelerator.is_main_process:
             return run / "report.html"
-        if state.probe is None:  # only when a finished run's checkpoint predates its probe
-            state.probe = probe(raw_model)
-        return _export(cfg, method, run, encoder_of(raw_model), state, loss_keys)
+        if "probe" not in state.notes:  # only when a finished run's checkpoint predates it
+            state.notes["probe"] = probe(final)
+        return _export(cfg, method, run, encoder_of(final), state, loss_keys)
 
 
 def _export(
@@ -402,7 +309,7 @@ def _export(
     method: Method,
     run: RunDir,
     encoder: nn.Module,
-    state: PretrainState,
+    state: FitState,
     loss_keys: tuple[str, ...],
 ) -> Path:
     """Write model.safetensors (encoder only), encoder.json, history/metrics, report.html."""
@@ -420,7 +327,7 @@ def _export(
     (run / "encoder.json").write_text(json.dumps(info, indent=2))
     (run / "history.json").write_text(json.dumps(state.history, indent=2))
     final_loss = state.history[-1]["train_loss"] if state.history else None
-    metrics = {"steps": state.step, "final_train_loss": final_loss, "probe": state.probe}
+    metrics = {"steps": state.step, "final_train_loss": final_loss, "probe": state.notes["probe"]}
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     logged = []
@@ -434,7 +341,7 @@ def _export(
         f"{info['feature_dim']}) is in model.safetensors; fine-tune it with: {info['usage']}."
     )
     report.add_heading("Frozen-feature probes (val)")
-    rows = [{"probe": "final", **(state.probe or {})}]
+    rows = [{"probe": "final", **(state.notes["probe"] or {})}]
     for r in state.history:
         scores = {k.removeprefix("probe_"): v for k, v in r.items() if k.startswith("probe_")}
         if scores:
@@ -477,8 +384,11 @@ def run_pretrain_mae(
             drop_path_rate=cfg.model.drop_path_rate,
         )
 
-    def loss(model: nn.Module, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
-        return model(x)[0], {}
+    def loss(model: nn.Module, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
+        # masks drawn for the global batch, then sliced: N processes mask as 1 does
+        n = getattr(model, "module", model).num_patches  # model may be DDP-wrapped
+        noise = batch.once("mask", lambda: torch.rand(batch.size, n, generator=batch.gen))
+        return model(x, noise=noise[batch.offset : batch.offset + len(x)].to(x.device))[0], {}
 
     method = Method(
         stage="pretrain-mae",
@@ -504,8 +414,11 @@ def run_pretrain_vae(
             kl_warmup_steps=cfg.vae.kl_warmup_steps,
         )
 
-    def loss(model: nn.Module, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
-        total, logs, _ = model(x, step)
+    def loss(model: nn.Module, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
+        # reparameterisation noise drawn for the global batch, then sliced (as MAE's masks)
+        shape = getattr(model, "module", model).latent_shape  # model may be DDP-wrapped
+        eps = batch.once("eps", lambda: torch.randn(batch.size, *shape, generator=batch.gen))
+        total, logs, _ = model(x, batch.step, eps[batch.offset : batch.offset + len(x)])
         return total, logs
 
     method = Method(

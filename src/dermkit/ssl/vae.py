@@ -113,15 +113,20 @@ class ConvVAE(nn.Module):
         """z (B, Z, h, w) -> reconstruction (B, C, S, S), normalised input units."""
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, step: int = 0, eps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """x (B, C, S, S) -> (loss, {recon, kl, beta}, reconstruction (B, C, S, S)).
 
         ``step`` sets the KL weight of the warm-up. In eval mode z = mu (no sampling).
+        ``eps`` (B, Z, h, w) standard normal: the reparameterisation noise (a data-parallel
+        process passes its rows of noise drawn for the global batch); None draws it.
         """
         mu, logvar = self.encode(x)
         z = mu
         if self.training:  # reparameterisation: z = mu + sigma * eps
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            eps = torch.randn_like(mu) if eps is None else eps.to(mu)
+            z = mu + eps * torch.exp(0.5 * logvar)
         x_hat = self.decode(z)
         recon = (x_hat.float() - x.float()).pow(2).mean()
         kl_sum = 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).sum()
