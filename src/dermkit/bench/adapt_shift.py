@@ -18,17 +18,15 @@ Output (default ``RUN/shift-adapt-<adaptations>``): ``adapt_shift.json`` and
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from dermkit.bench.shift import _logits, _preprocess, _summary, shifted_sources, test_split
+from dermkit.bench.shift import _logits, _preprocess, _summary, shifted_sources, test_sources
 from dermkit.config import ConfigError
 from dermkit.core.files import write_json_atomic, write_text_atomic
 from dermkit.data.cache import ImageCache
 from dermkit.data.dataset import CachedImageDataset
-from dermkit.data.images import load_rgb
 from dermkit.eval.adapt import RunAdapter, parse_adaptations
 from dermkit.eval.calibration import DecisionRule
 from dermkit.eval.paired import compare_predictions
@@ -43,19 +41,6 @@ def _check_shifts(shifts: list[str] | None, severities: tuple[int, ...]) -> list
     if not severities or any(k not in (1, 2, 3) for k in severities):
         raise ConfigError(f"severities must be among 1, 2, 3, got {list(severities)}")
     return shifts
-
-
-def _test_sources(run_dir: Path, cfg, classes: list[str], limit: int | None):
-    """(the run's test rows of its classes, their decoded source images)."""
-    manifest = test_split(cfg)
-    manifest = manifest[manifest["label"].isin(classes)].reset_index(drop=True)
-    if limit is not None:
-        manifest = manifest.iloc[:limit].reset_index(drop=True)
-    if manifest.empty:
-        raise ConfigError(f"{run_dir}: the run's test split has no images of its classes")
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        sources = list(pool.map(load_rgb, manifest["path"]))
-    return manifest, sources
 
 
 def _dataset(images: np.ndarray, manifest, classes: list[str]) -> CachedImageDataset:
@@ -80,7 +65,7 @@ def shift_ood_aurocs(
     shifts = _check_shifts(shifts, severities)
     scorer = OodScorer(run_dir, batch_size)
     cfg, classes = scorer.cfg, scorer.classes
-    manifest, sources = _test_sources(Path(run_dir), cfg, classes, limit)
+    manifest, sources = test_sources(Path(run_dir), cfg, classes, limit)
     clean = _dataset(_preprocess(sources, cfg), manifest, classes)
     scorer.test, scorer.clean = clean, scorer.scores(clean)  # the same rows as the shifts
     rows = []
@@ -148,7 +133,7 @@ def run_adapted_shift_bench(
         priors_max_error=priors_max_error,
         batch_size=batch_size,
     )
-    manifest, sources = _test_sources(run_dir, cfg, classes, limit)
+    manifest, sources = test_sources(run_dir, cfg, classes, limit)
     y = manifest["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     groups = manifest["lesion_id"].to_numpy()
     accelerator = make_accelerator(cfg.optim.precision)

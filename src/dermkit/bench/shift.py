@@ -57,6 +57,19 @@ def test_split(cfg) -> pd.DataFrame:
     return df[df["split"] == "test"].reset_index(drop=True)
 
 
+def test_sources(run_dir: Path, cfg, classes: list[str], limit: int | None):
+    """(the run's test rows of its classes, their decoded source images), first ``limit``."""
+    manifest = test_split(cfg)
+    manifest = manifest[manifest["label"].isin(classes)].reset_index(drop=True)
+    if limit is not None:
+        manifest = manifest.iloc[:limit].reset_index(drop=True)
+    if manifest.empty:
+        raise ConfigError(f"{run_dir}: the run's test split has no images of its classes")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        sources = list(pool.map(load_rgb, manifest["path"]))
+    return manifest, sources
+
+
 def _preprocess(sources: list[np.ndarray], cfg) -> np.ndarray:
     """Source images (H, W, 3) uint8 -> (N, S, S, 3) uint8 model inputs, as the run's cache."""
     size, crop, cc = cfg.data.image_size, cfg.data.crop, cfg.data.colour_constancy
@@ -179,14 +192,7 @@ def run_shift_bench(
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "shift"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    manifest = test_split(cfg)
-    manifest = manifest[manifest["label"].isin(classes)].reset_index(drop=True)
-    if limit is not None:
-        manifest = manifest.iloc[:limit].reset_index(drop=True)
-    if manifest.empty:
-        raise ConfigError(f"{run_dir}: the run's test split has no images of its classes")
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        sources = list(pool.map(load_rgb, manifest["path"]))
+    manifest, sources = test_sources(run_dir, cfg, classes, limit)
     y = manifest["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     groups = manifest["lesion_id"].to_numpy()
     rule = DecisionRule.load(run_dir / "decision.json")
