@@ -47,6 +47,13 @@ def evaluate(
     fit_ood: Annotated[
         bool, typer.Option(help="fit the unfamiliar-image flag of RUN (writes RUN/ood.json)")
     ] = False,
+    fit_operating_point: Annotated[
+        str | None,
+        typer.Option(
+            help="CLASS=RECALL, e.g. mel=0.85: raise CLASS's decision scale until RUN's val "
+            "recall reaches RECALL (rewrites decision.json, predictions, metrics.json)"
+        ),
+    ] = None,
     ood_quantile: Annotated[
         float, typer.Option(help="with --fit-ood: val quantile used as the threshold")
     ] = 0.95,
@@ -77,6 +84,8 @@ def evaluate(
     and paired.md (default folder: A's folder/paired-vs-<B's name>).
     --adapt bn,priors,tta (with --data) adapts the model to the data's images without their
     labels; --save-adaptation DIR keeps the result as a run folder to export and serve.
+    --fit-operating-point mel=0.85 chooses a minimum-recall operating point on RUN's val
+    predictions (eval/operating_point.py) and applies it to the run folder.
     --fit-ood fits the unfamiliar-image flag (RUN/ood.json); --ood-auroc DIR reports how
     well its scores tell DIR's images from RUN's test images.
     --ood-shifts: the flag's AUROC for each shift of the shift benchmark against clean.
@@ -85,6 +94,9 @@ def evaluate(
     """
     from dermkit.eval.evaluate import evaluate_file
 
+    if fit_operating_point is not None:
+        _fit_operating_point(predictions, fit_operating_point)
+        return
     if shift_bench:
         _adapted_shift_bench(
             predictions, adapt, out, shifts, severities, limit, n_boot, seed, priors_limit
@@ -229,6 +241,26 @@ def _ood_commands(
             print(json.dumps(result, indent=2))
     except (*user_errors(), ValueError) as e:
         fail(str(e))
+
+
+def _fit_operating_point(run: Path, target: str) -> None:
+    """--fit-operating-point CLASS=RECALL on a run folder: val-chosen, test reported."""
+    from dermkit.eval.operating_point import fit_operating_point
+
+    try:
+        record = fit_operating_point(run, target)
+    except (*user_errors(), ValueError) as e:
+        fail(str(e))
+    before, after = record["before"], record["after"]
+    console.print(
+        f"{record['class']} scale x{record['factor']:.3f}: val recall "
+        f"{before['val']['recall']:.3f} -> {after['val']['recall']:.3f} "
+        f"(target {record['target_recall']}); test recall {before['test']['recall']:.3f} -> "
+        f"{after['test']['recall']:.3f}, balanced accuracy "
+        f"{before['test']['balanced_accuracy']:.3f} -> {after['test']['balanced_accuracy']:.3f}"
+        f" -> {run / 'operating_point.json'}",
+        highlight=False,
+    )
 
 
 def _adapted_shift_bench(

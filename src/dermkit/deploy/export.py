@@ -422,6 +422,7 @@ def build_card(run_dir: Path, cfg, classes, model, data, files: list[ModelFile])
             "(class_scales null: none); the metrics below were computed this way",
             temperature=rule.temperature,
             class_scales=rule.class_scales,
+            min_recall=rule.min_recall,
         ),
         files=files,
         training_data=_training_data(data, cfg),

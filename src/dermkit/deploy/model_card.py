@@ -76,6 +76,12 @@ class Postprocessing(_Card):
     formula: str
     temperature: float
     class_scales: list[float] | None
+    min_recall: dict[str, str | float] | None = Field(
+        None,
+        description="a minimum-recall operating point folded into class_scales, chosen on val "
+        "(class, target recall, factor); the class's probability is then a decision score, "
+        "not a calibrated probability",
+    )
 
 
 class MetricEstimate(_Card):

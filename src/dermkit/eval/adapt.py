@@ -44,6 +44,7 @@ from torch import nn
 
 from dermkit.config import ConfigError
 from dermkit.data.transforms import to_float
+from dermkit.eval.calibration import DecisionRule
 
 ADAPTATIONS = ("bn", "priors", "tta")
 TTA_SCALES = (0.8, 1.0, 1.2)
@@ -579,13 +580,12 @@ def write_adapted_run(
     if adapted.priors is not None:
         scales = scales * adapted.priors.weights
         scales = scales / scales.max()
-    decision = {
-        "temperature": float(rule.temperature),
-        "class_scales": None
-        if rule.class_scales is None and adapted.priors is None
-        else [float(v) for v in scales],
-    }
-    (out / "decision.json").write_text(json.dumps(decision, indent=2))
+    keep_identity = rule.class_scales is None and adapted.priors is None
+    DecisionRule(
+        float(rule.temperature),
+        None if keep_identity else [float(v) for v in scales],
+        min_recall=rule.min_recall,  # the operating point's factor is inside the scales
+    ).save(out / "decision.json")
     if adapted.bn is not None:
         save_file(batchnorm_state(model), str(out / BN_STATS_FILE))
     record = {

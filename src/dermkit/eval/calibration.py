@@ -182,6 +182,9 @@ class DecisionRule:
 
     temperature: float = 1.0
     class_scales: list[float] | None = None
+    # A minimum-recall operating point folded into class_scales (eval/operating_point.py):
+    # {"class", "target", "factor"}; recorded so a refit can undo it and the card can say so.
+    min_recall: dict | None = None
 
     def probs(self, logits: np.ndarray) -> np.ndarray:
         """(N, C) logits -> (N, C) probabilities (rows sum to 1)."""
@@ -202,7 +205,10 @@ class DecisionRule:
         return rule
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
+        rule = asdict(self)
+        if rule["min_recall"] is None:  # files without a point stay as they always were
+            del rule["min_recall"]
+        Path(path).write_text(json.dumps(rule, indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> DecisionRule:
