@@ -14,8 +14,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from dermkit.config import OptimConfig
 from dermkit.train.engine import Batch, EpochEnd, Rows, fit, make_accelerator
+from dermkit.train.settings import OptimConfig
 
 
 class RotationPrediction:

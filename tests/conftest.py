@@ -40,8 +40,9 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_classifier_run(phantom_root, cache_dir, tmp_path_factory) -> Path:
     """A finished tiny fine-tune run on the phantoms (4-block ViT, 32 px, 2 epochs, no CIs)."""
-    from dermkit.config import FinetuneRunConfig, load_config
+    from dermkit.config import load_config
     from dermkit.train.finetune import run_finetune
+    from dermkit.train.settings import FinetuneRunConfig
 
     out = tmp_path_factory.mktemp("tiny-finetune")
     cfg = load_config(

@@ -308,8 +308,9 @@ def test_cli_reports_the_adaptation_and_refuses_adabn_without_batchnorm(
 def tiny_bn_run(phantom_root, cache_dir, tmp_path_factory):
     """The tiny fine-tune recipe on a small BatchNorm CNN (timm's resnet10t at 32 px), for
     8 epochs: well above chance on the phantoms (balanced accuracy about 0.57)."""
-    from dermkit.config import FinetuneRunConfig, load_config
+    from dermkit.config import load_config
     from dermkit.train.finetune import run_finetune
+    from dermkit.train.settings import FinetuneRunConfig
 
     out = tmp_path_factory.mktemp("tiny-bn-finetune")
     cfg = load_config(

@@ -38,7 +38,7 @@ def _app(**factory_kw) -> typer.Typer:
     app.command("go")(
         stage_command(
             "Run the fake stage.",
-            schema="dermkit.config:FinetuneRunConfig",
+            schema="dermkit.train.settings:FinetuneRunConfig",
             section="finetune",
             run="fake_stage:run",
             **factory_kw,

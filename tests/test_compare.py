@@ -92,8 +92,8 @@ def test_compare_arm_takes_the_backbone_its_pretraining_run_names(
 
 def test_init_syntax_gives_an_arm_its_own_backbone():
     """NAME=WEIGHTS@MODEL: the ImageNet EfficientNet arm and its random twin beside ViT arms."""
-    from dermkit.config import CompareArm, CompareRunConfig
     from dermkit.train.compare import parse_init
+    from dermkit.train.settings import CompareArm, CompareRunConfig
 
     assert parse_init("mae=runs/mae") == ("mae", "runs/mae")
     assert parse_init("random=random") == ("random", None)

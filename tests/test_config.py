@@ -1,6 +1,7 @@
 import pytest
 
-from dermkit.config import BaselineRunConfig, ConfigError, load_config, save_config
+from dermkit.config import ConfigError, load_config, save_config
+from dermkit.train.settings import BaselineRunConfig
 
 
 def test_preset_file_and_overrides_resolve_in_order(tmp_path):
@@ -45,7 +46,7 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_compare_preset_fine_tunes_exactly_like_the_finetune_preset():
-    from dermkit.config import CompareRunConfig, FinetuneRunConfig
+    from dermkit.train.settings import CompareRunConfig, FinetuneRunConfig
 
     for preset in ("tiny", "cpu", "gpu"):
         compare = load_config(CompareRunConfig, "compare", preset)
@@ -59,8 +60,32 @@ def test_exits_objective_accepts_the_latency_budget_in_a_config_file():
     """latency=B works from YAML as from the CLI flag; an unknown objective is refused."""
     from pydantic import ValidationError
 
-    from dermkit.config import ExitsConfig
+    from dermkit.exits.settings import ExitsConfig
 
     assert ExitsConfig(objective="latency=0.5").objective == "latency=0.5"
     with pytest.raises(ValidationError, match="objective"):
         ExitsConfig(objective="speed=1")
+
+
+def test_every_settings_schema_refuses_unknown_keys():
+    """Schemas live beside their domain (``<package>/settings.py``); every one stays strict."""
+    import importlib
+    import inspect
+    from pathlib import Path
+
+    from dermkit.config import Strict
+
+    src = Path(__file__).resolve().parents[1] / "src" / "dermkit"
+    modules = sorted(p.parent.name for p in src.glob("*/settings.py"))
+    assert {"data", "models", "train", "ssl", "synth", "exits"} <= set(modules)
+    for name in modules:
+        module = importlib.import_module(f"dermkit.{name}.settings")
+        schemas = [
+            c
+            for _, c in inspect.getmembers(module, inspect.isclass)
+            if c.__module__ == module.__name__
+        ]
+        assert schemas, name
+        for schema in schemas:
+            assert issubclass(schema, Strict), schema
+            assert schema.model_config["extra"] == "forbid", schema

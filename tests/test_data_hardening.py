@@ -315,8 +315,9 @@ def test_stale_tmp_folders_are_removed_when_a_run_starts(tmp_path):
 @pytest.mark.slow
 def test_finetune_run_cleans_tmp_and_hints_at_resume(tiny_classifier_run, tmp_path, caplog):
     """Wired into the training loop: a fresh run in a killed run's folder says so."""
-    from dermkit.config import FinetuneRunConfig, load_config
+    from dermkit.config import load_config
     from dermkit.train.finetune import run_finetune
+    from dermkit.train.settings import FinetuneRunConfig
 
     run = tmp_path / "run"
     shutil.copytree(tiny_classifier_run / "checkpoints", run / "checkpoints")

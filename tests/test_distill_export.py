@@ -87,9 +87,10 @@ def test_kd_loss_at_alpha_one_is_minimised_by_the_teacher_logits():
 
 @pytest.mark.parametrize("preset", ["tiny", "cpu", "gpu"])
 def test_distill_presets_build_their_student(preset):
-    from dermkit.config import DistillRunConfig, load_config
+    from dermkit.config import load_config
     from dermkit.train.distill import resolve_teacher_logits
     from dermkit.train.finetune import build_model
+    from dermkit.train.settings import DistillRunConfig
 
     cfg = load_config(DistillRunConfig, "distill", preset)
     model, _ = build_model(cfg, n_classes=7)
@@ -257,7 +258,8 @@ def test_distill_refuses_an_ordinal_teacher_for_a_classification_student(
     """A teacher trained with task.kind=ordinal (CORN head, K-1 outputs) teaches only an
     ordinal student (tests/test_distill_options.py); a classification student is refused by
     name, before the teacher's weights are loaded."""
-    from dermkit.config import FinetuneRunConfig, load_config, save_config
+    from dermkit.config import load_config, save_config
+    from dermkit.train.settings import FinetuneRunConfig
 
     teacher = tmp_path / "ordinal_teacher"
     cfg = load_config(FinetuneRunConfig, "finetune", "tiny", overrides=ORDINAL_TASK)

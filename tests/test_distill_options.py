@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dermkit.cli import app
-from dermkit.config import ConfigError, DistillRunConfig, load_config
+from dermkit.config import ConfigError, load_config
 from dermkit.models.backbones import create_backbone
 from dermkit.models.distilled import DistilledViT, create_distilled_vit, load_plain_vit_state
 from dermkit.models.runs_io import load_run_model
@@ -28,6 +28,7 @@ from dermkit.train.distill_student import (
     teacher_outputs,
 )
 from dermkit.train.kd import KDLoss, OrdinalKDLoss
+from dermkit.train.settings import DistillRunConfig
 
 runner = CliRunner()
 ORDINAL_TASK = ["task.kind=ordinal", "task.column=thickness", "task.thresholds=[0, 0.8, 1, 2]"]

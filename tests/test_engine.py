@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dermkit.config import OptimConfig
 from dermkit.train.engine import Batch, EpochEnd, Rows, fit, make_accelerator
+from dermkit.train.settings import OptimConfig
 
 TOL = 1e-4
 

@@ -344,8 +344,9 @@ def test_onnx_segment_runner_matches_pytorch_policy(head_type, tmp_path):
 @pytest.fixture(scope="module")
 def base_run(phantom_root, cache_dir, tmp_path_factory):
     """A 2-block ViT fine-tuned for a few epochs on the phantoms (32 px)."""
-    from dermkit.config import FinetuneRunConfig, load_config
+    from dermkit.config import load_config
     from dermkit.train.finetune import run_finetune
+    from dermkit.train.settings import FinetuneRunConfig
 
     out = tmp_path_factory.mktemp("exits") / "finetune"
     cfg = load_config(
@@ -367,7 +368,8 @@ def base_run(phantom_root, cache_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exit_run(base_run, cache_dir):
-    from dermkit.config import ExitsRunConfig, load_config
+    from dermkit.config import load_config
+    from dermkit.exits.settings import ExitsRunConfig
     from dermkit.exits.train import run_exits_train
 
     cfg = load_config(

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from dermkit.cli import app
-from dermkit.config import FinetuneRunConfig, load_config
+from dermkit.config import load_config
 from dermkit.explain.features import (
     class_separation,
     explain_features,
@@ -32,6 +32,7 @@ from dermkit.explain.saliency import (
 from dermkit.models.backbones import create_backbone
 from dermkit.tasks.runs import open_run
 from dermkit.train.finetune import run_finetune
+from dermkit.train.settings import FinetuneRunConfig
 
 
 @pytest.fixture(scope="module")

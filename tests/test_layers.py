@@ -13,15 +13,25 @@ Layers, top to bottom (a module may import its own package and any LOWER layer):
     eval                                metrics, calibration, reports, prediction files
     models | data                       architectures, weights; datasets, caches, splits
     runs                                run folders (config.yaml, run.json)
-    config                              settings schemas
+    config                              the schema base, presets, overrides
     core                                atomic files, hashing, macro-F1, optional extras
     dermkit                             the package root (``__version__``)
 
 Packages joined by ``|`` are siblings: they may not import each other. Every import
 counts, including those inside functions (``ast.walk`` sees them all): a lazy import
-still couples the modules. ``KNOWN_UPHILL`` lists the imports that break the contract
-today, each with the change that removes it; an entry that no longer occurs fails the
-test too, so the list only shrinks.
+still couples the modules.
+
+Settings modules (``<package>/settings.py``: the pydantic config schemas of a domain) are
+the one exception, because a run's ``config.yaml`` is read at every layer: e.g.
+``models.runs_io`` (models) opens finetune/distill run folders, whose schema is composed
+in ``train.settings`` from the data, model, eval, task and train sections. So any module
+may import any settings module, and in return a settings module holds declarations only:
+it imports nothing of dermkit but ``config``, ``core`` and the settings modules of its own
+or lower layers (schemas compose downhill, as the code does).
+
+``KNOWN_UPHILL`` lists the imports that break the contract today, each with the change
+that removes it; an entry that no longer occurs fails the test too, so the list only
+shrinks.
 """
 
 from __future__ import annotations
@@ -117,15 +127,29 @@ def layer_of(module: str, layers: tuple[tuple[str, ...], ...]) -> tuple[int, str
     raise LookupError(f"{module}: package {top!r} is in no layer; add it to LAYERS")
 
 
+SETTINGS = "settings"  # the module name of a package's config schemas (see the docstring)
+SETTINGS_MAY_IMPORT = ("config", "core")  # besides other settings modules
+
+
+def is_settings(module: str) -> bool:
+    return module.rsplit(".", 1)[-1] == SETTINGS
+
+
 def layer_violations(
     graph: dict[str, set[str]], layers: tuple[tuple[str, ...], ...]
 ) -> list[tuple[str, str, str]]:
-    """(importer, imported, why) for each import that goes up a layer or across siblings."""
+    """(importer, imported, why) for each import that goes up a layer or across siblings,
+    and each import of domain code by a settings module."""
     out = []
     for mod, targets in sorted(graph.items()):
         i, top = layer_of(mod, layers)
         for t in sorted(targets):
             j, t_top = layer_of(t, layers)
+            if is_settings(mod) and not is_settings(t) and t_top not in SETTINGS_MAY_IMPORT:
+                out.append((mod, t, f"settings module imports {t_top} code, not schemas"))
+                continue
+            if is_settings(t) and not is_settings(mod):
+                continue  # schemas are read at every layer
             if j < i:
                 out.append((mod, t, f"{top} imports {t_top}, a higher layer"))
             elif j == i and t_top != top:
@@ -262,6 +286,27 @@ def test_the_checker_refuses_sibling_imports_and_resolves_relative_ones(tmp_path
         ("pkg.left.a", "pkg.right.b", "left imports its sibling right")
     ]
     assert import_cycles(graph) == []
+
+
+def test_the_checker_lets_any_layer_read_settings_but_settings_import_only_schemas(tmp_path):
+    root = _package(
+        tmp_path,
+        {
+            "low/__init__.py": "",
+            "low/reader.py": "from pkg.top.settings import RunConfig\n",  # uphill, a schema
+            "low/settings.py": "from pkg.left.settings import A\n",  # settings: uphill
+            "left/__init__.py": "",
+            "left/settings.py": "from pkg.low.settings import B\nfrom pkg.right import c\n",
+            "right/__init__.py": "",
+            "right/c.py": "",
+            "top/__init__.py": "",
+            "top/settings.py": "from pkg.left.settings import A\nfrom pkg.low.settings import B\n",
+        },
+    )
+    assert layer_violations(import_graph(root), TOY_LAYERS) == [
+        ("pkg.left.settings", "pkg.right.c", "settings module imports right code, not schemas"),
+        ("pkg.low.settings", "pkg.left.settings", "low imports left, a higher layer"),
+    ]
 
 
 def test_the_checker_names_a_package_missing_from_the_layers(tmp_path):

@@ -95,7 +95,7 @@ def test_baseline_refuses_dx_type_with_exit_2(phantoms):
 def test_tstr_refuses_metadata_when_the_config_loads():
     from pydantic import ValidationError
 
-    from dermkit.config import QualityConfig
+    from dermkit.synth.settings import QualityConfig
 
     with pytest.raises(ValidationError, match=r"tstr\.baseline[\s\S]*no patient metadata"):
         QualityConfig.model_validate({"tstr": {"baseline": {"metadata": ["age"]}}})

@@ -11,7 +11,7 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import cohen_kappa_score
 
-from dermkit.config import ConfigError, FinetuneRunConfig, TaskConfig, load_config
+from dermkit.config import ConfigError, load_config
 from dermkit.eval.ordinal import ordinal_metrics
 from dermkit.tasks.ordinal import (
     OrdinalLabelError,
@@ -24,7 +24,9 @@ from dermkit.tasks.ordinal import (
     expected_class,
     threshold_class_names,
 )
+from dermkit.tasks.settings import TaskConfig
 from dermkit.train.loop import score
+from dermkit.train.settings import FinetuneRunConfig
 
 BRESLOW = [0.0, 0.8, 1.0, 2.0]
 

@@ -13,11 +13,12 @@ import torch
 import yaml
 from PIL import Image
 
-from dermkit.config import ConfigError, FinetuneRunConfig, load_config
+from dermkit.config import ConfigError, load_config
 from dermkit.data.cache import build_cache, cache_key, crop_image, shades_of_gray
 from dermkit.data.manifest import new_manifest
 from dermkit.data.transforms import AugmentConfig, BatchAugment
 from dermkit.deploy.loadtest import BackgroundServer
+from dermkit.train.settings import FinetuneRunConfig
 from test_web import (  # the browser fixture and page helpers of the main web test
     DESKTOP,
     _app,

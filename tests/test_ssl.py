@@ -14,21 +14,18 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dermkit.cli import app
-from dermkit.config import (
-    DataConfig,
-    FinetuneRunConfig,
-    MaePretrainRunConfig,
-    VaePretrainRunConfig,
-    load_config,
-)
+from dermkit.config import load_config
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import prepare_data
+from dermkit.data.settings import DataConfig
 from dermkit.data.transforms import to_float
 from dermkit.models.backbones import create_backbone
 from dermkit.models.weights import load_pretrained
 from dermkit.ssl.mae import MaskedAutoencoder, random_masking
+from dermkit.ssl.settings import MaePretrainRunConfig, VaePretrainRunConfig
 from dermkit.ssl.vae import ConvVAE, kl_weight
 from dermkit.train.finetune import build_model
+from dermkit.train.settings import FinetuneRunConfig
 
 runner = CliRunner()
 

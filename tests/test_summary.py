@@ -206,8 +206,9 @@ def test_ablation_table_has_every_column_and_na_for_the_baseline(handmade_run, t
 @pytest.fixture(scope="module")
 def exit_run(tiny_classifier_run, cache_dir, tmp_path_factory):
     """One-epoch linear exits on the tiny ViT, calibrated."""
-    from dermkit.config import ExitsRunConfig, load_config
+    from dermkit.config import load_config
     from dermkit.exits.calibrate import run_exits_calibrate
+    from dermkit.exits.settings import ExitsRunConfig
     from dermkit.exits.train import run_exits_train
 
     cfg = load_config(

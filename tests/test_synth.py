@@ -17,16 +17,14 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from dermkit.cli import app
-from dermkit.config import (
+from dermkit.config import ConfigError, load_config, save_config
+from dermkit.synth.settings import (
     AutoencoderRunConfig,
-    ConfigError,
     DiffusionRunConfig,
     QualityConfig,
     SampleConfig,
     SamplerConfig,
     UNetConfig,
-    load_config,
-    save_config,
 )
 
 CLASSES = {"nv": 1.0, "vasc": 1.0}  # two phantom classes: brown nevi, red vascular lesions
@@ -49,9 +47,10 @@ def two_class_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def encoder_run(tmp_path_factory) -> Path:
     """A dermkit run folder holding a (random) vit_nano encoder: a domain-encoder stand-in."""
-    from dermkit.config import FinetuneRunConfig, ModelConfig
     from dermkit.models.backbones import create_backbone
+    from dermkit.models.settings import ModelConfig
     from dermkit.models.weights import save_weights
+    from dermkit.train.settings import FinetuneRunConfig
 
     run = tmp_path_factory.mktemp("encoder_run")
     torch.manual_seed(0)
@@ -509,10 +508,11 @@ def test_memorisation_flags_copies_only():
 
 
 def test_class_agreement_reads_the_classifier_per_class(tmp_path):
-    from dermkit.config import FinetuneRunConfig, ModelConfig
     from dermkit.models.backbones import create_backbone
+    from dermkit.models.settings import ModelConfig
     from dermkit.models.weights import save_weights
     from dermkit.synth.quality import class_agreement, is_classifier_run
+    from dermkit.train.settings import FinetuneRunConfig
 
     model = create_backbone("vit_nano_patch4_32", num_classes=2, img_size=32)
     with torch.no_grad():  # a classifier that says "vasc" (index 1) whatever the image

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from dermkit.config import ConfigError, FinetuneRunConfig, load_config
+from dermkit.config import ConfigError, load_config
 from dermkit.models.backbones import create_backbone
 from dermkit.models.runs_io import TASK_KINDS, load_run_model
 from dermkit.models.weights import save_weights
 from dermkit.runs import RunDir
 from dermkit.tasks import ClassificationTask, OrdinalTask, Task, task_from_config
 from dermkit.tasks.runs import open_run
+from dermkit.train.settings import FinetuneRunConfig
 
 THICKNESS = [
     "task.kind=ordinal",

@@ -26,9 +26,10 @@ from test_web import (  # the browser fixture and page helpers of the main web t
 @pytest.fixture(scope="module")
 def lite0_export(phantom_root, cache_dir, tmp_path_factory):
     """A tiny EfficientNet-Lite0 fine-tune from the packaged ImageNet weights, exported."""
-    from dermkit.config import FinetuneRunConfig, load_config
+    from dermkit.config import load_config
     from dermkit.deploy.export import export_run
     from dermkit.train.finetune import run_finetune
+    from dermkit.train.settings import FinetuneRunConfig
 
     run = tmp_path_factory.mktemp("lite0-run")
     cfg = load_config(

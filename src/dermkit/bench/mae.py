@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dermkit.config import MaePretrainRunConfig
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import prepare_data
 from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize
 from dermkit.models.backbones import create_backbone
 from dermkit.ssl.mae import MaskedAutoencoder
+from dermkit.ssl.settings import MaePretrainRunConfig
 from dermkit.train.engine import bare_step, fused_adamw, plan_epoch, resolve_precision, seed_step
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}

@@ -18,12 +18,12 @@ import time
 import numpy as np
 import torch
 
-from dermkit.config import FinetuneRunConfig
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import prepare_data
 from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize
 from dermkit.models.backbones import create_backbone
 from dermkit.train.engine import bare_step, plan_epoch, resolve_precision, seed_step
+from dermkit.train.settings import FinetuneRunConfig
 
 
 def bench_pipeline(cfg: FinetuneRunConfig, steps: int = 10, rounds: int = 3) -> dict:

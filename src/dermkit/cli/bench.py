@@ -37,8 +37,9 @@ def bench_pipeline_cmd(
     import json
 
     from dermkit.bench.pipeline import bench_pipeline
-    from dermkit.config import FinetuneRunConfig, load_config
+    from dermkit.config import load_config
     from dermkit.runs import machine_info
+    from dermkit.train.settings import FinetuneRunConfig
 
     try:
         cfg = load_config(FinetuneRunConfig, "finetune", preset, config, overrides or [])
@@ -62,8 +63,9 @@ def bench_mae_cmd(
     import json
 
     from dermkit.bench.mae import bench_mae
-    from dermkit.config import MaePretrainRunConfig, load_config
+    from dermkit.config import load_config
     from dermkit.runs import machine_info
+    from dermkit.ssl.settings import MaePretrainRunConfig
 
     try:
         cfg = load_config(MaePretrainRunConfig, "pretrain_mae", preset, config, overrides or [])

@@ -132,7 +132,7 @@ def stage_command(
 
     Args:
         doc: the command's help (first line: the summary in ``dermkit --help``).
-        schema: "module:Class" of the run config, e.g. "dermkit.config:FinetuneRunConfig".
+        schema: "module:Class" of the run config, e.g. "dermkit.train.settings:FinetuneRunConfig".
         section: the preset section it is loaded from, e.g. "finetune".
         run: "module:function" called as ``function(cfg, **run_kwargs[, resume=...])``;
             it returns the path that is printed (a report, a run folder, a manifest).

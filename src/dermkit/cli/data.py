@@ -142,9 +142,9 @@ def data_split(
     max_image_mb: MaxImageMB = None,
 ) -> None:
     """Label-stratified, lesion-grouped split with a leakage report."""
-    from dermkit.config import DataConfig
     from dermkit.data.prepare import prepare_data, write_fold_file, write_split_file
     from dermkit.data.readers import DataValidationError
+    from dermkit.data.settings import DataConfig
     from dermkit.data.splits import lesion_grouped_kfold, split_summary
 
     cfg = DataConfig(

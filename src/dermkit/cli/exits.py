@@ -17,7 +17,7 @@ app = typer.Typer(
 app.command("train")(
     stage_command(
         "Train exit heads (frozen backbone, or jointly) of every configured head type.",
-        schema="dermkit.config:ExitsRunConfig",
+        schema="dermkit.exits.settings:ExitsRunConfig",
         section="exits",
         run="dermkit.exits.train:run_exits_train",
         params=(

@@ -26,7 +26,7 @@ app = typer.Typer(
 app.command("mae")(
     stage_command(
         "Masked-autoencoder pretraining; the run folder then serves as model.weights.",
-        schema="dermkit.config:MaePretrainRunConfig",
+        schema="dermkit.ssl.settings:MaePretrainRunConfig",
         section="pretrain_mae",
         run="dermkit.ssl.pretrain:run_pretrain_mae",
         params=RESUMABLE,
@@ -35,7 +35,7 @@ app.command("mae")(
 app.command("vae")(
     stage_command(
         "Convolutional VAE pretraining; its encoder (vae_encoder_*) serves as model.weights.",
-        schema="dermkit.config:VaePretrainRunConfig",
+        schema="dermkit.ssl.settings:VaePretrainRunConfig",
         section="pretrain_vae",
         run="dermkit.ssl.pretrain:run_pretrain_vae",
         params=RESUMABLE,
@@ -64,12 +64,12 @@ def probe(
 
     try:
         cfg = load_stage_config(
-            "dermkit.config:FinetuneRunConfig", "finetune", preset, config, overrides or []
+            "dermkit.train.settings:FinetuneRunConfig", "finetune", preset, config, overrides or []
         )
         model = model or pretrain_backbone(weights)
         if model is None:
             fail(f"--model is needed: {weights} has no encoder.json naming its backbone")
-        result, report = probe_weights(cfg, weights, model, k=k)
+        result, report = probe_weights(cfg.data, cfg.seed, weights, model, k=k)
     except user_errors() as e:
         fail(str(e))
     if not report.ok:

@@ -17,7 +17,7 @@ app = typer.Typer(
 app.command("autoencoder")(
     stage_command(
         "Train the KL autoencoder (diffusers AutoencoderKL) on the train split's images.",
-        schema="dermkit.config:AutoencoderRunConfig",
+        schema="dermkit.synth.settings:AutoencoderRunConfig",
         section="synth_autoencoder",
         run="dermkit.synth.autoencoder:train_autoencoder",
         params=RESUMABLE,
@@ -27,7 +27,7 @@ app.command("autoencoder")(
 app.command("diffusion")(
     stage_command(
         "Train the class-conditional latent diffusion UNet (DDPM, label dropout for CFG).",
-        schema="dermkit.config:DiffusionRunConfig",
+        schema="dermkit.synth.settings:DiffusionRunConfig",
         section="synth_diffusion",
         run="dermkit.synth.diffusion:train_diffusion",
         params=(
@@ -50,7 +50,7 @@ app.command("diffusion")(
 app.command("sample")(
     stage_command(
         "Generate a class-balanced synthetic set (resumable) and its manifest.",
-        schema="dermkit.config:SampleConfig",
+        schema="dermkit.synth.settings:SampleConfig",
         section="synth_sample",
         run="dermkit.synth.sample:run_sample",
         params=(
@@ -88,7 +88,7 @@ app.command("sample")(
 app.command("quality")(
     stage_command(
         "FD, KID, precision/recall (per class), TSTR vs TRTR and a memorisation check.",
-        schema="dermkit.config:QualityConfig",
+        schema="dermkit.synth.settings:QualityConfig",
         section="synth_quality",
         run="dermkit.synth.quality:run_quality",
         params=(

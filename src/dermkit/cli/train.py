@@ -22,7 +22,7 @@ from dermkit.cli.common import (
 
 baseline = stage_command(
     "Classical baseline: colour/texture features + class-balanced gradient boosting.",
-    schema="dermkit.config:BaselineRunConfig",
+    schema="dermkit.train.settings:BaselineRunConfig",
     section="baseline",
     run="dermkit.train.baseline:run_baseline",
     run_kwargs={"progress": True},
@@ -30,7 +30,7 @@ baseline = stage_command(
 
 finetune = stage_command(
     "Supervised fine-tuning (imbalance-aware, resumable, data-parallel under accelerate).",
-    schema="dermkit.config:FinetuneRunConfig",
+    schema="dermkit.train.settings:FinetuneRunConfig",
     section="finetune",
     run="dermkit.train.finetune:run_finetune",
     params=RESUMABLE,
@@ -38,7 +38,7 @@ finetune = stage_command(
 
 distill = stage_command(
     "Knowledge distillation: a small student learns a teacher run's soft targets.",
-    schema="dermkit.config:DistillRunConfig",
+    schema="dermkit.train.settings:DistillRunConfig",
     section="distill",
     run="dermkit.train.distill:run_distill",
     params=(
@@ -81,7 +81,9 @@ def compare(
         f"finetune.{o}" if not o.startswith(("out_dir=", "inits.")) else o for o in overrides or []
     ]
     try:
-        cfg = load_stage_config("dermkit.config:CompareRunConfig", "compare", preset, config, ft)
+        cfg = load_stage_config(
+            "dermkit.train.settings:CompareRunConfig", "compare", preset, config, ft
+        )
         if init:
             cfg.inits = dict(parse_init(item) for item in init)
         report = run_compare(cfg, resume=resume)

@@ -16,15 +16,17 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 from dermkit.data.images import load_rgb
+from dermkit.data.settings import ColourConstancy, CropPolicy
 
-CROP_POLICIES = ("short_side_center", "full_frame")
-COLOUR_CONSTANCY = ("none", "shades_of_gray")
+CROP_POLICIES: tuple[str, ...] = get_args(CropPolicy)
+COLOUR_CONSTANCY: tuple[str, ...] = get_args(ColourConstancy)
 SHADES_OF_GRAY_POWER = 6
 DEFAULT_CACHE_DIR = Path(os.environ.get("DERMKIT_CACHE", Path.home() / ".cache" / "dermkit"))
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dermkit.config import DataConfig
 from dermkit.data.cache import ImageCache, build_cache
 from dermkit.data.labels import load_label_map
 from dermkit.data.manifest import SPLITS, check_manifest, class_names
 from dermkit.data.readers import load_dataset
+from dermkit.data.settings import DataConfig
 from dermkit.data.splits import (
     LeakageReport,
     check_leakage,

@@ -44,7 +44,7 @@ class AugmentConfig:
     contrast: float = 0.1
     saturation: float = 0.1
     hue: float = 0.02
-    # Robustness to other cameras and framings (all off by default; config.AugmentSettings):
+    # Robustness to other cameras and framings (all off by default; settings.AugmentSettings):
     # zoom drawn log-uniformly in [lo, hi] (> 1 in, < 1 out), replacing max_scale.
     scale_range: tuple[float, float] | None = None
     white_balance: float = 0.0  # red x e^t, blue x e^-t, t ~ U(-w, w)

@@ -22,6 +22,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dermkit.data.settings import ColourConstancy, CropPolicy
+
 SCHEMA_VERSION = "1.1"  # 1.1: training_data.phantoms, demo_notice
 CARD_FILE = "model_card.json"
 SCHEMA_FILE = "model_card.schema.json"
@@ -48,12 +50,12 @@ class Preprocessing(_Card):
     image_size: int = Field(description="square side S of the input (px)")
     resize: str = Field(description="how the image is resized before cropping")
     crop: str = Field(description="crop policy")
-    crop_policy: Literal["short_side_center", "full_frame"] = Field(
+    crop_policy: CropPolicy = Field(
         "short_side_center",
         description="machine-readable crop policy (dermkit.data.cache.crop_image): "
         "short_side_center or full_frame (long side, reflection-padded square)",
     )
-    colour_constancy: Literal["none", "shades_of_gray"] = Field(
+    colour_constancy: ColourConstancy = Field(
         "none",
         description="machine-readable colour constancy applied to the crop "
         "(dermkit.data.cache.crop_image): none or shades_of_gray (p = 6, rounded half up)",

@@ -26,10 +26,10 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from dermkit.config import FinetuneRunConfig
 from dermkit.core.metrics import macro_f1
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import prepare_data
+from dermkit.data.settings import DataConfig
 from dermkit.data.transforms import to_float
 from dermkit.models.backbones import create_backbone, input_stats
 from dermkit.models.weights import KeyReport, load_pretrained
@@ -128,12 +128,13 @@ def probe_encoder(
 
 
 def probe_weights(
-    cfg: FinetuneRunConfig, weights: str | Path, model: str, k: int = 20
+    data_cfg: DataConfig, seed: int, weights: str | Path, model: str, k: int = 20
 ) -> tuple[dict, KeyReport]:
-    """``probe_encoder`` of the backbone ``model`` holding ``weights``, on ``cfg.data``'s splits.
+    """``probe_encoder`` of the backbone ``model`` holding ``weights``, on ``data_cfg``'s splits.
 
     Args:
-        cfg: a finetune config; only its data settings and seed are used.
+        data_cfg: the dataset and its split (a run config's ``data`` section).
+        seed: seed of the linear probe.
         weights: a pretraining run folder or a weights file (``load_pretrained``).
         model: the timm backbone name the weights belong to.
 
@@ -141,13 +142,13 @@ def probe_weights(
         (probe_encoder's result, the weights' key report: ``.ok`` is False when keys were
         missing or unexpected).
     """
-    encoder = create_backbone(model, num_classes=0, img_size=cfg.data.image_size)
+    encoder = create_backbone(model, num_classes=0, img_size=data_cfg.image_size)
     report = load_pretrained(encoder, weights)
-    data = prepare_data(cfg.data)
+    data = prepare_data(data_cfg)
     parts = ("train", "val", "test")
     sets = {s: CachedImageDataset(data.cache, data.part(s), data.classes) for s in parts}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = probe_encoder(
-        encoder.to(device), sets["train"], sets["val"], sets["test"], k=k, seed=cfg.seed
+        encoder.to(device), sets["train"], sets["val"], sets["test"], k=k, seed=seed
     )
     return result, report

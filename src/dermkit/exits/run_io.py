@@ -19,11 +19,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dermkit.config import ConfigError, ExitsRunConfig, FinetuneRunConfig, load_config
+from dermkit.config import ConfigError, load_config
 from dermkit.data.prepare import PreparedData, prepare_data
 from dermkit.exits.model import EarlyExitViT
 from dermkit.exits.policy import ExitPolicy
+from dermkit.exits.settings import ExitsRunConfig
 from dermkit.models.runs_io import load_run_model, read_run_config
+from dermkit.train.settings import FinetuneRunConfig
 
 INFO = "exits.json"
 

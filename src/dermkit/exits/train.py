@@ -37,7 +37,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 
-from dermkit.config import ConfigError, ExitsRunConfig
+from dermkit.config import ConfigError
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize, to_float
 from dermkit.exits.infer import exit_gflops
@@ -52,6 +52,7 @@ from dermkit.exits.run_io import (
     save_logits,
     weights_file,
 )
+from dermkit.exits.settings import ExitsRunConfig
 from dermkit.models.distilled import DistilledViT
 from dermkit.models.runs_io import load_run_model
 from dermkit.runs import RunDir

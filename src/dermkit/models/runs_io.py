@@ -26,8 +26,9 @@ import yaml
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from dermkit.config import ConfigError, DistillRunConfig, FinetuneRunConfig
+from dermkit.config import ConfigError
 from dermkit.models.backbones import create_backbone
+from dermkit.train.settings import DistillRunConfig, FinetuneRunConfig
 
 # Stage (run.json "stage") -> the schema its config.yaml follows. Every schema describes a
 # single classifier trained by the supervised loop, so all share FinetuneRunConfig's fields.

@@ -42,27 +42,12 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, ValidationError, model_validator
 
-from dermkit.config import (
-    PRESETS,
-    AutoencoderRunConfig,
-    BaselineRunConfig,
-    ConfigError,
-    DataConfig,
-    DiffusionRunConfig,
-    DistillRunConfig,
-    ExitsRunConfig,
-    FinetuneRunConfig,
-    MaePretrainRunConfig,
-    SampleConfig,
-    Strict,
-    VaePretrainRunConfig,
-    _read_yaml,
-    load_config,
-    parse_override,
-)
+from dermkit.config import PRESETS, ConfigError, Strict, _read_yaml, load_config, parse_override
 from dermkit.core.files import write_json_atomic
 from dermkit.core.mappings import expand_dotted, merge, nested
+from dermkit.data.settings import DataConfig
 from dermkit.eval.report import HtmlReport, format_estimate, to_jsonable
+from dermkit.exits.settings import ExitsRunConfig
 from dermkit.pipeline.report import write_summary_report
 from dermkit.pipeline.runner import (
     METRICS,
@@ -76,6 +61,9 @@ from dermkit.pipeline.runner import (
     run_pipeline,
 )
 from dermkit.runs import RunDir
+from dermkit.ssl.settings import MaePretrainRunConfig, VaePretrainRunConfig
+from dermkit.synth.settings import AutoencoderRunConfig, DiffusionRunConfig, SampleConfig
+from dermkit.train.settings import BaselineRunConfig, DistillRunConfig, FinetuneRunConfig
 
 log = logging.getLogger(__name__)
 

@@ -39,10 +39,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
-from dermkit.config import (
-    MaePretrainRunConfig,
-    VaePretrainRunConfig,
-)
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import (
     IMAGENET_MEAN,
@@ -56,6 +52,7 @@ from dermkit.eval.probe import probe_encoder
 from dermkit.eval.report import HtmlReport
 from dermkit.models.weights import load_pretrained, save_weights
 from dermkit.runs import RunDir
+from dermkit.ssl.settings import MaePretrainRunConfig, VaePretrainRunConfig
 from dermkit.train.engine import Batch, EpochEnd, FitState, Rows, fit, make_accelerator
 from dermkit.train.finetune import load_training_data
 

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from dermkit.config import AutoencoderModelConfig, AutoencoderRunConfig, ConfigError
+from dermkit.config import ConfigError
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import prepare_data
 from dermkit.eval.report import HtmlReport
@@ -43,6 +43,7 @@ from dermkit.synth.discriminator import (
     hinge_discriminator_loss,
 )
 from dermkit.synth.images import apply_dihedral, save_grid, to_signed, to_uint8
+from dermkit.synth.settings import AutoencoderModelConfig, AutoencoderRunConfig
 from dermkit.synth.training import (
     TrainLog,
     check_optim,

@@ -39,14 +39,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dermkit.config import (
-    AutoencoderRunConfig,
-    ConfigError,
-    DiffusionRunConfig,
-    SamplerConfig,
-    UNetConfig,
-    load_config,
-)
+from dermkit.config import ConfigError, load_config
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import prepare_data
 from dermkit.eval.report import HtmlReport
@@ -55,6 +48,12 @@ from dermkit.runs import RunDir
 from dermkit.synth.autoencoder import WEIGHTS_FILE as AUTOENCODER_FILE
 from dermkit.synth.autoencoder import LatentCodec, load_codec
 from dermkit.synth.images import dihedral, save_grid
+from dermkit.synth.settings import (
+    AutoencoderRunConfig,
+    DiffusionRunConfig,
+    SamplerConfig,
+    UNetConfig,
+)
 from dermkit.synth.training import (
     TrainLog,
     check_optim,

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dermkit.config import ConfigError, FinetuneRunConfig, QualityConfig
+from dermkit.config import ConfigError
 from dermkit.data.cache import build_cache
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.manifest import read_manifest
@@ -40,7 +40,9 @@ from dermkit.synth.metrics import (
     nearest_neighbours,
     precision_recall,
 )
+from dermkit.synth.settings import QualityConfig
 from dermkit.synth.training import write_json
+from dermkit.train.settings import FinetuneRunConfig
 
 log = logging.getLogger(__name__)
 

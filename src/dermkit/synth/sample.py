@@ -30,10 +30,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dermkit.config import ConfigError, SampleConfig
+from dermkit.config import ConfigError
 from dermkit.data.manifest import new_manifest, write_manifest
 from dermkit.runs import RunDir
 from dermkit.synth.images import save_grid, write_png
+from dermkit.synth.settings import SampleConfig
 from dermkit.synth.training import write_json
 
 log = logging.getLogger(__name__)

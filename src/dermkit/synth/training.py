@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 from accelerate import Accelerator
 
-from dermkit.config import ConfigError, SynthOptimConfig
+from dermkit.config import ConfigError
 from dermkit.core.files import write_json_atomic
 from dermkit.eval.report import to_jsonable
+from dermkit.synth.settings import SynthOptimConfig
 from dermkit.train.engine import plan_epoch
 
 

@@ -8,10 +8,10 @@ commands (``train/finetune.py``, ``train/distill.py``) take a task from the run 
 
 from __future__ import annotations
 
-from dermkit.config import TaskConfig
 from dermkit.tasks.base import Task, summary_rows
 from dermkit.tasks.classification import ClassificationTask
 from dermkit.tasks.ordinal import OrdinalTask
+from dermkit.tasks.settings import TaskConfig
 
 __all__ = ["ClassificationTask", "OrdinalTask", "Task", "summary_rows", "task_from_config"]
 

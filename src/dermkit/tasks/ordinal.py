@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dermkit.config import ConfigError, TaskConfig
+from dermkit.config import ConfigError
 from dermkit.eval.ordinal import (
     EXPECTED_VALUE_COLUMN,
     TRUTH_COLUMN,
@@ -41,6 +41,7 @@ from dermkit.eval.ordinal import (
     write_ordinal_report,
 )
 from dermkit.eval.predictions import write_predictions
+from dermkit.tasks.settings import TaskConfig
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from dermkit.config import FinetuneRunConfig
 from dermkit.data.prepare import PreparedData, prepare_data
 from dermkit.models.runs_io import TASK_KINDS, load_run_model
 from dermkit.tasks.base import Task
 from dermkit.tasks.classification import ClassificationTask
 from dermkit.tasks.ordinal import OrdinalTask
+from dermkit.train.settings import FinetuneRunConfig
 
 
 @dataclass

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dermkit.config import BaselineRunConfig
 from dermkit.data.prepare import images_for, prepare_data, write_split_file
 from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.predictions import write_predictions
@@ -22,6 +21,7 @@ from dermkit.eval.report import write_evaluation_report
 from dermkit.models.classical import ClassicalBaseline
 from dermkit.models.metadata import MetadataEncoder
 from dermkit.runs import RunDir
+from dermkit.train.settings import BaselineRunConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import yaml
 
-from dermkit.config import CompareArm, CompareRunConfig, FinetuneRunConfig
 from dermkit.eval.curves import plot_learning_curves
 from dermkit.eval.report import HtmlReport, format_estimate
 from dermkit.models.weights import pretrain_backbone
 from dermkit.runs import RunDir
 from dermkit.train.finetune import resolve_model_config, run_finetune
+from dermkit.train.settings import CompareArm, CompareRunConfig, FinetuneRunConfig
 
 log = logging.getLogger(__name__)
 

@@ -43,10 +43,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dermkit.config import AugmentSettings, ConfigError, DistillRunConfig
+from dermkit.config import ConfigError
 from dermkit.core.files import sha256_file
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import write_split_file
+from dermkit.data.settings import AugmentSettings
 from dermkit.eval.curves import plot_learning_curves
 from dermkit.eval.report import format_estimate
 from dermkit.models.backbones import feature_dim, input_norm_of, input_stats
@@ -68,6 +69,7 @@ from dermkit.train.finetune import build_model, load_training_data, resolve_mode
 from dermkit.train.kd import KDLoss, OrdinalKDLoss
 from dermkit.train.loop import load_best, make_accelerator, predict_logits, train_classifier
 from dermkit.train.losses import ClassificationLoss
+from dermkit.train.settings import DistillRunConfig
 
 log = logging.getLogger(__name__)
 

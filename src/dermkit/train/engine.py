@@ -40,7 +40,7 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch import nn
 
-from dermkit.config import ConfigError, OptimConfig
+from dermkit.config import ConfigError
 from dermkit.core.files import atomic_path
 from dermkit.train.checkpoint import (
     checkpoint_to_resume,
@@ -48,6 +48,7 @@ from dermkit.train.checkpoint import (
     load_checkpoint_tensors,
     save_checkpoint,
 )
+from dermkit.train.settings import OptimConfig
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from sklearn.metrics import balanced_accuracy_score
 
-from dermkit.config import FinetuneRunConfig
 from dermkit.core.metrics import macro_f1
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize, to_float
@@ -40,6 +39,7 @@ from dermkit.train.engine import (  # noqa: F401  (lr_at, plan_epoch: re-exporte
     plan_epoch,
 )
 from dermkit.train.losses import ClassificationLoss, sampling_weights
+from dermkit.train.settings import FinetuneRunConfig
 
 log = logging.getLogger(__name__)
 
