@@ -101,3 +101,38 @@ def test_help_lists_the_parameters_in_their_declared_order():
     assert "--resume" not in text
     missing = runner.invoke(app, ["go"])
     assert missing.exit_code == 2 and "Missing argument" in missing.output
+
+
+def test_a_param_without_a_config_key_is_a_keyword_of_the_stage_and_show_prints_the_result(
+    stage,
+):
+    rounds = Param.option("rounds", int, "interleaved rounds", default=3)
+    shown = []
+    app = _app(params=("overrides", rounds), show=shown.append)
+    result = runner.invoke(app, ["go", "out_dir=runs/y", "--rounds", "5"])
+    assert result.exit_code == 0, result.output
+    [(cfg, kw)] = stage
+    assert kw == {"rounds": 5} and cfg.out_dir == "runs/y"
+    assert shown == [Path("runs/y") / "report.html"]  # show, not print, got the result
+
+
+def test_reported_turns_every_user_error_into_exit_2_and_lets_bugs_through():
+    from dermkit.cli.common import comma_list, reported
+
+    app = typer.Typer()
+
+    @app.command()
+    def go(kind: str) -> None:
+        errors = {"value": ValueError("bad --size"), "file": FileNotFoundError("no run/x")}
+        with reported(KeyError):
+            if kind == "bug":
+                raise TypeError("a bug keeps its traceback")
+            raise errors.get(kind, KeyError("unknown dataset"))
+
+    for kind, message in (("value", "bad --size"), ("file", "no run/x"), ("key", "unknown")):
+        result = runner.invoke(app, [kind])
+        assert result.exit_code == 2 and "error: " in result.output, result.output
+        assert message in result.output
+    assert isinstance(runner.invoke(app, ["bug"]).exception, TypeError)
+    assert comma_list(" a, b,,c ") == ["a", "b", "c"] and comma_list(None) is None
+    assert comma_list("1,3", int) == [1, 3]

@@ -115,3 +115,17 @@ def test_init_syntax_gives_an_arm_its_own_backbone():
         }
     )
     assert isinstance(cfg.inits["imagenet"], CompareArm) and cfg.inits["random"] is None
+
+
+def test_bare_overrides_address_the_shared_finetune_recipe():
+    """`dermkit compare optim.epochs=3` fine-tunes every arm for 3 epochs; its own keys stay."""
+    from dermkit.train.compare import compare_overrides
+
+    given = ["optim.epochs=3", "seed=1", "out_dir=runs/c", "inits.mae=runs/mae", "finetune.seed=2"]
+    assert compare_overrides(given) == [
+        "finetune.optim.epochs=3",
+        "finetune.seed=1",
+        "out_dir=runs/c",
+        "inits.mae=runs/mae",
+        "finetune.seed=2",
+    ]

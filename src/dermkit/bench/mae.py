@@ -31,11 +31,18 @@ from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import prepare_data
 from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize
 from dermkit.models.backbones import create_backbone
+from dermkit.runs import machine_info
 from dermkit.ssl.mae import MaskedAutoencoder
 from dermkit.ssl.settings import MaePretrainRunConfig
 from dermkit.train.engine import bare_step, fused_adamw, plan_epoch, resolve_precision, seed_step
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+ATTENTION = ("timm", "fused", "math")
+
+
+def _check_attention(attention: str) -> None:
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be timm, fused or math, got {attention!r}")
 
 
 def set_attention(model: torch.nn.Module, attention: str) -> str:
@@ -44,8 +51,7 @@ def set_attention(model: torch.nn.Module, attention: str) -> str:
     ``timm`` leaves timm's default and returns what it is.
     """
     layers = [m for m in model.modules() if hasattr(m, "fused_attn")]
-    if attention not in ("timm", "fused", "math"):
-        raise ValueError(f"attention must be timm, fused or math, got {attention!r}")
+    _check_attention(attention)
     if attention != "timm":
         for m in layers:
             m.fused_attn = attention == "fused"
@@ -56,6 +62,7 @@ def bench_mae(
     cfg: MaePretrainRunConfig, steps: int = 10, rounds: int = 3, attention: str = "timm"
 ) -> dict:
     """Images/s of the MAE step vs the supervised step on the same batches; a result dict."""
+    _check_attention(attention)  # before minutes of data preparation
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(cfg.optim.precision, device)
     dtype = _DTYPES[precision]
@@ -149,4 +156,5 @@ def bench_mae(
         "supervised_images_per_s": round(best["supervised"], 1),
         "ratio_mae_over_supervised": round(best["mae"] / best["supervised"], 3),
         "torch_threads": torch.get_num_threads(),
+        "machine": machine_info(),
     }

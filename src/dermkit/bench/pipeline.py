@@ -22,6 +22,7 @@ from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import prepare_data
 from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize
 from dermkit.models.backbones import create_backbone
+from dermkit.runs import machine_info
 from dermkit.train.engine import bare_step, plan_epoch, resolve_precision, seed_step
 from dermkit.train.settings import FinetuneRunConfig
 
@@ -85,4 +86,5 @@ def bench_pipeline(cfg: FinetuneRunConfig, steps: int = 10, rounds: int = 3) -> 
         "full_loop_images_per_s": round(best["loop"], 1),
         "ratio_loop_over_model": round(best["loop"] / best["model"], 3),
         "torch_threads": torch.get_num_threads(),
+        "machine": machine_info(),
     }

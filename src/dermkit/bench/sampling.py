@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 
 import torch
 
-from dermkit.synth.diffusion import make_sampler, sample_latents
+from dermkit.runs import machine_info
+from dermkit.synth.diffusion import make_sampler, sample_latents, unet_for_sampling
 
 
 @torch.no_grad()
@@ -119,3 +121,35 @@ def bench_sampling(
         "device": str(device),
         "threads": torch.get_num_threads(),
     }
+
+
+def run_sampling_bench(
+    generator: str | Path | None,
+    preset: str | None,
+    n_classes: int,
+    batch_size: int,
+    steps: int,
+    guidance: float,
+    rounds: int,
+    precision: str = "auto",
+) -> dict:
+    """``dermkit bench sampling``: ``bench_sampling`` on the GPU if there is one, else CPU.
+
+    ``generator``: a synth diffusion run folder; None: an untrained UNet of the ``preset``
+    with ``n_classes`` classes (the timing does not depend on the weights).
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet, sched, shape, n_classes = unet_for_sampling(generator, preset, n_classes)
+    result = bench_sampling(
+        unet,
+        sched,
+        shape,
+        n_classes,
+        batch_size,
+        steps,
+        guidance,
+        rounds,
+        device=device,
+        precision=precision,
+    )
+    return result | {"machine": machine_info()}

@@ -12,69 +12,54 @@ from typing import Annotated
 import typer
 
 from dermkit.cli.common import (
+    CONFIG_PARAMS,
     PIPELINE_EXTRAS,
-    ConfigFile,
-    Overrides,
+    Param,
     Preset,
+    comma_list,
+    command_group,
     console,
     fail,
     needs,
-    user_errors,
+    print_json,
+    reported,
+    stage_command,
 )
 
-app = typer.Typer(help="Benchmarks behind the figures in BENCHMARKS.md.", no_args_is_help=True)
+app = command_group("Benchmarks behind the figures in BENCHMARKS.md.")
 
+# Options of the training-speed benches, given to the bench function (no config keys).
+STEPS = Param.option("steps", int, "batches per round", default=10)
+ROUNDS = Param.option("rounds", int, "interleaved rounds (best is kept)", default=3)
 
-def bench_pipeline_cmd(
-    overrides: Overrides = None,
-    preset: Preset = None,
-    config: ConfigFile = None,
-    steps: Annotated[int, typer.Option(help="batches per round")] = 10,
-    rounds: Annotated[int, typer.Option(help="interleaved rounds (best is kept)")] = 3,
-) -> None:
-    """Training images/s of the full loop vs model-only steps on the same batches."""
-    needs(*PIPELINE_EXTRAS)
-    import json
+bench_pipeline_cmd = stage_command(
+    "Training images/s of the full loop vs model-only steps on the same batches.",
+    schema="dermkit.train.settings:FinetuneRunConfig",
+    section="finetune",
+    run="dermkit.bench.pipeline:bench_pipeline",
+    params=(*CONFIG_PARAMS, STEPS, ROUNDS),
+    extras=PIPELINE_EXTRAS,
+    show=print_json,
+)
 
-    from dermkit.bench.pipeline import bench_pipeline
-    from dermkit.config import load_config
-    from dermkit.runs import machine_info
-    from dermkit.train.settings import FinetuneRunConfig
-
-    try:
-        cfg = load_config(FinetuneRunConfig, "finetune", preset, config, overrides or [])
-    except user_errors() as e:
-        fail(str(e))
-    result = bench_pipeline(cfg, steps=steps, rounds=rounds) | {"machine": machine_info()}
-    print(json.dumps(result, indent=2))
-
-
-def bench_mae_cmd(
-    overrides: Overrides = None,
-    preset: Preset = None,
-    config: ConfigFile = None,
-    steps: Annotated[int, typer.Option(help="batches per round")] = 10,
-    rounds: Annotated[int, typer.Option(help="interleaved rounds (best is kept)")] = 3,
-    attention: Annotated[
-        str, typer.Option(help="attention kernel of both models: timm (default), fused, math")
-    ] = "timm",
-) -> None:
-    """Training images/s of an MAE step vs a supervised step of the same ViT, interleaved."""
-    import json
-
-    from dermkit.bench.mae import bench_mae
-    from dermkit.config import load_config
-    from dermkit.runs import machine_info
-    from dermkit.ssl.settings import MaePretrainRunConfig
-
-    try:
-        cfg = load_config(MaePretrainRunConfig, "pretrain_mae", preset, config, overrides or [])
-        if attention not in ("timm", "fused", "math"):
-            fail(f"--attention must be timm, fused or math, got '{attention}'")
-        result = bench_mae(cfg, steps=steps, rounds=rounds, attention=attention)
-    except user_errors() as e:
-        fail(str(e))
-    print(json.dumps(result | {"machine": machine_info()}, indent=2))
+bench_mae_cmd = stage_command(
+    "Training images/s of an MAE step vs a supervised step of the same ViT, interleaved.",
+    schema="dermkit.ssl.settings:MaePretrainRunConfig",
+    section="pretrain_mae",
+    run="dermkit.bench.mae:bench_mae",
+    params=(
+        *CONFIG_PARAMS,
+        STEPS,
+        ROUNDS,
+        Param.option(
+            "attention",
+            str,
+            "attention kernel of both models: timm (default), fused, math",
+            default="timm",
+        ),
+    ),
+    show=print_json,
+)
 
 
 def bench_sampling_cmd(
@@ -94,32 +79,13 @@ def bench_sampling_cmd(
 ) -> None:
     """Images/s of dermkit's DDIM sampler vs a plain two-call (cond, uncond) fp32 loop."""
     needs("synth")
-    import json
+    from dermkit.bench.sampling import run_sampling_bench
 
-    import torch
-
-    from dermkit.bench.sampling import bench_sampling
-    from dermkit.runs import machine_info
-    from dermkit.synth.diffusion import unet_for_sampling
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        unet, sched, shape, n_classes = unet_for_sampling(generator, preset, n_classes)
-        result = bench_sampling(
-            unet,
-            sched,
-            shape,
-            n_classes,
-            batch_size,
-            steps,
-            guidance,
-            rounds,
-            device=device,
-            precision=precision,
+    with reported():
+        result = run_sampling_bench(
+            generator, preset, n_classes, batch_size, steps, guidance, rounds, precision
         )
-    except (*user_errors(), ValueError) as e:
-        fail(str(e))
-    print(json.dumps(result | {"machine": machine_info()}, indent=2))
+    print_json(result)
 
 
 def bench_shift_cmd(
@@ -146,15 +112,14 @@ def bench_shift_cmd(
     from dermkit.bench.shift import run_shift_bench
 
     try:
-        levels = tuple(int(v) for v in severities.split(",") if v.strip())
+        levels = tuple(comma_list(severities, int))
     except ValueError:
         fail(f"--severities must be comma-separated integers 1..3, got '{severities}'")
-    names = [s.strip() for s in shifts.split(",") if s.strip()] if shifts else None
-    try:
+    with reported():
         result = run_shift_bench(
             run,
             out,
-            shifts=names,
+            shifts=comma_list(shifts) or None,
             severities=levels,
             n_boot=n_boot,
             seed=seed,
@@ -163,8 +128,6 @@ def bench_shift_cmd(
             save_predictions=save_predictions,
             progress=True,
         )
-    except user_errors() as e:
-        fail(str(e))
     worst = result["worst"]
     if worst is not None:
         console.print(
@@ -186,8 +149,6 @@ def bench_shift_compare_cmd(
     robustness arm against its control)."""
     from dermkit.bench.shift import compare_shift_benches
 
-    try:
+    with reported():
         result = compare_shift_benches(a, b, out, n_boot=n_boot, seed=seed)
-    except (*user_errors(), ValueError) as e:
-        fail(str(e))
     print(result["files"]["markdown"])

@@ -1,17 +1,23 @@
-"""What every ``dermkit`` command shares: the console, clean failures, and the stage factory.
+"""What every ``dermkit`` command shares: the console, clean failures, option declarations
+and the stage factory.
 
 A *stage command* loads a run config (``--preset``, ``--config``, trailing ``key=value``
-overrides), calls one stage function with it and prints the path it returns. ``stage_command``
-builds such a command from a few names, so the load / run / report body and the list of
-user errors (``user_errors``) are written once. Imports of heavy or optional modules stay
-lazy ("module:attr" strings) so that ``dermkit --help`` starts fast and needs no extra.
+overrides), calls one stage function with it and shows what it returns. ``stage_command``
+builds such a command from a few names, so the load / run / report body is written once.
+Every command reports bad input the same way: ``with reported():`` turns the one tuple of
+user errors (``user_errors``) into ``error: <message>`` and exit code 2. Imports of heavy or
+optional modules stay lazy ("module:attr" strings, imports inside commands) so that
+``dermkit --help`` starts fast and needs no extra.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+import json
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, NoReturn
@@ -50,29 +56,38 @@ def needs(*extras: str) -> None:
 def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input: reported as ``error: ...`` without a traceback.
 
-    Called only inside ``except`` clauses, so the modules are imported when an error
-    happens, not when the CLI starts.
+    dermkit's own input errors (``ConfigError``, ``ManifestError``, ``SplitFileError``,
+    ``DataValidationError``, ``WeightsError``, ``EncoderError``, ``PipelineError``) are
+    ``ValueError``s, as are the domain functions' refusals of bad arguments; a missing file
+    or folder is a ``FileNotFoundError``; a split that leaks lesions a ``LeakageError``.
+    Called only inside ``except`` clauses, so nothing is imported when the CLI starts.
     """
-    from dermkit.config import ConfigError
-    from dermkit.data.manifest import ManifestError
-    from dermkit.data.prepare import SplitFileError
-    from dermkit.data.readers import DataValidationError
     from dermkit.data.splits import LeakageError
-    from dermkit.models.weights import WeightsError
-    from dermkit.pipeline.runner import PipelineError
-    from dermkit.synth.encoders import EncoderError
 
-    return (
-        ConfigError,
-        ManifestError,
-        SplitFileError,
-        DataValidationError,
-        LeakageError,
-        FileNotFoundError,
-        WeightsError,
-        EncoderError,
-        PipelineError,
-    )
+    return (ValueError, FileNotFoundError, LeakageError)
+
+
+@contextmanager
+def reported(*extra: type[Exception]) -> Iterator[None]:
+    """Run the body; ``user_errors()`` (and ``extra``) end the command with ``error: ...``,
+    exit 2. The traceback is logged at debug level (``dermkit -v``) for bug reports."""
+    try:
+        yield
+    except (*user_errors(), *extra) as e:
+        logging.getLogger(__name__).debug("traceback of the error below", exc_info=True)
+        fail(str(e))
+
+
+def comma_list(text: str | None, convert: Callable[[str], Any] = str) -> list | None:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (each through ``convert``); None stays None."""
+    if text is None:
+        return None
+    return [convert(item.strip()) for item in text.split(",") if item.strip()]
+
+
+def print_json(result: Any) -> None:
+    """Print a result dict as indented JSON on stdout."""
+    print(json.dumps(result, indent=2))
 
 
 def resolve(target: str) -> Any:
@@ -96,15 +111,31 @@ class Param:
     """A command-line parameter of a stage command beyond overrides/preset/config/resume.
 
     ``key``: the config key the value is given to, as the override ``key=value`` appended
-    after the user's overrides (so the option wins); ``None`` values are not passed.
+    after the user's overrides (so the option wins); ``None`` values are not passed. With
+    ``key=None`` the value is a keyword argument of the stage function instead, named
+    ``name`` (e.g. a benchmark's number of rounds, which is no config field).
     """
 
     name: str
     annotation: Any
-    key: str
+    key: str | None = None
     default: Any = None
 
     REQUIRED: ClassVar[Any] = inspect.Parameter.empty  # the default of a required argument
+
+    @classmethod
+    def argument(cls, name: str, kind: Any, help: str, key: str | None = None) -> Param:
+        """A required positional argument, e.g. the run folder a stage starts from."""
+        return cls(name, Annotated[kind, typer.Argument(help=help)], key, cls.REQUIRED)
+
+    @classmethod
+    def option(
+        cls, name: str, kind: Any, help: str, key: str | None = None, default: Any = None
+    ) -> Param:
+        """``--name``: with the default None the option is ``kind | None`` and left out
+        unless given."""
+        kind = kind | None if default is None else kind
+        return cls(name, Annotated[kind, typer.Option(help=help)], key, default)
 
 
 STANDARD_PARAMS: dict[str, tuple[Any, Any]] = {
@@ -114,8 +145,10 @@ STANDARD_PARAMS: dict[str, tuple[Any, Any]] = {
     "resume": (Resume, False),
 }
 
-# The parameters of a stage that continues from its last checkpoint with --resume.
-RESUMABLE = ("overrides", "preset", "config", "resume")
+# The parameters of every stage: its config from preset, file and overrides; a stage that
+# continues from its last checkpoint adds --resume.
+CONFIG_PARAMS = ("overrides", "preset", "config")
+RESUMABLE = (*CONFIG_PARAMS, "resume")
 
 
 def stage_command(
@@ -124,9 +157,10 @@ def stage_command(
     schema: str,
     section: str,
     run: str,
-    params: tuple[str | Param, ...] = ("overrides", "preset", "config"),
+    params: tuple[str | Param, ...] = CONFIG_PARAMS,
     extras: tuple[str, ...] = (),
     run_kwargs: dict[str, Any] | None = None,
+    show: Callable[[Any], None] = print,
 ) -> Callable[..., None]:
     """Build the typer callback of a standard stage command.
 
@@ -134,30 +168,31 @@ def stage_command(
         doc: the command's help (first line: the summary in ``dermkit --help``).
         schema: "module:Class" of the run config, e.g. "dermkit.train.settings:FinetuneRunConfig".
         section: the preset section it is loaded from, e.g. "finetune".
-        run: "module:function" called as ``function(cfg, **run_kwargs[, resume=...])``;
-            it returns the path that is printed (a report, a run folder, a manifest).
+        run: "module:function" called as ``function(cfg, **run_kwargs[, resume=...])``,
+            plus the ``Param`` values without a config key; what it returns is shown.
         params: the command's parameters in their order on the command line: the names
             in ``STANDARD_PARAMS`` and ``Param`` entries; "resume" is passed to ``run``.
         extras: optional dependency groups the command needs (``needs``).
         run_kwargs: fixed keyword arguments of ``run``, e.g. ``{"progress": True}``.
+        show: prints what ``run`` returns (default: ``print``, for a path).
 
     The command exits 2 with ``error: <message>`` on any of ``user_errors()``.
     """
-    custom = [p for p in params if isinstance(p, Param)]
+    to_config = [p for p in params if isinstance(p, Param) and p.key is not None]
+    to_run = [p.name for p in params if isinstance(p, Param) and p.key is None]
     names = [p if isinstance(p, str) else p.name for p in params]
 
     def command(**kw: Any) -> None:
         if extras:
             needs(*extras)
         items = [*(kw.get("overrides") or [])]
-        items += [f"{p.key}={kw[p.name]}" for p in custom if kw[p.name] is not None]
-        call = dict(run_kwargs or {}) | ({"resume": kw["resume"]} if "resume" in names else {})
-        try:
+        items += [f"{p.key}={kw[p.name]}" for p in to_config if kw[p.name] is not None]
+        call = dict(run_kwargs or {}) | {name: kw[name] for name in to_run}
+        call |= {"resume": kw["resume"]} if "resume" in names else {}
+        with reported():
             cfg = load_stage_config(schema, section, kw.get("preset"), kw.get("config"), items)
             out = resolve(run)(cfg, **call)
-        except user_errors() as e:
-            fail(str(e))
-        print(out)
+        show(out)
 
     def parameter(p: str | Param) -> inspect.Parameter:
         if isinstance(p, str):
@@ -172,3 +207,14 @@ def stage_command(
     command.__signature__ = inspect.Signature([parameter(p) for p in params])  # type: ignore[attr-defined]
     command.__doc__ = doc
     return command
+
+
+def command_group(help: str) -> typer.Typer:
+    """A ``dermkit <group>`` sub-app; without a sub-command it prints its help."""
+    return typer.Typer(help=help, no_args_is_help=True)
+
+
+def add_commands(group: typer.Typer, commands: dict[str, Callable[..., None]]) -> None:
+    """Register ``{name: callback}`` on ``group``, in order (the order of ``--help``)."""
+    for name, command in commands.items():
+        group.command(name)(command)

@@ -8,11 +8,9 @@ from typing import Annotated
 
 import typer
 
-from dermkit.cli.common import console, fail, user_errors
+from dermkit.cli.common import command_group, console, fail, reported
 
-app = typer.Typer(
-    help="Read, validate, split, generate and download datasets.", no_args_is_help=True
-)
+app = command_group("Read, validate, split, generate and download datasets.")
 
 
 @app.command("phantoms")
@@ -159,12 +157,11 @@ def data_split(
         near_duplicate_distance=near_duplicate_distance,
     )
     _set_max_image_mb(max_image_mb)
-    try:
-        prepared = prepare_data(cfg, rejects_path=rejects if skip_bad else None, progress=True)
-    except DataValidationError as e:
-        fail(f"{e}\n{_validation_advice(e, skip_bad, rejects)}")
-    except user_errors() as e:
-        fail(str(e))
+    with reported():  # after the validation failure, which gets its advice
+        try:
+            prepared = prepare_data(cfg, rejects_path=rejects if skip_bad else None, progress=True)
+        except DataValidationError as e:
+            fail(f"{e}\n{_validation_advice(e, skip_bad, rejects)}")
     _report_rejects(prepared.rejects, rejects)
     m = prepared.manifest
     summary = split_summary(m)
@@ -198,7 +195,5 @@ def data_download(
     """Download a dataset from its official source with checksums and resume."""
     from dermkit.data.download import DownloadError, download_dataset
 
-    try:
+    with reported(DownloadError, KeyError):
         print(download_dataset(name, dest, base_url=base_url))
-    except (DownloadError, KeyError, ValueError) as e:
-        fail(str(e))

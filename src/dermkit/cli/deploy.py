@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dermkit.cli.common import console, fail, needs, user_errors
+from dermkit.cli.common import console, fail, needs, reported
 
 
 def export_cmd(
@@ -29,10 +29,8 @@ def export_cmd(
 
     if int8 not in (None, "dynamic", "static", "both"):
         fail(f"--int8 must be dynamic, static or both, got '{int8}'")
-    try:
+    with reported():
         result = export_folder(run, out, int8, parity_images, calibration_images)
-    except user_errors() as e:
-        fail(str(e))
     console.print(json.dumps(result["files"], indent=2), highlight=False)
     print(out / "model_card.json")
 
@@ -79,7 +77,7 @@ def serve(
     }
     if int8 not in files:
         fail(f"--int8 must be dynamic or static, got '{int8}'")
-    try:
+    with reported(ModelFolderError):
         app_ = create_app(
             resolve_model_dir(run),
             api_key=api_key,
@@ -98,8 +96,6 @@ def serve(
             header_timeout_s=header_timeout,
             max_connections=max_connections,
         )
-    except (*user_errors(), ModelFolderError, ValueError) as e:
-        fail(str(e))
     console.print(f"serving on http://{host}:{port}/ (API docs: /docs)", highlight=False)
     uvicorn.Server(config).run()
 
@@ -118,10 +114,8 @@ def bench_serve_cmd(
 
     from dermkit.deploy.loadtest import bench_serve, markdown_row, write_bench
 
-    try:
+    with reported(RuntimeError, TimeoutError):
         result = bench_serve(run, requests, concurrency, image, max_seconds=max_seconds)
-    except (*user_errors(), RuntimeError, TimeoutError, ValueError) as e:
-        fail(str(e))
     write_bench(result, out)
     console.print(json.dumps(result["latency_ms"], indent=2), highlight=False)
     print(markdown_row(result), end="")
@@ -144,12 +138,10 @@ def bench_soak_cmd(
     from dermkit.core.files import write_json_atomic
     from dermkit.deploy.soak import markdown_summary, soak_serve
 
-    try:
+    with reported(RuntimeError, TimeoutError):
         result = soak_serve(
             run, junk, junk_mb, slow, requests, concurrency, header_timeout, max_seconds=max_seconds
         )
-    except (*user_errors(), RuntimeError, TimeoutError, ValueError) as e:
-        fail(str(e))
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "soak.json", result)
     print(markdown_summary(result), end="")
@@ -175,11 +167,9 @@ def bench_latency_cmd(
 
     if int8 not in ("dynamic", "static"):
         fail(f"--int8 must be dynamic or static, got '{int8}'")
-    try:
+    with reported():
         result = bench_latency(
             teacher, student, int8=int8, rounds=rounds, calls=calls, threads=threads
         )
-    except user_errors() as e:
-        fail(str(e))
     write_latency(result, out)
     print(markdown_table(result))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dermkit.cli.common import console, fail, user_errors
+from dermkit.cli.common import comma_list, console, fail, print_json, reported
 
 
 def evaluate(
@@ -114,12 +114,10 @@ def evaluate(
 
         if data is not None or label_map is not None:
             fail("--against compares two predictions files; it does not take --data/--label-map")
-        try:
+        with reported():
             result = paired.compare_prediction_files(
                 predictions, against, n_boot=n_boot, seed=seed, positive_class=positive_class
             )
-        except (ValueError, FileNotFoundError) as e:
-            fail(str(e))
         console.print(paired.comparison_table(result))
         out = out or paired.default_output_dir(predictions, against)
         _, md = paired.write_comparison(result, out)
@@ -128,7 +126,7 @@ def evaluate(
     if data is not None:
         from dermkit.eval.external import evaluate_external
 
-        try:
+        with reported():
             done = evaluate_external(
                 predictions,
                 data,
@@ -145,8 +143,6 @@ def evaluate(
                 save_adaptation=save_adaptation,
                 priors_max_error=priors_limit,
             )
-        except user_errors() as e:
-            fail(str(e))
         ext = done["result"]["external"]
         console.print(
             f"scored {ext['images_scored']} images, classes {ext['scored_classes']}; model "
@@ -159,10 +155,8 @@ def evaluate(
         return
     if label_map is not None:
         fail("--label-map needs --data (external evaluation of a run folder)")
-    try:
+    with reported():
         done = evaluate_file(predictions, out, n_boot, seed, positive_class)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
     for row in done.ordinal_rows:
         console.print(" | ".join(str(v) for v in row.values()), highlight=False)
     print(done.report)
@@ -216,11 +210,9 @@ def _ood_commands(
     cache_dir: Path | None,
 ) -> None:
     """--fit-ood and/or --ood-auroc DIR on a run folder."""
-    import json
-
     from dermkit.eval.ood import fit_ood, ood_auroc
 
-    try:
+    with reported():
         if fit:
             rule = fit_ood(run, quantile=quantile)
             console.print(
@@ -238,19 +230,15 @@ def _ood_commands(
             result = ood_auroc(
                 run, auroc_data, layout=layout, label_map=label_map, cache_dir=cache_dir
             )
-            print(json.dumps(result, indent=2))
-    except (*user_errors(), ValueError) as e:
-        fail(str(e))
+            print_json(result)
 
 
 def _fit_operating_point(run: Path, target: str) -> None:
     """--fit-operating-point CLASS=RECALL on a run folder: val-chosen, test reported."""
     from dermkit.eval.operating_point import fit_operating_point
 
-    try:
+    with reported():
         record = fit_operating_point(run, target)
-    except (*user_errors(), ValueError) as e:
-        fail(str(e))
     before, after = record["before"], record["after"]
     console.print(
         f"{record['class']} scale x{record['factor']:.3f}: val recall "
@@ -279,39 +267,32 @@ def _adapted_shift_bench(
 
     if not adapt:
         fail("--shift-bench compares the run as is with the run adapted: it needs --adapt")
-    try:
-        levels = tuple(int(v) for v in severities.split(",") if v.strip())
+    with reported():
         result = run_adapted_shift_bench(
             run,
             adapt,
             out,
-            shifts=[s.strip() for s in shifts.split(",")] if shifts else None,
-            severities=levels,
+            shifts=comma_list(shifts) or None,
+            severities=tuple(comma_list(severities, int)),
             n_boot=n_boot,
             seed=seed,
             limit=limit,
             priors_max_error=priors_limit,
         )
-    except (*user_errors(), ValueError) as e:
-        fail(str(e))
     print(Path(result["files"]["markdown"]).read_text(), end="")
 
 
 def _ood_shift_aurocs(run: Path, shifts: str | None, severities: str, limit: int | None) -> None:
     """--ood-shifts: the flag's AUROC per shift (dermkit.bench.adapt_shift)."""
-    import json
-
     from dermkit.bench.adapt_shift import shift_ood_aurocs
 
-    try:
+    with reported():
         result = shift_ood_aurocs(
             run,
-            shifts=[s.strip() for s in shifts.split(",")] if shifts else None,
-            severities=tuple(int(v) for v in severities.split(",") if v.strip()),
+            shifts=comma_list(shifts) or None,
+            severities=tuple(comma_list(severities, int)),
             limit=limit,
         )
-    except (*user_errors(), ValueError) as e:
-        fail(str(e))
     for row in result["rows"]:
         cells = [f"{row['shift']} ({row['severity']})"]
         for key in ("energy", "mahalanobis"):
@@ -322,4 +303,4 @@ def _ood_shift_aurocs(run: Path, shifts: str | None, severities: str, limit: int
                     f"(clean {e['flagged_in']:.1%})"
                 )
         console.print(" | ".join(cells), highlight=False)
-    print(json.dumps(result, indent=2))
+    print_json(result)

@@ -7,12 +7,9 @@ from typing import Annotated
 
 import typer
 
-from dermkit.cli.common import Param, fail, needs, stage_command, user_errors
+from dermkit.cli.common import RESUMABLE, Param, command_group, fail, needs, reported, stage_command
 
-app = typer.Typer(
-    help="Early exits: heads after ViT blocks, calibrated exit thresholds, benchmarks.",
-    no_args_is_help=True,
-)
+app = command_group("Early exits: heads after ViT blocks, calibrated exit thresholds, benchmarks.")
 
 app.command("train")(
     stage_command(
@@ -21,16 +18,8 @@ app.command("train")(
         section="exits",
         run="dermkit.exits.train:run_exits_train",
         params=(
-            Param(
-                "run",
-                Annotated[Path, typer.Argument(help="classifier run folder (finetune or distill)")],
-                key="base_run",
-                default=Param.REQUIRED,
-            ),
-            "overrides",
-            "preset",
-            "config",
-            "resume",
+            Param.argument("run", Path, "classifier run folder (finetune or distill)", "base_run"),
+            *RESUMABLE,
         ),
         extras=("exits",),
     )
@@ -61,10 +50,8 @@ def exits_calibrate(
         fail(f"--measure must be max_prob, margin or neg_entropy, got '{measure}'")
     if compute not in (None, "gflops", "blocks"):
         fail(f"--compute must be gflops or blocks, got '{compute}'")
-    try:
+    with reported():
         out = run_exits_calibrate(exit_run, objective, protect, measure, compute)
-    except user_errors() as e:
-        fail(str(e))
     print(out)
 
 
@@ -79,10 +66,8 @@ def exits_bench(
     needs("exits")
     from dermkit.exits.bench import run_exits_bench
 
-    try:
+    with reported():
         report = run_exits_bench(exit_run, rounds, batch_size, max_images)
-    except user_errors() as e:
-        fail(str(e))
     print(report)
 
 
@@ -96,10 +81,8 @@ def exits_latency(
     """Batch-1 ONNX latency: exit model vs plain model, interleaved, + per-part overhead."""
     from dermkit.exits.latency_bench import run_exits_latency
 
-    try:
+    with reported():
         r = run_exits_latency(exit_run, head, images, threads)
-    except (*user_errors(), ValueError) as e:
-        fail(str(e))
     ms, f1 = r["ms_per_image"], r["test_macro_f1"]
     print(
         f"{head}: plain {ms['plain']:.3f} ms, exits {ms['exits']:.3f} ms per image "
@@ -122,8 +105,6 @@ def exits_export(
     needs("exits", "export")
     from dermkit.exits.onnx_segments import export_exit_run
 
-    try:
+    with reported():
         export_exit_run(exit_run, head, out, fused)
-    except (*user_errors(), ValueError) as e:
-        fail(str(e))
     print(out)

@@ -7,12 +7,10 @@ from typing import Annotated
 
 import typer
 
-from dermkit.cli.common import fail, needs, user_errors
+from dermkit.cli.common import comma_list, command_group, needs, reported
 
-app = typer.Typer(
-    help="What a trained run's encoder encodes and where it looks.", no_args_is_help=True
-)
-thickness_app = typer.Typer(help="Melanoma thickness (Breslow category).", no_args_is_help=True)
+app = command_group("What a trained run's encoder encodes and where it looks.")
+thickness_app = command_group("Melanoma thickness (Breslow category).")
 RunArg = Annotated[Path, typer.Argument(help="classifier run folder (finetune or distill)")]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="dataset root, if it moved")]
 OutOpt = Annotated[Path | None, typer.Option(help="output folder (default: inside the run)")]
@@ -37,19 +35,17 @@ def explain_features_cmd(
     """PCA/UMAP of frozen penultimate features coloured by manifest columns, with numbers."""
     from dermkit.explain.features import run_explain_features
 
-    try:
+    with reported():
         report = run_explain_features(
             run,
             out,
             data,
-            splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
-            color_by=[c.strip() for c in color_by.split(",")] if color_by else None,
+            splits=tuple(comma_list(splits)),
+            color_by=comma_list(color_by),
             max_images=max_images,
             seed=seed,
             use_umap=umap,
         )
-    except (*user_errors(), ValueError) as e:
-        fail(str(e))
     print(report)
 
 
@@ -68,12 +64,10 @@ def explain_saliency_cmd(
     needs("explain")
     from dermkit.explain.saliency import run_explain_saliency
 
-    try:
+    with reported():
         report = run_explain_saliency(
             run, out, data, split, per_class, sanity_images, seed, random_copies
         )
-    except (*user_errors(), ValueError) as e:
-        fail(str(e))
     print(report)
 
 
@@ -95,11 +89,11 @@ def explain_all_cmd(
     needs("explain")
     from dermkit.explain.index import run_explain
 
-    try:
+    with reported():
         report = run_explain(
             run,
             out,
-            splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
+            splits=tuple(comma_list(splits)),
             max_images=max_images,
             use_umap=umap,
             per_class=per_class,
@@ -107,8 +101,6 @@ def explain_all_cmd(
             random_copies=random_copies,
             seed=seed,
         )
-    except (*user_errors(), ValueError) as e:
-        fail(str(e))
     print(report)
 
 
@@ -137,9 +129,9 @@ def thickness_study_cmd(
     cfg = ThicknessStudyConfig(
         data=data,
         out=out,
-        groupings=[g.strip() for g in groupings.split(",") if g.strip()],
+        groupings=comma_list(groupings),
         n_folds=folds,
-        seeds=tuple(int(s) for s in seeds.split(",") if s.strip()),
+        seeds=tuple(comma_list(seeds, int)),
         inner_folds=inner_folds,
         gradcam_per_class=gradcam_per_class,
         n_random=random_copies,
@@ -151,9 +143,7 @@ def thickness_study_cmd(
     if features:
         cfg.features = list(features)
     if cs:
-        cfg.cs = tuple(float(c) for c in cs.split(",") if c.strip())
-    try:
+        cfg.cs = tuple(comma_list(cs, float))
+    with reported():
         report = run_thickness_study(cfg)
-    except (*user_errors(), ValueError) as e:
-        fail(str(e))
     print(report)

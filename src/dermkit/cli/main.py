@@ -15,6 +15,7 @@ import typer
 
 from dermkit import __version__
 from dermkit.cli import bench, data, deploy, evaluate, exits, explain, pipeline, ssl, synth, train
+from dermkit.cli.common import add_commands
 
 app = typer.Typer(
     help="dermkit: skin-lesion classifiers when data is scarce and imbalanced.",
@@ -41,34 +42,36 @@ def version() -> None:
     print(__version__)
 
 
-for name, command in (
-    ("baseline", train.baseline),
-    ("finetune", train.finetune),
-    ("compare", train.compare),
-    ("distill", train.distill),
-    ("export", deploy.export_cmd),
-    ("evaluate", evaluate.evaluate),
-    ("ensemble", train.ensemble),
-    ("serve", deploy.serve),
-    ("probe", ssl.probe),
-    ("demo", pipeline.demo),
-    ("run", pipeline.run_cmd),
-):
-    app.command(name)(command)
-
-for name, command in (
-    ("pipeline", bench.bench_pipeline_cmd),
-    ("latency", deploy.bench_latency_cmd),
-    ("serve", deploy.bench_serve_cmd),
-    ("soak", deploy.bench_soak_cmd),
-    ("mae", bench.bench_mae_cmd),
-    ("sampling", bench.bench_sampling_cmd),
-    ("ablation", pipeline.bench_ablation_cmd),
-    ("shift", bench.bench_shift_cmd),
-    ("shift-compare", bench.bench_shift_compare_cmd),
-):
-    bench.app.command(name)(command)
-
+add_commands(
+    app,
+    {
+        "baseline": train.baseline,
+        "finetune": train.finetune,
+        "compare": train.compare,
+        "distill": train.distill,
+        "export": deploy.export_cmd,
+        "evaluate": evaluate.evaluate,
+        "ensemble": train.ensemble,
+        "serve": deploy.serve,
+        "probe": ssl.probe,
+        "demo": pipeline.demo,
+        "run": pipeline.run_cmd,
+    },
+)
+add_commands(
+    bench.app,
+    {
+        "pipeline": bench.bench_pipeline_cmd,
+        "latency": deploy.bench_latency_cmd,
+        "serve": deploy.bench_serve_cmd,
+        "soak": deploy.bench_soak_cmd,
+        "mae": bench.bench_mae_cmd,
+        "sampling": bench.bench_sampling_cmd,
+        "ablation": pipeline.bench_ablation_cmd,
+        "shift": bench.bench_shift_cmd,
+        "shift-compare": bench.bench_shift_compare_cmd,
+    },
+)
 for name, group in (
     ("data", data.app),
     ("bench", bench.app),

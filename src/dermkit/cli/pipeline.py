@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dermkit.cli.common import PIPELINE_EXTRAS, Preset, console, fail, needs, user_errors
+from dermkit.cli.common import PIPELINE_EXTRAS, Preset, comma_list, console, needs, reported
 
 
 def _print_plan(rows: list[dict]) -> None:
@@ -47,14 +47,12 @@ def run_cmd(
     needs(*PIPELINE_EXTRAS)
     from dermkit.pipeline import dermae
 
-    try:
+    with reported():
         cfg = dermae.load_pipeline(pipeline, overrides or [])
         if dry_run:
             _print_plan(dermae.status(cfg, targets=until))
             return
         result = dermae.run(cfg, targets=until, progress=progress)
-    except user_errors() as e:
-        fail(str(e))
     console.print(
         f"[bold green]pipeline {cfg.name} finished[/]: ran {result.executed or 'nothing'}"
     )
@@ -72,10 +70,8 @@ def demo(
     needs(*PIPELINE_EXTRAS)
     from dermkit.demo import run_demo
 
-    try:
+    with reported():
         report = run_demo(out, n_lesions=n_lesions, seed=seed)
-    except user_errors() as e:
-        fail(str(e))
     console.print(f"[bold green]demo finished[/]: open {report}")
     print(report)
 
@@ -107,9 +103,9 @@ def bench_ablation_cmd(
         stages_to_compute,
     )
 
-    try:
+    with reported():
         ablation = load_ablation(config or f"ablation-{preset or 'cpu'}", out=out)
-        ids = [r.strip() for item in rows or [] for r in item.split(",") if r.strip()]
+        ids = [r for item in rows or [] for r in comma_list(item)]
         if dry_run:
             from rich.table import Table
 
@@ -130,7 +126,5 @@ def bench_ablation_cmd(
                 console.print(f"  {line}", highlight=False)
             return
         table = run_ablation(ablation, ids, overrides or [], latency=latency, progress=progress)
-    except user_errors() as e:
-        fail(str(e))
     print(table.read_text())
     console.print(f"written to {table}")

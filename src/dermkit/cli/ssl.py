@@ -11,35 +11,36 @@ from dermkit.cli.common import (
     ConfigFile,
     Overrides,
     Preset,
+    add_commands,
+    command_group,
     console,
     fail,
     load_stage_config,
+    print_json,
+    reported,
     stage_command,
-    user_errors,
 )
 
-app = typer.Typer(
-    help="Self-supervised domain pretraining (MAE on a ViT, or a convolutional VAE).",
-    no_args_is_help=True,
-)
+app = command_group("Self-supervised domain pretraining (MAE on a ViT, or a convolutional VAE).")
 
-app.command("mae")(
-    stage_command(
-        "Masked-autoencoder pretraining; the run folder then serves as model.weights.",
-        schema="dermkit.ssl.settings:MaePretrainRunConfig",
-        section="pretrain_mae",
-        run="dermkit.ssl.pretrain:run_pretrain_mae",
-        params=RESUMABLE,
-    )
-)
-app.command("vae")(
-    stage_command(
-        "Convolutional VAE pretraining; its encoder (vae_encoder_*) serves as model.weights.",
-        schema="dermkit.ssl.settings:VaePretrainRunConfig",
-        section="pretrain_vae",
-        run="dermkit.ssl.pretrain:run_pretrain_vae",
-        params=RESUMABLE,
-    )
+add_commands(
+    app,
+    {
+        "mae": stage_command(
+            "Masked-autoencoder pretraining; the run folder then serves as model.weights.",
+            schema="dermkit.ssl.settings:MaePretrainRunConfig",
+            section="pretrain_mae",
+            run="dermkit.ssl.pretrain:run_pretrain_mae",
+            params=RESUMABLE,
+        ),
+        "vae": stage_command(
+            "Convolutional VAE pretraining; its encoder (vae_encoder_*) serves as model.weights.",
+            schema="dermkit.ssl.settings:VaePretrainRunConfig",
+            section="pretrain_vae",
+            run="dermkit.ssl.pretrain:run_pretrain_vae",
+            params=RESUMABLE,
+        ),
+    },
 )
 
 
@@ -57,12 +58,10 @@ def probe(
 
     The data comes from the finetune config (preset, --config, data.* overrides).
     """
-    import json
-
     from dermkit.eval.probe import probe_weights
     from dermkit.models.weights import pretrain_backbone
 
-    try:
+    with reported():
         cfg = load_stage_config(
             "dermkit.train.settings:FinetuneRunConfig", "finetune", preset, config, overrides or []
         )
@@ -70,9 +69,6 @@ def probe(
         if model is None:
             fail(f"--model is needed: {weights} has no encoder.json naming its backbone")
         result, report = probe_weights(cfg.data, cfg.seed, weights, model, k=k)
-    except user_errors() as e:
-        fail(str(e))
     if not report.ok:
         console.print(f"[yellow]warning:[/] incomplete weights\n{report}", highlight=False)
-    result = {"model": model, "weights": str(weights), "weights_ok": report.ok, **result}
-    print(json.dumps(result, indent=2))
+    print_json({"model": model, "weights": str(weights), "weights_ok": report.ok, **result})

@@ -8,16 +8,16 @@ from typing import Annotated
 import typer
 
 from dermkit.cli.common import (
+    CONFIG_PARAMS,
     RESUMABLE,
     ConfigFile,
     Overrides,
     Param,
     Preset,
     console,
-    fail,
     load_stage_config,
+    reported,
     stage_command,
-    user_errors,
 )
 
 baseline = stage_command(
@@ -42,16 +42,9 @@ distill = stage_command(
     section="distill",
     run="dermkit.train.distill:run_distill",
     params=(
-        "overrides",
-        "preset",
-        "config",
-        Param(
-            "teacher",
-            Annotated[
-                Path | None,
-                typer.Option(help="teacher run folder (overrides the config's teacher)"),
-            ],
-            key="teacher",
+        *CONFIG_PARAMS,
+        Param.option(
+            "teacher", Path, "teacher run folder (overrides the config's teacher)", "teacher"
         ),
         "resume",
     ),
@@ -74,21 +67,19 @@ def compare(
     ] = False,
 ) -> None:
     """Fine-tune several initialisations identically; curves, gaps and a metrics table."""
-    from dermkit.train.compare import parse_init, run_compare
+    from dermkit.train.compare import compare_overrides, parse_init, run_compare
 
-    # Bare overrides address the shared finetune settings (data.*, optim.*, ...).
-    ft = [
-        f"finetune.{o}" if not o.startswith(("out_dir=", "inits.")) else o for o in overrides or []
-    ]
-    try:
+    with reported():
         cfg = load_stage_config(
-            "dermkit.train.settings:CompareRunConfig", "compare", preset, config, ft
+            "dermkit.train.settings:CompareRunConfig",
+            "compare",
+            preset,
+            config,
+            compare_overrides(overrides or []),
         )
         if init:
             cfg.inits = dict(parse_init(item) for item in init)
         report = run_compare(cfg, resume=resume)
-    except user_errors() as e:
-        fail(str(e))
     print(report)
 
 
@@ -110,12 +101,10 @@ def ensemble(
     """
     from dermkit.eval.ensemble import run_ensemble
 
-    try:
+    with reported():
         done = run_ensemble(
             runs, out, select, max_rounds, n_boot=n_boot, seed=seed, positive_class=positive_class
         )
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
     f1 = done["test"]["metrics"]["macro_f1"]
     weights = ", ".join(f"{r.name} x{w}" for r, w in zip(runs, done["weights"]) if w)
     console.print(

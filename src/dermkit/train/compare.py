@@ -55,6 +55,16 @@ def parse_init(text: str) -> tuple[str, str | CompareArm | None]:
     return name, CompareArm(model=model, weights=weights) if at else weights
 
 
+def compare_overrides(overrides: list[str]) -> list[str]:
+    """Overrides of a compare run, where a bare key addresses the shared fine-tuning recipe.
+
+    ``optim.epochs=3`` -> ``finetune.optim.epochs=3``; keys of the compare run itself
+    (``out_dir``, ``inits``, ``finetune``) stay as they are.
+    """
+    own = tuple(CompareRunConfig.model_fields)
+    return [o if o.split("=", 1)[0].split(".")[0] in own else f"finetune.{o}" for o in overrides]
+
+
 def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Fine-tune once per initialisation, then write the comparison report; returns its path."""
     if not cfg.inits:
