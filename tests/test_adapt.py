@@ -74,8 +74,8 @@ def test_em_check_passes_a_calibrated_model_and_fails_a_degenerate_one(tmp_path)
     """EM on the run's own val set, where the label frequencies are known."""
     import pandas as pd
 
+    from dermkit.core.predictions import write_predictions
     from dermkit.eval.calibration import DecisionRule
-    from dermkit.eval.predictions import write_predictions
 
     classes = ["a", "b", "c", "d"]
     source = np.array([0.6, 0.2, 0.15, 0.05])

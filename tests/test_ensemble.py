@@ -13,8 +13,8 @@ from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
 from dermkit.cli import app
+from dermkit.core.predictions import read_predictions, write_predictions
 from dermkit.eval.ensemble import geometric_mean, greedy_weights, macro_f1, run_ensemble
-from dermkit.eval.predictions import read_predictions, write_predictions
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 

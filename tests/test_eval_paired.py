@@ -12,6 +12,7 @@ from scipy.special import softmax
 from typer.testing import CliRunner
 
 from dermkit.cli import app
+from dermkit.core.predictions import read_predictions, write_predictions
 from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.paired import (
     PAIRED_METRICS,
@@ -19,7 +20,6 @@ from dermkit.eval.paired import (
     compare_prediction_files,
     compare_predictions,
 )
-from dermkit.eval.predictions import read_predictions, write_predictions
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from dermkit.cli import app
-from dermkit.eval.predictions import read_predictions
+from dermkit.core.predictions import read_predictions
 
 runner = CliRunner()
 # ISIC 2019-style one-hot columns: akiec is split into AK and SCC, both mapped back onto

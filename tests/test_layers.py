@@ -10,11 +10,12 @@ Layers, top to bottom (a module may import its own package and any LOWER layer):
     explain | exits | synth | ssl       methods built on trained classifiers
     train                               supervised training, distillation
     tasks                               what a classifier predicts: classification, ordinal
-    eval                                metrics, calibration, reports, prediction files
+    eval                                metrics, calibration, reports, batched inference
     models | data                       architectures, weights; datasets, caches, splits
     runs                                run folders (config.yaml, run.json)
     config                              the schema base, presets, overrides
-    core                                atomic files, hashing, macro-F1, optional extras
+    core                                atomic files, hashing, macro-F1, prediction files,
+                                        devices, optional extras
     dermkit                             the package root (``__version__``)
 
 Packages joined by ``|`` are siblings: they may not import each other. Every import
@@ -60,20 +61,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 
 # (importer, imported module) -> why it is still there / what removes it.
-KNOWN_UPHILL: dict[tuple[str, str], str] = {
-    ("dermkit.eval.external", "dermkit.train.loop"): (
-        "predict_logits/make_accelerator: move batched inference below eval"
-    ),
-    ("dermkit.eval.summary", "dermkit.exits.run_io"): "exit-run summary: move to exits/",
-    ("dermkit.eval.summary", "dermkit.exits.infer"): "exit-run summary: move to exits/",
-    ("dermkit.eval.summary", "dermkit.exits.policy"): "exit-run summary: move to exits/",
-    ("dermkit.models.classical", "dermkit.eval.calibration"): (
-        "tune_class_scales: a decision-rule helper the baseline model uses; move it down"
-    ),
-    ("dermkit.models.runs_io", "dermkit.eval.predictions"): (
-        "PROB_PREFIX column prefix: move the predictions-file format below models"
-    ),
-}
+KNOWN_UPHILL: dict[tuple[str, str], str] = {}
 # Import circles allowed for now (sorted module names) -> what removes them.
 KNOWN_CYCLES: dict[tuple[str, ...], str] = {}
 

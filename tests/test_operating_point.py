@@ -15,10 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 from dermkit.cli import app
+from dermkit.core.predictions import read_predictions, write_predictions
 from dermkit.eval.calibration import DecisionRule
 from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.operating_point import fit_factor, fit_operating_point, recall_of, rescale
-from dermkit.eval.predictions import read_predictions, write_predictions
 
 CLASSES = ["bkl", "mel", "nv"]
 MEL = CLASSES.index("mel")

@@ -362,7 +362,7 @@ def test_tiny_ablation_has_every_row_and_column(demo_out):
 def _val_macro_f1(folder: Path) -> float:
     from sklearn.metrics import f1_score
 
-    from dermkit.eval.predictions import read_predictions
+    from dermkit.core.predictions import read_predictions
 
     _, y, probs, _ = read_predictions(folder / "predictions_val.csv")
     return f1_score(y, probs.argmax(1), average="macro")

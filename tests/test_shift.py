@@ -147,7 +147,7 @@ def test_bench_shift_end_to_end(tiny_classifier_run, tmp_path):
     assert "Worst shift" in md and "| zoom_in | middle |" in md
     assert len(report["results"]) == 4
     # per-condition predictions files, readable by `dermkit evaluate --against`
-    from dermkit.eval.predictions import read_predictions
+    from dermkit.core.predictions import read_predictions
 
     _, y, clean, _ = read_predictions(out / "predictions" / "clean.csv")
     _, _, zoomed, _ = read_predictions(out / "predictions" / "zoom_in-2.csv")

@@ -17,10 +17,11 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from dermkit.core.predictions import read_predictions, write_predictions
 from dermkit.eval import summary as summary_module
 from dermkit.eval.calibration import expected_calibration_error
-from dermkit.eval.predictions import read_predictions, write_predictions
-from dermkit.eval.summary import METRIC_KEYS, ablation_table_markdown, summarize_run
+from dermkit.eval.summary import METRIC_KEYS, ablation_table_markdown
+from dermkit.exits.summary import summarize_run
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 ESTIMATE = re.compile(r"^\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]$")

@@ -11,7 +11,7 @@ one lesion-grouped split and one seed. A row may instead be an ensemble of rows 
 (``ensemble: [ids]``): their folders' probabilities combined with weights chosen on val
 (:mod:`dermkit.eval.ensemble`), written to ``<out_dir>/ensemble-<id>``, seconds of work.
 
-Each row is summarised by :func:`dermkit.eval.summary.summarize_run` (test metrics with
+Each row is summarised by :func:`dermkit.exits.summary.summarize_run` (test metrics with
 lesion-level bootstrap CIs, params, GFLOPs, batch-1 latency); the table is written to
 ``<out_dir>/ablation.md`` (+ ``ablation.json`` and ``ablation.html``, which links each row's
 stage report).
@@ -171,7 +171,7 @@ def _ensemble_record(
     classical baseline has none): an ensemble runs every chosen member.
     """
     from dermkit.eval.ensemble import run_ensemble
-    from dermkit.eval.summary import summarize_run
+    from dermkit.exits.summary import summarize_run
 
     started = time.time()
     by_id = {r["id"]: r for r in records}
@@ -225,7 +225,8 @@ def run_ablation(
     progress: bool = True,
 ) -> Path:
     """Run (or reuse) every selected row and write the table; returns ``ablation.md``."""
-    from dermkit.eval.summary import ablation_table_markdown, summarize_run
+    from dermkit.eval.summary import ablation_table_markdown
+    from dermkit.exits.summary import summarize_run
     from dermkit.runs import git_commit, machine_info
 
     rows = select_rows(ablation, ids)

@@ -112,8 +112,8 @@ def run_adapted_shift_bench(
         condition: shift, severity, metric -> {adapted, as_is, delta, ci_low, ci_high}, the
         priors estimated and whether they were applied), ``files``.
     """
+    from dermkit.core.devices import make_accelerator
     from dermkit.models.runs_io import load_run_model
-    from dermkit.train.loop import make_accelerator
 
     run_dir = Path(run_dir)
     adapt = parse_adaptations(adaptations)

@@ -35,12 +35,12 @@ from PIL import Image
 
 from dermkit.config import ConfigError
 from dermkit.core.files import atomic_path, write_json_atomic, write_text_atomic
+from dermkit.core.predictions import write_predictions
 from dermkit.data.cache import ImageCache, crop_image
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.images import load_rgb
 from dermkit.eval.calibration import DecisionRule
 from dermkit.eval.paired import compare_predictions
-from dermkit.eval.predictions import write_predictions
 from dermkit.eval.shifts import SEVERITY_NAMES, SHIFTS, apply_shift, to_uint8
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def shifted_sources(sources: list[np.ndarray], shift: str, severity: int) -> lis
 
 def _logits(model, cfg, images: np.ndarray, manifest, classes, accelerator, batch_size):
     """Logits (N, C) of model inputs (N, S, S, 3) uint8, as the run scored its test split."""
-    from dermkit.train.loop import predict_logits
+    from dermkit.eval.inference import predict_logits
 
     cache = ImageCache(images=images, image_ids=manifest["image_id"].to_numpy(), root=Path("."))
     dataset = CachedImageDataset(cache, manifest, classes, in_memory=False)
@@ -168,8 +168,8 @@ def run_shift_bench(
         shift and severity: metric -> {shifted, clean, delta, ci_low, ci_high}), ``worst``
         and the paths written.
     """
+    from dermkit.core.devices import make_accelerator
     from dermkit.models.runs_io import WEIGHTS_FILE, load_run_model
-    from dermkit.train.loop import make_accelerator
 
     run_dir = Path(run_dir)
     shifts = list(SHIFTS) if shifts is None else list(shifts)
@@ -318,7 +318,7 @@ def run_shift_bench(
 def _agreement_with_run(run_dir: Path, manifest, clean: np.ndarray, classes) -> dict | None:
     """How the bench's clean probabilities agree with the run's own predictions_test.csv
     (the same preprocessing should give the same numbers): {n_images, max_abs_prob_diff}."""
-    from dermkit.eval.predictions import read_predictions
+    from dermkit.core.predictions import read_predictions
 
     path = run_dir / "predictions_test.csv"
     if not path.exists():

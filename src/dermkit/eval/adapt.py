@@ -287,7 +287,7 @@ def em_check(
     path = Path(run_dir) / "predictions_val.csv"
     if not path.exists():
         return None
-    from dermkit.eval.predictions import read_predictions
+    from dermkit.core.predictions import read_predictions
 
     df, _, probs, names = read_predictions(path)
     if list(names) != list(classes):

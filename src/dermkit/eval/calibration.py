@@ -21,7 +21,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
-from dermkit.core.metrics import macro_f1
+from dermkit.core.metrics import tune_class_scales
 
 # Search range for the inverse temperature 1/T (T from 0.01 to 100). The NLL is convex in
 # 1/T, so a bounded scalar search over this range finds the global minimum inside it.
@@ -145,28 +145,6 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
         nll, bounds=_LOG_INV_TEMPERATURE_BOUNDS, method="bounded", options={"xatol": 1e-6}
     )
     return float(np.exp(-result.x))
-
-
-def tune_class_scales(probs: np.ndarray, y: np.ndarray, rounds: int = 3) -> np.ndarray:
-    """Per-class multipliers (C,) on probabilities that maximise macro-F1 on (probs, y).
-
-    Coordinate ascent over a log grid; run it on validation predictions only. Rescaling
-    moves decision boundaries between rare and common classes (what a balanced loss does
-    at training time) without touching the ranking that AUROC measures.
-    """
-    c = probs.shape[1]
-    scales = np.ones(c)
-    grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 25))
-    best = macro_f1(y, probs.argmax(1), c)
-    for _ in range(rounds):
-        for k in range(c):
-            for g in grid:
-                trial = scales.copy()
-                trial[k] = g
-                f1 = macro_f1(y, (probs * trial).argmax(1), c)
-                if f1 > best + 1e-9:
-                    best, scales = f1, trial
-    return scales
 
 
 @dataclass

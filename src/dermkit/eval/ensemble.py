@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 
 from dermkit.core.metrics import macro_f1 as core_macro_f1
+from dermkit.core.predictions import write_predictions
 from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.paired import align_prediction_files
-from dermkit.eval.predictions import write_predictions
 from dermkit.eval.report import write_evaluation_report
 
 SPLITS = ("val", "test")

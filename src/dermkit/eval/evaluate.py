@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dermkit.core.predictions import read_predictions
 from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.ordinal import TRUTH_COLUMN, evaluate_ordinal_predictions, metrics_table
-from dermkit.eval.predictions import read_predictions
 from dermkit.eval.report import write_evaluation_report
 
 

@@ -28,12 +28,12 @@ import pandas as pd
 
 from dermkit.config import ConfigError
 from dermkit.core.files import atomic_path
+from dermkit.core.predictions import write_predictions
 from dermkit.data.labels import load_label_map
 from dermkit.eval.adapt import RunAdapter, write_adapted_run
 from dermkit.eval.adapt import summary_lines as adaptation_rows
 from dermkit.eval.calibration import DecisionRule
 from dermkit.eval.metrics import evaluate_predictions
-from dermkit.eval.predictions import write_predictions
 from dermkit.eval.report import write_evaluation_report
 
 log = logging.getLogger(__name__)
@@ -168,11 +168,12 @@ def evaluate_external(
         {"report", "predictions", "metrics": paths, "result": the metrics dict, whose
         "external" entry says what was scored and what was dropped}.
     """
+    from dermkit.core.devices import make_accelerator
     from dermkit.data.cache import build_cache
     from dermkit.data.dataset import CachedImageDataset
     from dermkit.data.readers import load_dataset
+    from dermkit.eval.inference import predict_logits
     from dermkit.models.runs_io import WEIGHTS_FILE, load_run_model
-    from dermkit.train.loop import make_accelerator, predict_logits
 
     run_dir, data = Path(run_dir), Path(data)
     if not (run_dir / WEIGHTS_FILE).exists():

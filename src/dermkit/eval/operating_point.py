@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from dermkit.core.files import write_json_atomic
+from dermkit.core.predictions import read_predictions, write_predictions
 from dermkit.eval.calibration import DecisionRule
 from dermkit.eval.metrics import evaluate_predictions
-from dermkit.eval.predictions import read_predictions, write_predictions
 
 OPERATING_POINT_FILE = "operating_point.json"
 DECISION_FILE = "decision.json"

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from dermkit.core.files import write_json_atomic, write_text_atomic
+from dermkit.core.predictions import read_predictions
 from dermkit.eval.bootstrap import percentile_interval
 from dermkit.eval.metrics import (
     metric_replicates,
@@ -29,7 +30,6 @@ from dermkit.eval.metrics import (
     validate_predictions,
 )
 from dermkit.eval.ordinal import TRUTH_COLUMN
-from dermkit.eval.predictions import read_predictions
 
 # Headline metrics of the comparison (name -> higher is better). ECE is the one where
 # lower is better, so "A better" means delta < 0 there.

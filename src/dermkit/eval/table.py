@@ -1,6 +1,7 @@
 """One table of several classifier runs on their test split (the pipeline's evaluate stage).
 
-Each run is summarised by :func:`dermkit.eval.summary.summarize_run` (test metrics with
+Each run is summarised by the given ``summarize`` (the pipeline passes
+:func:`dermkit.exits.summary.summarize_run`, which knows every run kind: test metrics with
 lesion-level bootstrap CIs, params, GFLOPs, batch-1 latency); writes ``table.md``,
 ``metrics.json`` (every row's numbers) and ``report.html`` linking each run's own report.
 """
@@ -8,25 +9,31 @@ lesion-level bootstrap CIs, params, GFLOPs, batch-1 latency); writes ``table.md`
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from dermkit.core.files import write_json_atomic
 from dermkit.eval.report import HtmlReport, markdown_rows, to_jsonable
-from dermkit.eval.summary import ablation_table_markdown, summarize_run
+from dermkit.eval.summary import ablation_table_markdown
 
 
 def run_table(
     runs: dict[str, str | Path],
     out: str | Path,
+    summarize: Callable[..., dict],
     latency: bool = True,
     n_boot: int = 1000,
     seed: int = 0,
 ) -> Path:
-    """Summarise ``runs`` (row name -> run folder) into ``out``; returns its report path."""
+    """Summarise ``runs`` (row name -> run folder) into ``out``; returns its report path.
+
+    ``summarize(run_dir, latency=, n_boot=, seed=) -> summary dict`` summarises one run
+    (:func:`dermkit.eval.summary.summarize_classifier_run` for classifier runs only).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [
-        (name, summarize_run(Path(run), latency=latency, n_boot=n_boot, seed=seed))
+        (name, summarize(Path(run), latency=latency, n_boot=n_boot, seed=seed))
         for name, run in runs.items()
     ]
     table = ablation_table_markdown(rows)

@@ -5,5 +5,6 @@
 measures, ``ExitPolicy``, threshold calibration on val) -> ``infer.py`` (batched inference
 that drops samples as they leave; GFLOPs per exit) and ``onnx_segments.py`` (one ONNX per
 segment + an onnxruntime runner). Stages: ``train.py``, ``calibrate.py``, ``bench.py``;
-exit-run folders: ``run_io.py``.
+exit-run folders: ``run_io.py``;
+an exit run's ablation-table row: ``summary.py``.
 """

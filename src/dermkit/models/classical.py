@@ -32,8 +32,7 @@ from skimage.feature import local_binary_pattern
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.utils.class_weight import compute_sample_weight
 
-from dermkit.core.metrics import macro_f1
-from dermkit.eval.calibration import tune_class_scales
+from dermkit.core.metrics import macro_f1, tune_class_scales
 
 
 def _histograms(channels: np.ndarray, ranges: list[tuple[float, float]], bins: int) -> np.ndarray:

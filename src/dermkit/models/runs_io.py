@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from dermkit.config import ConfigError
+from dermkit.core.predictions import prediction_classes
 from dermkit.models.backbones import create_backbone
 from dermkit.train.settings import DistillRunConfig, FinetuneRunConfig
 
@@ -76,10 +77,8 @@ def read_run_classes(run_dir: str | Path) -> list[str]:
     elif (run_dir / "metrics.json").exists():
         classes = json.loads((run_dir / "metrics.json").read_text()).get("classes")
     elif (run_dir / "predictions_test.csv").exists():
-        from dermkit.eval.predictions import PROB_PREFIX
-
         header = (run_dir / "predictions_test.csv").open().readline().strip().split(",")
-        classes = [c[len(PROB_PREFIX) :] for c in header if c.startswith(PROB_PREFIX)]
+        classes = prediction_classes(header)
     else:
         _require(run_dir / "classes.json")  # raises, naming the preferred file
     if not classes or not all(isinstance(c, str) for c in classes):

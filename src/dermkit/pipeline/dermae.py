@@ -706,8 +706,9 @@ def _build_evaluate(ctx: StageContext) -> EvaluateStageConfig:
 
 def _run_evaluate(cfg: EvaluateStageConfig, out: Path, resume: bool) -> None:
     from dermkit.eval.table import run_table
+    from dermkit.exits.summary import summarize_run
 
-    run_table(cfg.runs, out, latency=cfg.latency, n_boot=cfg.n_boot, seed=cfg.seed)
+    run_table(cfg.runs, out, summarize_run, latency=cfg.latency, n_boot=cfg.n_boot, seed=cfg.seed)
 
 
 def _metric_evaluate(path: Path) -> str:

@@ -16,9 +16,9 @@ import pandas as pd
 import torch
 from scipy.special import softmax
 
+from dermkit.core.predictions import write_predictions
 from dermkit.eval.calibration import DecisionRule
 from dermkit.eval.metrics import evaluate_predictions
-from dermkit.eval.predictions import write_predictions
 from dermkit.eval.report import write_evaluation_report
 
 DECISION_FILE = "decision.json"

@@ -34,13 +34,13 @@ import pandas as pd
 import torch
 
 from dermkit.config import ConfigError
+from dermkit.core.predictions import write_predictions
 from dermkit.eval.ordinal import (
     EXPECTED_VALUE_COLUMN,
     TRUTH_COLUMN,
     ordinal_metrics,
     write_ordinal_report,
 )
-from dermkit.eval.predictions import write_predictions
 from dermkit.tasks.settings import TaskConfig
 
 log = logging.getLogger(__name__)

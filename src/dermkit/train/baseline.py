@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dermkit.core.predictions import write_predictions
 from dermkit.data.prepare import images_for, prepare_data, write_split_file
 from dermkit.eval.metrics import evaluate_predictions
-from dermkit.eval.predictions import write_predictions
 from dermkit.eval.report import write_evaluation_report
 from dermkit.models.classical import ClassicalBaseline
 from dermkit.models.metadata import MetadataEncoder

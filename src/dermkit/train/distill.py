@@ -44,11 +44,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dermkit.config import ConfigError
+from dermkit.core.devices import make_accelerator
 from dermkit.core.files import sha256_file
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import write_split_file
 from dermkit.data.settings import AugmentSettings
 from dermkit.eval.curves import plot_learning_curves
+from dermkit.eval.inference import predict_logits
 from dermkit.eval.report import format_estimate
 from dermkit.models.backbones import feature_dim, input_norm_of, input_stats
 from dermkit.models.packaged import INPUT_NORMS
@@ -67,7 +69,7 @@ from dermkit.train.distill_student import (
 )
 from dermkit.train.finetune import build_model, load_training_data, resolve_model_config
 from dermkit.train.kd import KDLoss, OrdinalKDLoss
-from dermkit.train.loop import load_best, make_accelerator, predict_logits, train_classifier
+from dermkit.train.loop import load_best, train_classifier
 from dermkit.train.losses import ClassificationLoss
 from dermkit.train.settings import DistillRunConfig
 

@@ -20,14 +20,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dermkit.core.devices import make_accelerator
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.manifest import read_manifest
 from dermkit.data.prepare import PreparedData, prepare_data, write_split_file
 from dermkit.eval.curves import plot_learning_curves
+from dermkit.eval.inference import predict_logits
 from dermkit.models.backbones import create_backbone
 from dermkit.runs import RunDir
 from dermkit.tasks import summary_rows, task_from_config
-from dermkit.train.loop import load_best, make_accelerator, predict_logits, train_classifier
+from dermkit.train.loop import load_best, train_classifier
 from dermkit.train.settings import FinetuneRunConfig
 
 log = logging.getLogger(__name__)

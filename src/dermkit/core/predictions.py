@@ -3,6 +3,8 @@
 ``predictions.csv`` has one row per image: image_id, lesion_id, label (true class name),
 pred (predicted class name) and one ``prob_<class>`` column per class in class order. Any
 stage that predicts writes one, so metrics can always be recomputed from the folder.
+The format sits in core because every layer reads or writes it: models (a run's class
+list), tasks and training (test predictions), eval and bench (metrics from the file).
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import numpy as np
 import pandas as pd
 
 PROB_PREFIX = "prob_"
+
+
+def prediction_classes(columns: list[str]) -> list[str]:
+    """Class names, in class order, of a predictions file's columns (its ``prob_<class>``)."""
+    return [c[len(PROB_PREFIX) :] for c in columns if c.startswith(PROB_PREFIX)]
 
 
 def write_predictions(
@@ -46,7 +53,7 @@ def read_predictions(path: str | Path) -> tuple[pd.DataFrame, np.ndarray, np.nda
     missing = {"image_id", "lesion_id", "label"} - set(df.columns)
     if missing:
         raise ValueError(f"{path}: missing columns {sorted(missing)}")
-    classes = [c[len(PROB_PREFIX) :] for c in df.columns if c.startswith(PROB_PREFIX)]
+    classes = prediction_classes(list(df.columns))
     if not classes:
         raise ValueError(f"{path}: no '{PROB_PREFIX}<class>' columns")
     unknown = sorted(set(df["label"]) - set(classes))
