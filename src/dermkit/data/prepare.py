@@ -6,6 +6,7 @@ decode-once cache -> leakage check (lesions: error; near-duplicates: reported).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dermkit.config import ConfigError
 from dermkit.data.cache import ImageCache, build_cache
 from dermkit.data.labels import load_label_map
 from dermkit.data.manifest import SPLITS, check_manifest, class_names
@@ -26,6 +28,32 @@ from dermkit.data.splits import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def dataset_fingerprint(root: str | Path, split_file: str | None = None) -> str:
+    """sha256 of the metadata file (HAM10000 layout) or of every file's name and size, and
+    of the split file's content.
+
+    Cheap enough for 10k images; it changes when images are added, removed or relabelled or
+    the committed split changes, so the data stage (and everything after it) runs again.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"dataset folder {root} does not exist")
+    h = hashlib.sha256()
+    meta = root / "metadata.csv"
+    if meta.is_file():
+        h.update(meta.read_bytes())
+        h.update(str(sum(1 for _ in (root / "images").glob("*"))).encode())
+    else:
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                h.update(f"{p.relative_to(root)}\x1f{p.stat().st_size}\n".encode())
+    if split_file is not None:
+        if not Path(split_file).is_file():
+            raise ConfigError(f"split file {split_file} does not exist")
+        h.update(Path(split_file).read_bytes())
+    return h.hexdigest()
 
 
 class SplitFileError(ValueError):

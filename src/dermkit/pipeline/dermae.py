@@ -32,21 +32,20 @@ configs below.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from pydantic import Field, ValidationError, model_validator
 
 from dermkit.config import PRESETS, ConfigError, Strict, _read_yaml, load_config, parse_override
 from dermkit.core.files import write_json_atomic
 from dermkit.core.mappings import expand_dotted, merge, nested
 from dermkit.data.settings import DataConfig
-from dermkit.eval.report import HtmlReport, format_estimate, to_jsonable
+from dermkit.eval.data_folder import PHANTOM_GRID
+from dermkit.eval.report import format_estimate
 from dermkit.exits.settings import ExitsRunConfig
 from dermkit.pipeline.report import write_summary_report
 from dermkit.pipeline.runner import (
@@ -211,32 +210,6 @@ class DataStageConfig(PipelineData):
     fingerprint: str | None = Field(None, description="sha256 of the dataset and split file")
 
 
-def dataset_fingerprint(root: str | Path, split_file: str | None = None) -> str:
-    """sha256 of the metadata file (HAM10000 layout) or of every file's name and size, and
-    of the split file's content.
-
-    Cheap enough for 10k images; it changes when images are added, removed or relabelled or
-    the committed split changes, so the data stage (and everything after it) runs again.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise ConfigError(f"dataset folder {root} does not exist")
-    h = hashlib.sha256()
-    meta = root / "metadata.csv"
-    if meta.is_file():
-        h.update(meta.read_bytes())
-        h.update(str(sum(1 for _ in (root / "images").glob("*"))).encode())
-    else:
-        for p in sorted(root.rglob("*")):
-            if p.is_file():
-                h.update(f"{p.relative_to(root)}\x1f{p.stat().st_size}\n".encode())
-    if split_file is not None:
-        if not Path(split_file).is_file():
-            raise ConfigError(f"split file {split_file} does not exist")
-        h.update(Path(split_file).read_bytes())
-    return h.hexdigest()
-
-
 def cache_dir(ctx: StageContext) -> str | None:
     """The image cache: the pipeline's, ``<out_dir>/cache`` for phantoms, else the default."""
     d = ctx.pipeline.data
@@ -246,6 +219,8 @@ def cache_dir(ctx: StageContext) -> str | None:
 
 
 def _build_data(ctx: StageContext) -> DataStageConfig:
+    from dermkit.data.prepare import dataset_fingerprint
+
     d: PipelineData = ctx.pipeline.data
     base = d.model_dump() | {
         "fingerprint": dataset_fingerprint(d.path, d.split_file) if d.path else None,
@@ -284,36 +259,9 @@ def _data_wiring(ctx: StageContext) -> dict:
     }
 
 
-PHANTOM_GRID = "phantom_grid.png"
-
-
-def _phantom_grid(root: Path, n: int = 14):
-    """A figure with the first phantom image of each class, then more, with labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    from PIL import Image
-
-    meta = pd.read_csv(root / "metadata.csv")
-    first = meta.drop_duplicates("dx").head(n)
-    meta = pd.concat([first, meta.drop(first.index).head(n - len(first))])
-    cols = (len(meta) + 1) // 2
-    fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols, 3.4))
-    for ax, (_, row) in zip(np.ravel(axes), meta.iterrows(), strict=False):
-        ax.imshow(Image.open(root / "images" / f"{row.image_id}.jpg"))
-        ax.set_title(f"{row.dx}", fontsize=8)
-        ax.axis("off")
-    for ax in np.ravel(axes)[len(meta) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
 def _run_data(cfg: DataStageConfig, out: Path, resume: bool) -> Path:
     from dermkit.data.phantoms import generate_phantoms
-    from dermkit.data.prepare import prepare_data, write_split_file
+    from dermkit.eval.data_folder import write_data_folder
 
     root = Path(data_root(cfg, out))
     if cfg.phantoms is not None and not (root / "metadata.csv").exists():
@@ -324,60 +272,7 @@ def _run_data(cfg: DataStageConfig, out: Path, resume: bool) -> Path:
     with RunDir(out, cfg, "data") as run:
         fields = cfg.model_dump(exclude={"phantoms", "fingerprint"}) | {"path": str(root)}
         data_cfg = DataConfig.model_validate(fields)
-        prepared = prepare_data(data_cfg, rejects_path=run / "rejects.csv")
-        write_split_file(prepared.manifest, run / "split.csv")
-        m = prepared.manifest
-        counts = m.groupby(["split", "label"]).size().unstack(fill_value=0)
-        metrics = {
-            "source": str(root),
-            "images": len(m),
-            "lesions": int(m["lesion_id"].nunique()),
-            "classes": prepared.classes,
-            "split": {
-                s: {
-                    "images": int((m["split"] == s).sum()),
-                    "lesions": int(m.loc[m["split"] == s, "lesion_id"].nunique()),
-                }
-                for s in ("train", "val", "test")
-            },
-            "class_counts": {s: counts.loc[s].to_dict() for s in counts.index},
-            "near_duplicate_pairs_across_splits": len(prepared.leakage.near_duplicates),
-            "rejected": len(prepared.rejects),
-        }
-        write_json_atomic(run / METRICS, to_jsonable(metrics), default=str)
-        report = HtmlReport(f"dermkit data: {root.name}")
-        report.add_paragraph(
-            f"{metrics['images']} images of {metrics['lesions']} lesions from {root}; "
-            + (
-                f"split file {cfg.split_file}"
-                if cfg.split_file
-                else f"label-stratified, lesion-grouped {cfg.train}/{cfg.val}/{cfg.test} "
-                f"split, seed {cfg.split_seed}"
-            )
-            + ". Every later stage reads this split (split.csv)."
-        )
-        report.add_table(
-            [{"split": s, **v} for s, v in metrics["split"].items()], caption="Images per split"
-        )
-        report.add_table(
-            counts.reset_index().rename(columns={"split": "split \\ class"}),
-            caption="Images per split and class",
-        )
-        report.add_paragraph(prepared.leakage.summary())
-        if cfg.phantoms is not None:
-            report.add_paragraph(
-                "Phantoms are procedurally drawn lesions: they exercise the code path; their "
-                "numbers say nothing about real dermoscopy."
-            )
-            import matplotlib.pyplot as plt
-
-            from dermkit.eval.plots import save_figure
-
-            fig = _phantom_grid(root)
-            grid = save_figure(fig, run / PHANTOM_GRID)  # the pipeline's summary embeds it
-            plt.close(fig)
-            report.add_figure(grid, "phantom images, one per class first")
-        return report.write(run / "report.html")
+        return write_data_folder(data_cfg, run.path, phantoms=cfg.phantoms is not None)
 
 
 def _metric_data(path: Path) -> str:
