@@ -22,14 +22,20 @@ from pathlib import Path
 
 import numpy as np
 
-from dermkit.bench.shift import _logits, _preprocess, _summary, shifted_sources, test_sources
+from dermkit.bench.shift import (
+    _logits,
+    _preprocess,
+    _summary,
+    paired_comparer,
+    shifted_sources,
+    test_sources,
+)
 from dermkit.config import ConfigError
 from dermkit.core.files import write_json_atomic, write_text_atomic
 from dermkit.data.cache import ImageCache
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.eval.adapt import RunAdapter, parse_adaptations
 from dermkit.eval.calibration import DecisionRule
-from dermkit.eval.paired import compare_predictions
 from dermkit.eval.shifts import SEVERITY_NAMES, SHIFTS
 
 
@@ -134,8 +140,7 @@ def run_adapted_shift_bench(
         batch_size=batch_size,
     )
     manifest, sources = test_sources(run_dir, cfg, classes, limit)
-    y = manifest["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    groups = manifest["lesion_id"].to_numpy()
+    compare = paired_comparer(manifest, classes, cfg, n_boot, seed)
     accelerator = make_accelerator(cfg.optim.precision)
     positive = cfg.eval.positive_class
 
@@ -155,17 +160,7 @@ def run_adapted_shift_bench(
     for shift, severity in conditions:
         images = sources if shift == "clean" else shifted_sources(sources, shift, severity)
         as_is, adapted = both(images)
-        paired = compare_predictions(
-            y,
-            adapted.probs,
-            as_is,
-            classes,
-            groups,
-            n_boot=n_boot,
-            seed=seed,
-            ci=cfg.eval.ci,
-            positive_class=positive,
-        )
+        paired = compare(adapted.probs, as_is)
         metrics = {
             name: {
                 "adapted": e["shifted"],

@@ -111,6 +111,29 @@ def _logits(model, cfg, images: np.ndarray, manifest, classes, accelerator, batc
     return logits.numpy()
 
 
+def paired_comparer(manifest: pd.DataFrame, classes: list[str], cfg, n_boot: int, seed: int):
+    """``compare(probs_a, probs_b) -> result``: :func:`compare_predictions` of two (N, C)
+    probability sets on the test rows of ``manifest``, lesion-grouped, at the run's CI level
+    and positive class."""
+    y = manifest["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    groups = manifest["lesion_id"].to_numpy()
+
+    def compare(probs_a: np.ndarray, probs_b: np.ndarray) -> dict:
+        return compare_predictions(
+            y,
+            probs_a,
+            probs_b,
+            classes,
+            groups,
+            n_boot=n_boot,
+            seed=seed,
+            ci=cfg.eval.ci,
+            positive_class=cfg.eval.positive_class,
+        )
+
+    return compare
+
+
 def _summary(result: dict, positive: str, names: tuple[str, str] = ("shifted", "clean")) -> dict:
     """The reported metrics of one paired comparison: balanced accuracy, macro-F1 and the
     positive class's recall, each {names[0]: A, names[1]: B, delta, ci_low, ci_high}."""
@@ -169,7 +192,7 @@ def run_shift_bench(
         and the paths written.
     """
     from dermkit.core.devices import make_accelerator
-    from dermkit.models.runs_io import WEIGHTS_FILE, load_run_model
+    from dermkit.models.runs_io import load_trained_classifier
 
     run_dir = Path(run_dir)
     shifts = list(SHIFTS) if shifts is None else list(shifts)
@@ -179,22 +202,12 @@ def run_shift_bench(
     bad = [s for s in severities if s not in (1, 2, 3)]
     if bad or not severities:
         raise ConfigError(f"severities must be among 1, 2, 3 (low, middle, high), got {bad}")
-    if not (run_dir / WEIGHTS_FILE).exists():
-        raise FileNotFoundError(
-            f"{run_dir / WEIGHTS_FILE} not found: the shift bench needs a trained torch "
-            "classifier run (finetune or distill)"
-        )
-    model, cfg, classes = load_run_model(run_dir)
-    if cfg.task.kind != "classification":
-        raise ConfigError(
-            f"{run_dir}: task.kind={cfg.task.kind!r}; the shift bench scores classifiers"
-        )
+    model, cfg, classes = load_trained_classifier(run_dir, "the shift bench")
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "shift"
     out_dir.mkdir(parents=True, exist_ok=True)
 
     manifest, sources = test_sources(run_dir, cfg, classes, limit)
-    y = manifest["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    groups = manifest["lesion_id"].to_numpy()
+    compare = paired_comparer(manifest, classes, cfg, n_boot, seed)
     rule = DecisionRule.load(run_dir / "decision.json")
     accelerator = make_accelerator(cfg.optim.precision)
     positive = cfg.eval.positive_class
@@ -203,19 +216,6 @@ def run_shift_bench(
         x = _preprocess(images, cfg)
         logits = _logits(model, cfg, x, manifest, classes, accelerator, batch_size)
         return rule.probs(logits)
-
-    def compare(probs_a: np.ndarray, probs_b: np.ndarray) -> dict:
-        return compare_predictions(
-            y,
-            probs_a,
-            probs_b,
-            classes,
-            groups,
-            n_boot=n_boot,
-            seed=seed,
-            ci=cfg.eval.ci,
-            positive_class=positive,
-        )
 
     predictions = out_dir / "predictions"
 
@@ -262,7 +262,7 @@ def run_shift_bench(
         "data": str(cfg.data.path),
         "split_file": cfg.data.split_file,
         "n_images": len(manifest),
-        "n_lesions": int(pd.Series(groups).nunique()),
+        "n_lesions": int(manifest["lesion_id"].nunique()),
         "limited_to": limit,
         "classes": classes,
         "positive_class": positive,

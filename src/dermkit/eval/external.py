@@ -173,20 +173,10 @@ def evaluate_external(
     from dermkit.data.dataset import CachedImageDataset
     from dermkit.data.readers import load_dataset
     from dermkit.eval.inference import predict_logits
-    from dermkit.models.runs_io import WEIGHTS_FILE, load_run_model
+    from dermkit.models.runs_io import load_trained_classifier
 
     run_dir, data = Path(run_dir), Path(data)
-    if not (run_dir / WEIGHTS_FILE).exists():
-        raise FileNotFoundError(
-            f"{run_dir / WEIGHTS_FILE} not found: external evaluation needs a trained torch "
-            "classifier run (finetune or distill; the classical baseline saves no model)"
-        )
-    model, cfg, classes = load_run_model(run_dir)
-    if cfg.task.kind != "classification":
-        raise ConfigError(
-            f"{run_dir / 'config.yaml'}: task.kind={cfg.task.kind!r}; external evaluation "
-            "supports classification runs only"
-        )
+    model, cfg, classes = load_trained_classifier(run_dir, "external evaluation")
     mapping = read_checked_label_map(label_map, classes) if label_map is not None else None
     out_dir = Path(out_dir) if out_dir is not None else run_dir / f"external-{data.name}"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -152,6 +152,19 @@ def run_exits_bench(
     shared = run.base_model()[0] if run.info["mode"] == "frozen" else None
     depths = run.info["exit_depths"]
 
+    def test_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
+        """Metrics of test probs (N, C) with the run's lesion-level bootstrap settings."""
+        return evaluate_predictions(
+            y,
+            probs,
+            classes,
+            groups=test_part["lesion_id"].to_numpy(),
+            n_boot=run.config.eval.n_boot,
+            ci=run.config.eval.ci,
+            seed=run.config.seed,
+            positive_class=run.config.eval.positive_class,
+        )
+
     curves, points, dists, heads_out, fns = {}, {}, {}, {}, {}
     plain_result = None
     for head in run.head_types:
@@ -161,16 +174,7 @@ def run_exits_bench(
         gf, bf = np.asarray(flops["cost_fraction"]), np.asarray(flops["block_fraction"])
         if plain_result is None:
             plain_probs = softmax(test[-1])
-            plain_result = evaluate_predictions(
-                y,
-                plain_probs,
-                classes,
-                groups=test_part["lesion_id"].to_numpy(),
-                n_boot=run.config.eval.n_boot,
-                ci=run.config.eval.ci,
-                seed=run.config.seed,
-                positive_class=run.config.eval.positive_class,
-            )
+            plain_result = test_metrics(y, plain_probs)
             plain = {
                 "accuracy": float((plain_probs.argmax(1) == y).mean()),
                 "macro_f1": macro_f1(y, plain_probs.argmax(1), len(classes)),
@@ -187,16 +191,7 @@ def run_exits_bench(
         logits, exit_index = policy.select(list(test))
         pred = logits.argmax(1)
         probs = softmax(logits)
-        result = evaluate_predictions(
-            y,
-            probs,
-            classes,
-            groups=test_part["lesion_id"].to_numpy(),
-            n_boot=run.config.eval.n_boot,
-            ci=run.config.eval.ci,
-            seed=run.config.seed,
-            positive_class=run.config.eval.positive_class,
-        )
+        result = test_metrics(y, probs)
         points[head] = {
             "gflops_fraction": float(gf[exit_index].mean()),
             "blocks_fraction": float(bf[exit_index].mean()),

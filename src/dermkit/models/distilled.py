@@ -64,6 +64,11 @@ def prefixed_group_matcher(inner: nn.Module, prefix: str, coarse: bool) -> Calla
     return layer_of
 
 
+def _from_vit(name: str) -> property:
+    """A read-only attribute of the wrapper that is the wrapped ViT's ``name``."""
+    return property(lambda self: getattr(self.vit, name), doc=f"``self.vit.{name}``")
+
+
 class DistilledViT(nn.Module):
     """A timm ``VisionTransformer`` built with ``reg_tokens=1`` plus a distillation head.
 
@@ -102,49 +107,17 @@ class DistilledViT(nn.Module):
             setattr(self, SPEC_ATTR, {**spec, "dist_token": True})
 
     # --- the ViT attributes other dermkit modules read (explain, exits, describe)
-    @property
-    def blocks(self) -> nn.Sequential:
-        return self.vit.blocks
-
-    @property
-    def patch_embed(self) -> nn.Module:
-        return self.vit.patch_embed
-
-    @property
-    def patch_drop(self) -> nn.Module:
-        return self.vit.patch_drop
-
-    @property
-    def norm_pre(self) -> nn.Module:
-        return self.vit.norm_pre
-
-    @property
-    def norm(self) -> nn.Module:
-        return self.vit.norm
-
-    @property
-    def embed_dim(self) -> int:
-        return self.vit.embed_dim
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self.vit.num_prefix_tokens
-
-    @property
-    def num_features(self) -> int:
-        return self.vit.num_features
-
-    @property
-    def head_hidden_size(self) -> int:
-        return self.vit.head_hidden_size
-
-    @property
-    def num_classes(self) -> int:
-        return self.vit.num_classes
-
-    @property
-    def pretrained_cfg(self) -> dict:
-        return self.vit.pretrained_cfg
+    blocks = _from_vit("blocks")
+    patch_embed = _from_vit("patch_embed")
+    patch_drop = _from_vit("patch_drop")
+    norm_pre = _from_vit("norm_pre")
+    norm = _from_vit("norm")
+    embed_dim = _from_vit("embed_dim")
+    num_prefix_tokens = _from_vit("num_prefix_tokens")
+    num_features = _from_vit("num_features")
+    head_hidden_size = _from_vit("head_hidden_size")
+    num_classes = _from_vit("num_classes")
+    pretrained_cfg = _from_vit("pretrained_cfg")
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens (B, gh, gw, D) or (B, N, D) -> CLS, distillation and patch tokens + pos."""

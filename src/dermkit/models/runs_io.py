@@ -92,18 +92,10 @@ def build_run_model(cfg: FinetuneRunConfig, n_classes: int) -> torch.nn.Module:
     A distill run with ``distill.dist_token`` is a ``DistilledViT`` (``models/distilled.py``):
     the ViT with a distillation token and a second head, whose output is the heads' mean.
     """
+    create = create_backbone
     if isinstance(cfg, DistillRunConfig) and cfg.distill.dist_token:
-        from dermkit.models.distilled import create_distilled_vit
-
-        return create_distilled_vit(
-            cfg.model.name,
-            num_classes=n_classes,
-            img_size=cfg.data.image_size,
-            drop_path_rate=cfg.model.drop_path_rate,
-            drop_rate=cfg.model.drop_rate,
-            input_norm=run_input_norm(cfg),
-        )
-    return create_backbone(
+        from dermkit.models.distilled import create_distilled_vit as create
+    return create(
         cfg.model.name,
         num_classes=n_classes,
         img_size=cfg.data.image_size,
@@ -165,3 +157,20 @@ def load_run_model(
             f"at {cfg.data.image_size} px: {e}"
         ) from e
     return model.eval(), cfg, classes
+
+
+def load_trained_classifier(
+    run_dir: str | Path, purpose: str
+) -> tuple[torch.nn.Module, FinetuneRunConfig, list[str]]:
+    """:func:`load_run_model` of a classification run, for a command that scores new images.
+
+    A folder without weights is named for what it is (the classical baseline saves no
+    model) before its config is read; ``purpose`` names the command in the errors.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(
+            f"{run_dir / WEIGHTS_FILE} not found: {purpose} needs a trained torch classifier "
+            "run (finetune or distill; the classical baseline saves no model)"
+        )
+    return load_run_model(run_dir, purpose=purpose)

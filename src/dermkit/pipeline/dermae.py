@@ -298,13 +298,17 @@ def _run_baseline(cfg: BaselineRunConfig, out: Path, resume: bool) -> None:
     run_baseline(_out(cfg, out))
 
 
-def _synthetic_wiring(ctx: StageContext, cfg) -> None:
-    """Use the sampled set when ``sample`` is on and the ratio > 0; else real images only."""
+def _synthetic_wiring(ctx: StageContext, cfg):
+    """Use the sampled set when ``sample`` is on and the ratio > 0; else real images only.
+
+    Sets ``cfg``'s synthetic fields in place and returns it.
+    """
     if cfg.synthetic_ratio > 0 and ctx.on("sample"):
         cfg.synthetic_manifest = str(ctx.input("sample") / "manifest.csv")
     else:
         cfg.synthetic_ratio = 0.0
         cfg.synthetic_manifest = None
+    return cfg
 
 
 def _build_finetune(ctx: StageContext) -> FinetuneRunConfig:
@@ -313,28 +317,21 @@ def _build_finetune(ctx: StageContext) -> FinetuneRunConfig:
         pre = ctx.config("pretrain")
         wiring["model"] = {"name": pre.model.name, "weights": str(ctx.input("pretrain"))}
         wiring["data"]["image_size"] = pre.data.image_size
-    cfg = _resolve(ctx, FinetuneRunConfig, "finetune", wiring)
-    _synthetic_wiring(ctx, cfg)
-    return cfg
+    return _synthetic_wiring(ctx, _resolve(ctx, FinetuneRunConfig, "finetune", wiring))
 
 
-def _run_finetune(cfg: FinetuneRunConfig, out: Path, resume: bool) -> None:
+def _run_classifier(cfg: FinetuneRunConfig, out: Path, resume: bool) -> None:
+    """``dermkit finetune`` or, for a distill config, ``dermkit distill``."""
+    from dermkit.train.distill import run_distill
     from dermkit.train.finetune import run_finetune
 
-    run_finetune(_out(cfg, out), resume, progress=False)
+    train = run_distill if isinstance(cfg, DistillRunConfig) else run_finetune
+    train(_out(cfg, out), resume, progress=False)
 
 
 def _build_distill(ctx: StageContext) -> DistillRunConfig:
     wiring = _data_wiring(ctx) | {"teacher": str(ctx.input("finetune"))}
-    cfg = _resolve(ctx, DistillRunConfig, "distill", wiring)
-    _synthetic_wiring(ctx, cfg)
-    return cfg
-
-
-def _run_distill(cfg: DistillRunConfig, out: Path, resume: bool) -> None:
-    from dermkit.train.distill import run_distill
-
-    run_distill(_out(cfg, out), resume, progress=False)
+    return _synthetic_wiring(ctx, _resolve(ctx, DistillRunConfig, "distill", wiring))
 
 
 def deployed_model(ctx: StageContext) -> Path:
@@ -419,9 +416,7 @@ def _build_pretrain(ctx: StageContext) -> MaePretrainRunConfig | VaePretrainRunC
     if method not in ("mae", "vae"):
         raise ConfigError(f"pretrain.method must be mae or vae, got {method!r}")
     schema = MaePretrainRunConfig if method == "mae" else VaePretrainRunConfig
-    cfg = _resolve(ctx, schema, f"pretrain_{method}", _data_wiring(ctx))
-    _synthetic_wiring(ctx, cfg)
-    return cfg
+    return _synthetic_wiring(ctx, _resolve(ctx, schema, f"pretrain_{method}", _data_wiring(ctx)))
 
 
 def _run_pretrain(cfg, out: Path, resume: bool) -> None:
@@ -674,7 +669,7 @@ DERMAE_STAGES: tuple[Stage, ...] = (
         "finetune",
         "fine-tuned teacher",
         _build_finetune,
-        _run_finetune,
+        _run_classifier,
         _metric_classifier,
         figures=_CLASSIFIER_FIGURES,
     ),
@@ -682,7 +677,7 @@ DERMAE_STAGES: tuple[Stage, ...] = (
         "distill",
         "distilled student",
         _build_distill,
-        _run_distill,
+        _run_classifier,
         _metric_classifier,
         figures=(
             *_CLASSIFIER_FIGURES,

@@ -73,6 +73,27 @@
   }
 
   /**
+   * One output pixel of a PIL bicubic pass: the fixed-point sums over n taps of RGB pixels
+   * src[p0 + t * stride] (t < n) with weights kk[kOff + t], clipped into out[o .. o + 2].
+   * The horizontal pass steps along a row (stride 3), the vertical one down a column.
+   */
+  function convolve3(src, p0, stride, n, kk, kOff, out, o) {
+    let s0 = ONE / 2;
+    let s1 = ONE / 2;
+    let s2 = ONE / 2;
+    for (let t = 0; t < n; t++) {
+      const c = kk[kOff + t];
+      const p = p0 + t * stride;
+      s0 += src[p] * c;
+      s1 += src[p + 1] * c;
+      s2 += src[p + 2] * c;
+    }
+    out[o] = clip8(s0);
+    out[o + 1] = clip8(s1);
+    out[o + 2] = clip8(s2);
+  }
+
+  /**
    * Resize an RGB uint8 image (Uint8Array of h*w*3) to (outW, outH) exactly like
    * PIL's Image.resize(..., Image.Resampling.BICUBIC) on an RGB image.
    */
@@ -97,23 +118,9 @@
       for (let yy = 0; yy < tempH; yy++) {
         const rowIn = (yy + rowOffset) * w * 3;
         for (let xx = 0; xx < outW; xx++) {
-          const xmin = bounds[xx * 2];
-          const xmax = bounds[xx * 2 + 1];
-          const kOff = xx * ksize;
-          let s0 = ONE / 2;
-          let s1 = ONE / 2;
-          let s2 = ONE / 2;
-          for (let x = 0; x < xmax; x++) {
-            const c = kk[kOff + x];
-            const p = rowIn + (x + xmin) * 3;
-            s0 += rgb[p] * c;
-            s1 += rgb[p + 1] * c;
-            s2 += rgb[p + 2] * c;
-          }
-          const o = (yy * outW + xx) * 3;
-          tmp[o] = clip8(s0);
-          tmp[o + 1] = clip8(s1);
-          tmp[o + 2] = clip8(s2);
+          const p0 = rowIn + bounds[xx * 2] * 3;
+          const n = bounds[xx * 2 + 1];
+          convolve3(rgb, p0, 3, n, kk, xx * ksize, tmp, (yy * outW + xx) * 3);
         }
       }
       src = tmp;
@@ -124,23 +131,10 @@
     const { ksize, bounds, kk } = vert;
     for (let yy = 0; yy < outH; yy++) {
       const ymin = bounds[yy * 2] - rowOffset;
-      const ymax = bounds[yy * 2 + 1];
-      const kOff = yy * ksize;
+      const n = bounds[yy * 2 + 1];
       for (let xx = 0; xx < srcW; xx++) {
-        let s0 = ONE / 2;
-        let s1 = ONE / 2;
-        let s2 = ONE / 2;
-        for (let y = 0; y < ymax; y++) {
-          const c = kk[kOff + y];
-          const p = ((y + ymin) * srcW + xx) * 3;
-          s0 += src[p] * c;
-          s1 += src[p + 1] * c;
-          s2 += src[p + 2] * c;
-        }
-        const o = (yy * srcW + xx) * 3;
-        out[o] = clip8(s0);
-        out[o + 1] = clip8(s1);
-        out[o + 2] = clip8(s2);
+        const p0 = (ymin * srcW + xx) * 3;
+        convolve3(src, p0, srcW * 3, n, kk, yy * ksize, out, (yy * srcW + xx) * 3);
       }
     }
     return out;
