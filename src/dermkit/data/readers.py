@@ -41,12 +41,10 @@ standard ``csv`` module, which counts physical lines; pandas would renumber).
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -55,9 +53,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dermkit.data.csv_input import (
+    csv_header,
+    protect_contract_columns,
+    read_labels_csv,
+    require_columns,
+)
 from dermkit.data.images import inspect_image
 from dermkit.data.labels import HAM10000_CLASSES, apply_label_map
-from dermkit.data.manifest import REQUIRED_COLUMNS, SPLITS, check_manifest, new_manifest
+from dermkit.data.manifest import SPLITS, check_manifest, new_manifest
+from dermkit.data.problems import (
+    Collector,
+    DataValidationError,
+    LayoutError,
+    Problem,
+    display_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,58 +86,7 @@ ISIC_METADATA_MARKERS = frozenset(
     {"age_approx", "sex", "anatom_site_general", "anatom_site_general_challenge", "lesion_id"}
 )
 REJECT_COLUMNS: tuple[str, ...] = ("image_id", "path", "row", "reason")
-# Metadata columns named like manifest contract columns are kept under this prefix, so a
-# CSV's own "label" or "path" column can never overwrite the reader's.
-_CONTRACT_CLASH_PREFIX = "csv_"
 _IGNORED_FILE_SUFFIXES = frozenset({".txt", ".csv", ".md", ".json", ".yaml", ".yml", ".html"})
-
-
-@dataclass
-class Problem:
-    """One reason a row or file cannot be used.
-
-    Attributes:
-        path: absolute path of the image file concerned (the expected path for a missing
-            file) or of the CSV for file-level problems.
-        image_id: the row's or file's image id ("" when unknown).
-        row: 1-based line number in ``table`` (header = row 1), or None for a file that no
-            CSV row describes.
-        reason: short human reason.
-        table: the CSV the row number refers to ("" when ``row`` is None).
-    """
-
-    path: str
-    image_id: str
-    row: int | None
-    reason: str
-    table: str = ""
-
-    def describe(self, root: str | Path | None = None) -> str:
-        """One line naming the CSV row and/or the file, paths shown relative to ``root``."""
-        if self.row is not None:
-            return f"{_display(self.table, root)} row {self.row} ({self.image_id}): {self.reason}"
-        return f"{_display(self.path, root)}: {self.reason}"
-
-    def __str__(self) -> str:
-        return self.describe()
-
-
-class DataValidationError(ValueError):
-    """A dataset has problems. ``problems`` lists every one; the message has one per line."""
-
-    def __init__(self, problems: Iterable[Problem], root: str | Path | None = None):
-        self.problems = list(problems)
-        self.root = None if root is None else str(root)
-        where = f" in {self.root}" if self.root else ""
-        lines = "\n  ".join(p.describe(root) for p in self.problems)
-        super().__init__(
-            f"{len(self.problems)} problem(s){where} "
-            f"(row N = line N of the CSV, header is row 1):\n  {lines}"
-        )
-
-
-class LayoutError(DataValidationError):
-    """No supported layout fits a folder, or a layout's required file/folder is missing."""
 
 
 @dataclass
@@ -149,200 +109,6 @@ class LoadedDataset:
     conversions: dict[str, int]
     layout: str = ""
     dropped_by_label_map: dict[str, int] = field(default_factory=dict)
-
-
-def _display(path: str | Path, root: str | Path | None) -> str:
-    """``path`` relative to ``root`` when inside it (what a user sees), else as given."""
-    if root is None:
-        return str(path)
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
-
-
-class _Collector:
-    """Problems found so far, and which records (labels-CSV rows or files) they reject."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.problems: list[Problem] = []
-        self.bad_records: set[int] = set()
-        # Records whose label problem is already reported (e.g. a bad one-hot row).
-        self.label_reported: set[int] = set()
-        self.fatal = False
-
-    def record(self, idx: int, records: pd.DataFrame, reason: str) -> None:
-        """A problem with record ``idx`` (it will be rejected)."""
-        rec = records.loc[idx]
-        row = None if pd.isna(rec["_row"]) else int(rec["_row"])
-        self.problems.append(
-            Problem(rec["_path"], rec["image_id"], row, reason, rec["_table"] if row else "")
-        )
-        self.bad_records.add(idx)
-
-    def file(self, path: Path, reason: str, image_id: str = "", *, fatal: bool = False) -> None:
-        """A problem with a file no record describes; ``fatal`` when nothing can be read."""
-        self.problems.append(Problem(str(path), image_id, None, reason))
-        self.fatal |= fatal
-
-    def row(self, table: Path, row: int, image_id: str, path: Path, reason: str) -> None:
-        """A problem with a CSV row that never became a record (e.g. malformed)."""
-        self.problems.append(Problem(str(path), image_id, row, reason, str(table)))
-
-
-# ------------------------------------------------------------------------------ CSV input
-
-
-_UTF8_BOM = b"\xef\xbb\xbf"
-
-
-def _bad_utf8_by_line(data: bytes) -> dict[int, tuple[int, int]]:
-    """1-based line number -> (file byte offset, byte value) of its first non-UTF-8 byte.
-
-    Decoded line by line, so the offset is exact in the file (a text-mode reader's
-    ``UnicodeDecodeError.start`` counts from its current buffer chunk, not the file start).
-    Lines are split like ``csv`` with ``newline=""`` counts them (\\n, \\r\\n, \\r).
-    """
-    bad: dict[int, tuple[int, int]] = {}
-    offset = 0
-    for number, line in enumerate(data.splitlines(keepends=True), start=1):
-        try:
-            line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            bad[number] = (offset + e.start, line[e.start])
-        offset += len(line)
-    return bad
-
-
-def _utf8_reason(bad: dict[int, tuple[int, int]], first: int, last: int, fields=None) -> str:
-    """Why lines ``first..last`` (one CSV row) are unusable: the first bad byte and field."""
-    line = next(n for n in range(first, last + 1) if n in bad)
-    offset, value = bad[line]
-    where = ""
-    if fields:
-        names = [name for name, text in fields if _has_undecodable(text)]
-        where = f" in column '{names[0]}'" if names else ""
-    return f"not UTF-8 text: byte 0x{value:02x} at byte {offset} (line {line}){where}"
-
-
-def _has_undecodable(text: str) -> bool:
-    """True where ``surrogateescape`` decoding kept an invalid byte as a lone surrogate."""
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
-
-
-def _printable(text: str) -> str:
-    """``text`` with undecodable bytes shown as U+FFFD (safe to print and to write as CSV)."""
-    if not _has_undecodable(text):
-        return text
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _read_csv(path: Path, collector: _Collector, id_column: str) -> pd.DataFrame | None:
-    """Read ``path`` as text; returns its rows plus ``_row`` (1-based line number) or None.
-
-    Every value is a stripped string (no type guessing, so ids like "0012" survive).
-    Malformed rows (wrong field count) and rows holding bytes that are not UTF-8 are
-    reported to ``collector`` (row number, exact byte offset) and left out, so ``skip_bad``
-    can drop them; an unreadable or empty file, or a header that is not UTF-8, is fatal.
-    """
-    header: list[str] | None = None
-    records: list[list[str]] = []
-    rows: list[int] = []
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        collector.file(path, f"cannot read CSV ({e.strerror or e})", fatal=True)
-        return None
-    bad_lines = _bad_utf8_by_line(data)
-    body = data[len(_UTF8_BOM) :] if data.startswith(_UTF8_BOM) else data
-    # surrogateescape keeps every invalid byte as one lone surrogate, so the CSV still
-    # parses with exact line numbers and only the rows holding such bytes are refused.
-    text = body.decode("utf-8", "surrogateescape")
-    try:
-        reader = csv.reader(io.StringIO(text, newline=""))
-        next_line = 1
-        for fields in reader:
-            line, next_line = next_line, reader.line_num + 1
-            values = [v.strip() for v in fields]
-            if not any(values):
-                continue  # blank line
-            encoding_bad = any(n in bad_lines for n in range(line, reader.line_num + 1))
-            if header is None:
-                if encoding_bad:
-                    reason = _utf8_reason(bad_lines, line, reader.line_num)
-                    collector.file(path, f"header row is {reason}", fatal=True)
-                    return None
-                header = values
-                continue
-            id_pos = header.index(id_column) if id_column in header else -1
-            image_id = _printable(values[id_pos]) if 0 <= id_pos < len(values) else ""
-            if len(values) != len(header):
-                reason = f"row has {len(values)} fields, header has {len(header)}"
-                collector.row(path, line, image_id, path, reason)
-                continue
-            if encoding_bad:
-                reason = _utf8_reason(bad_lines, line, reader.line_num, zip(header, values))
-                collector.row(path, line, image_id, path, reason)
-                continue
-            records.append(values)
-            rows.append(line)
-    except csv.Error as e:
-        collector.file(path, f"CSV parse error: {e}", fatal=True)
-        return None
-    if header is None:
-        collector.file(path, "empty CSV (no header row)", fatal=True)
-        return None
-    duplicated = sorted(c for c, n in Counter(header).items() if n > 1)
-    if duplicated:
-        collector.file(path, f"duplicate column name(s) {duplicated}", fatal=True)
-        return None
-    df = pd.DataFrame(records, columns=header, dtype=object)
-    df["_row"] = rows
-    return df
-
-
-def _protect_contract_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """Rename CSV columns that would clash with the manifest or the reader's bookkeeping.
-
-    A CSV's own ``label``, ``path``, ``source``, ``synthetic``, ``source_label`` or
-    ``_``-prefixed column becomes ``csv_<name>``, so it is kept but never overwrites what the
-    reader sets. ``image_id``, ``lesion_id`` and ``split`` are read as what they say.
-    """
-    clashing = {*REQUIRED_COLUMNS, "source_label"} - {"image_id", "lesion_id", "split"}
-    renames = {
-        c: _CONTRACT_CLASH_PREFIX + c
-        for c in df.columns
-        if c != "_row" and (c in clashing or c.startswith("_"))
-    }
-    if renames:
-        log.warning("CSV columns renamed to keep them apart from manifest columns: %s", renames)
-    return df.rename(columns=renames)
-
-
-def _require_columns(
-    df: pd.DataFrame, columns: Sequence[str], path: Path, collector: _Collector
-) -> bool:
-    """Report every required column missing from ``df`` (read from ``path``)."""
-    missing = [c for c in columns if c not in df.columns]
-    for column in missing:
-        found = [c for c in df.columns if c != "_row"]
-        collector.file(path, f"missing required column '{column}' (found {found})", fatal=True)
-    return not missing
-
-
-def _csv_header(path: Path) -> list[str]:
-    """The stripped header of a CSV, or [] when it cannot be read."""
-    try:
-        # errors="replace": a bad byte further down must not hide the header from layout
-        # detection; _read_csv reports it with its row.
-        with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
-            for fields in csv.reader(f):
-                if any(v.strip() for v in fields):
-                    return [v.strip() for v in fields]
-    except (OSError, csv.Error):
-        pass
-    return []
 
 
 # ---------------------------------------------------------------------------- image files
@@ -372,7 +138,7 @@ def _warn_ignored(ignored: Sequence[Path], root: Path) -> None:
     """Say which files a reader skipped, so nothing disappears without a word."""
     shown = [p for p in ignored if p.suffix.lower() not in _IGNORED_FILE_SUFFIXES]
     if shown:
-        names = ", ".join(_display(p, root) for p in shown[:5])
+        names = ", ".join(display_path(p, root) for p in shown[:5])
         more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
         log.warning(
             "ignored %d entries that are not %s image files: %s%s",
@@ -389,7 +155,7 @@ def _match_images(
     image_dir: Path,
     extensions: Sequence[str],
     ignored: Sequence[Path],
-    collector: _Collector,
+    collector: Collector,
 ) -> None:
     """Fill ``records['_path']`` from ``by_stem``; report missing, ambiguous and extra files."""
     ignored_by_stem = defaultdict(list)
@@ -406,7 +172,7 @@ def _match_images(
             continue
         if files:
             records.at[idx, "_path"] = str(files[0])
-            names = ", ".join(_display(f, root) for f in files)
+            names = ", ".join(display_path(f, root) for f in files)
             collector.record(idx, records, f"several image files for this id: {names}")
             continue
         expected = image_dir / f"{image_id}{extensions[0]}"
@@ -418,7 +184,7 @@ def _match_images(
         collector.record(
             idx,
             records,
-            f"image file not found: {_display(expected, root)} (also tried {tried}){hint}",
+            f"image file not found: {display_path(expected, root)} (also tried {tried}){hint}",
         )
     # A row refused while reading (malformed, not UTF-8) still describes its image: its
     # file is reported with that row, not a second time as an orphan.
@@ -455,7 +221,7 @@ def _find_isic_csvs(root: Path) -> tuple[list[Path], list[Path]]:
     for path in candidates:
         if _is_hidden(path) or _is_hidden(path.parent):
             continue
-        header = _csv_header(path)
+        header = csv_header(path)
         if ISIC_ID_COLUMN not in header:
             continue
         (metadata if ISIC_METADATA_MARKERS & set(header) else truth).append(path)
@@ -485,7 +251,7 @@ def detect_layout(root: str | Path) -> str:
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
     if (root / HAM10000_CSV).is_file():
-        header = _csv_header(root / HAM10000_CSV)
+        header = csv_header(root / HAM10000_CSV)
         if "image_id" in header or ISIC_ID_COLUMN not in header:
             return "ham10000"
     truth, _ = _find_isic_csvs(root)
@@ -517,7 +283,7 @@ def _new_records(df: pd.DataFrame, table: Path) -> pd.DataFrame:
     return df
 
 
-def _read_ham10000(root: Path, collector: _Collector) -> tuple[pd.DataFrame, list[str]] | None:
+def _read_ham10000(root: Path, collector: Collector) -> tuple[pd.DataFrame, list[str]] | None:
     """Records (image_id, label, lesion_id, metadata, _row, _path) of a HAM10000 folder."""
     csv_path = root / HAM10000_CSV
     image_dir = root / HAM10000_IMAGE_DIR
@@ -527,10 +293,10 @@ def _read_ham10000(root: Path, collector: _Collector) -> tuple[pd.DataFrame, lis
         collector.file(image_dir, "image folder not found", fatal=True)
     if collector.fatal:
         return None
-    df = _read_csv(csv_path, collector, "image_id")
-    if df is None or not _require_columns(df, HAM10000_REQUIRED_COLUMNS, csv_path, collector):
+    df = read_labels_csv(csv_path, collector, "image_id")
+    if df is None or not require_columns(df, HAM10000_REQUIRED_COLUMNS, csv_path, collector):
         return None
-    df = _protect_contract_columns(df)
+    df = protect_contract_columns(df)
     records = _new_records(df, csv_path)
     records["label"] = records["dx"]
     by_stem, ignored = _index_images(image_dir, HAM10000_IMAGE_EXTENSIONS)
@@ -542,7 +308,7 @@ def _read_ham10000(root: Path, collector: _Collector) -> tuple[pd.DataFrame, lis
     return records, metadata
 
 
-def _isic_image_dir(root: Path, collector: _Collector) -> Path | None:
+def _isic_image_dir(root: Path, collector: Collector) -> Path | None:
     if (root / "images").is_dir():
         return root / "images"
     folders = _image_subfolders(root)
@@ -550,7 +316,7 @@ def _isic_image_dir(root: Path, collector: _Collector) -> Path | None:
         return folders[0]
     if not folders and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir()):
         return root
-    names = [_display(f, root) for f in folders]
+    names = [display_path(f, root) for f in folders]
     collector.file(
         root,
         f"cannot tell which folder holds the images (candidates: {names or 'none'}); "
@@ -580,12 +346,12 @@ def _one_hot_label(values: pd.Series, columns: Sequence[str]) -> tuple[str | Non
 
 
 def _read_isic(
-    root: Path, collector: _Collector
+    root: Path, collector: Collector
 ) -> tuple[pd.DataFrame, list[str], list[str]] | None:
     """Records, metadata columns and class names (one-hot columns, lower-cased) of ISIC."""
     truth, metadata_csvs = _find_isic_csvs(root)
     if len(truth) != 1:
-        found = [_display(p, root) for p in truth] or "none"
+        found = [display_path(p, root) for p in truth] or "none"
         collector.file(
             root,
             f"expected one ground-truth CSV (an 'image' column + one-hot class columns), "
@@ -593,7 +359,7 @@ def _read_isic(
             fatal=True,
         )
     if len(metadata_csvs) > 1:
-        names = [_display(p, root) for p in metadata_csvs]
+        names = [display_path(p, root) for p in metadata_csvs]
         collector.file(
             root, f"several ISIC metadata CSVs, expected at most one: {names}", fatal=True
         )
@@ -601,7 +367,7 @@ def _read_isic(
     if collector.fatal or image_dir is None:
         return None
     truth_path = truth[0]
-    df = _read_csv(truth_path, collector, ISIC_ID_COLUMN)
+    df = read_labels_csv(truth_path, collector, ISIC_ID_COLUMN)
     if df is None:
         return None
     class_columns = [c for c in df.columns if c not in (ISIC_ID_COLUMN, "_row")]
@@ -633,13 +399,13 @@ def _read_isic(
 
 
 def _merge_isic_metadata(
-    records: pd.DataFrame, meta_path: Path, collector: _Collector
+    records: pd.DataFrame, meta_path: Path, collector: Collector
 ) -> list[str] | None:
     """Add the metadata CSV's columns to ``records`` (by image id); returns their names."""
-    meta = _read_csv(meta_path, collector, ISIC_ID_COLUMN)
+    meta = read_labels_csv(meta_path, collector, ISIC_ID_COLUMN)
     if meta is None:
         return None
-    meta = _protect_contract_columns(meta)
+    meta = protect_contract_columns(meta)
     root = collector.root
     dup = meta[meta[ISIC_ID_COLUMN].duplicated(keep=False)]
     dup_rows = dup.groupby(ISIC_ID_COLUMN)["_row"].apply(list).to_dict()
@@ -652,7 +418,7 @@ def _merge_isic_metadata(
         if image_id in dup_rows:
             rows = ", ".join(map(str, dup_rows[image_id]))
             collector.record(
-                idx, records, f"{_display(meta_path, root)} rows {rows} all describe this image"
+                idx, records, f"{display_path(meta_path, root)} rows {rows} all describe this image"
             )
         if image_id not in meta.index:
             no_metadata += 1
@@ -679,7 +445,7 @@ def _merge_isic_metadata(
     return columns
 
 
-def _read_folder(root: Path, collector: _Collector) -> tuple[pd.DataFrame, list[str]] | None:
+def _read_folder(root: Path, collector: Collector) -> tuple[pd.DataFrame, list[str]] | None:
     """Records of a class-per-folder dataset; image ids are file stems, unique overall."""
     entries: list[dict] = []
     ignored: list[Path] = []
@@ -719,7 +485,7 @@ def _read_folder(root: Path, collector: _Collector) -> tuple[pd.DataFrame, list[
 # --------------------------------------------------------------------- shared validation
 
 
-def _check_duplicates(records: pd.DataFrame, collector: _Collector) -> None:
+def _check_duplicates(records: pd.DataFrame, collector: Collector) -> None:
     """Every row of a duplicated image_id is a problem (none can be chosen over the others)."""
     root = collector.root
     groups = records.groupby("image_id").groups
@@ -729,14 +495,14 @@ def _check_duplicates(records: pd.DataFrame, collector: _Collector) -> None:
         for idx in idxs:
             others = [i for i in idxs if i != idx]
             if pd.isna(records.at[idx, "_row"]):
-                where = ", ".join(_display(records.at[i, "_path"], root) for i in others)
+                where = ", ".join(display_path(records.at[i, "_path"], root) for i in others)
             else:
                 where = "rows " + ", ".join(str(int(records.at[i, "_row"])) for i in others)
             collector.record(idx, records, f"duplicate image_id (also at {where})")
 
 
 def _apply_label_map(
-    records: pd.DataFrame, label_map: dict[str, str | None], collector: _Collector
+    records: pd.DataFrame, label_map: dict[str, str | None], collector: Collector
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Map labels through ``label_map``; uncovered labels are problems, null targets drops."""
     covered = records["label"].isin(list(label_map)) | (records["label"] == "")
@@ -758,7 +524,7 @@ def _apply_label_map(
 
 
 def _check_labels(
-    records: pd.DataFrame, allowed: Sequence[str] | None, collector: _Collector
+    records: pd.DataFrame, allowed: Sequence[str] | None, collector: Collector
 ) -> None:
     """Empty labels, and labels outside ``allowed`` (when given), are problems."""
     allowed_set = None if allowed is None else set(allowed)
@@ -772,7 +538,7 @@ def _check_labels(
             collector.record(idx, records, f"unknown label '{label}' (allowed: {shown})")
 
 
-def _check_split_column(records: pd.DataFrame, collector: _Collector) -> None:
+def _check_split_column(records: pd.DataFrame, collector: Collector) -> None:
     """A CSV ``split`` column (e.g. DermaMNIST's official split) must hold known splits."""
     if "split" not in records.columns:
         return
@@ -781,7 +547,7 @@ def _check_split_column(records: pd.DataFrame, collector: _Collector) -> None:
 
 
 def _check_images(
-    records: pd.DataFrame, collector: _Collector, max_bytes: int | None = None
+    records: pd.DataFrame, collector: Collector, max_bytes: int | None = None
 ) -> dict[int, str]:
     """Decode every found image file; returns record index -> original mode of good files.
 
@@ -903,7 +669,7 @@ def load_dataset(
         layout = detect_layout(root)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout '{layout}' (expected auto, {', '.join(LAYOUTS)})")
-    collector = _Collector(root)
+    collector = Collector(root)
     default_classes: Sequence[str] | None = None
     if layout == "ham10000":
         read = _read_ham10000(root, collector)
