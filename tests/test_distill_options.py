@@ -74,11 +74,11 @@ def test_distilled_vit_outputs_the_mean_of_its_two_heads():
 
 
 def test_distilled_vit_is_a_backbone_for_early_exits():
-    from dermkit.exits.model import EarlyExitViT
+    from dermkit.exits.model import EarlyExitModel
 
     torch.manual_seed(0)
     model = create_distilled_vit("vit_micro_patch4_32", num_classes=5, img_size=32).eval()
-    exits = EarlyExitViT(model, [2], "linear").eval()
+    exits = EarlyExitModel(model, [2], "linear").eval()
     x = _images()
     with torch.no_grad():
         per_exit = exits.forward_all(x)

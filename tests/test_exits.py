@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from dermkit.exits.heads import HEAD_TYPES, MLPPooledHead, SSMHead
 from dermkit.exits.infer import exit_gflops, predict_early_exit, predict_reference
-from dermkit.exits.model import EarlyExitViT, default_exit_blocks
+from dermkit.exits.model import EarlyExitModel, default_exit_blocks
 from dermkit.exits.policy import (
     NEVER,
     ExitPolicy,
@@ -36,9 +36,9 @@ def _vit(name="vit_micro_patch4_32", size=32, seed=0):
     return create_backbone(name, num_classes=C, img_size=size).eval()
 
 
-def _model(head_type="linear", seed=0) -> EarlyExitViT:
+def _model(head_type="linear", seed=0) -> EarlyExitModel:
     """vit_micro (4 blocks) with exits after blocks 2 and 3, random weights, eval mode."""
-    model = EarlyExitViT(_vit(seed=seed), None, head_type, C, {"ssm_d_model": 16})
+    model = EarlyExitModel(_vit(seed=seed), None, head_type, C, {"ssm_d_model": 16})
     torch.manual_seed(seed + 1)
     for p in model.heads.parameters():  # random heads: confident enough to differ per sample
         torch.nn.init.normal_(p, std=0.5)
@@ -82,7 +82,7 @@ def test_default_exit_blocks_latter_half():
 )
 def test_wrapper_final_exit_is_the_backbone_for_every_dermkit_vit(name, size, blocks):
     backbone = _vit(name, size)
-    model = EarlyExitViT(backbone, head_type="linear").eval()
+    model = EarlyExitModel(backbone, head_type="linear").eval()
     assert model.exit_blocks == blocks
     x = torch.randn(3, 3, size, size)
     with torch.no_grad():
@@ -93,11 +93,11 @@ def test_wrapper_final_exit_is_the_backbone_for_every_dermkit_vit(name, size, bl
     torch.testing.assert_close(outs[-1], plain)
 
 
-def test_wrapper_rejects_cnn_and_bad_exits():
+def test_wrapper_rejects_unknown_backbones_and_bad_exits():
     with pytest.raises(TypeError, match="VisionTransformer"):
-        EarlyExitViT(create_backbone("resnet18", num_classes=C, img_size=32))
+        EarlyExitModel(create_backbone("resnet18", num_classes=C, img_size=32))
     with pytest.raises(ValueError, match="exit_blocks"):
-        EarlyExitViT(_vit(), exit_blocks=[4])
+        EarlyExitModel(_vit(), exit_blocks=[4])
 
 
 @pytest.mark.parametrize("head_type", HEAD_TYPES)

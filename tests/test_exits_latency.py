@@ -14,7 +14,7 @@ from dermkit.exits.gate import ExitGate, prune_exits
 from dermkit.exits.heads import SSMHead
 from dermkit.exits.infer import predict_early_exit, predict_reference
 from dermkit.exits.latency import calibrate_latency, latency_costs, measure_overhead
-from dermkit.exits.model import EarlyExitViT
+from dermkit.exits.model import EarlyExitModel
 from dermkit.exits.onnx_segments import OnnxEarlyExitRunner, export_segments
 from dermkit.exits.policy import MEASURES, NEVER, ExitPolicy, confidence
 from dermkit.exits.scan import mamba_forward, scan_all, scan_last, segment_sums
@@ -93,11 +93,11 @@ def test_ssm_head_eval_uses_the_parallel_scan_and_agrees_with_the_sequential_one
 # ----------------------------------------------------------------------------- fused gates
 
 
-def _model(head_type="ssm", seed=0) -> EarlyExitViT:
+def _model(head_type="ssm", seed=0) -> EarlyExitModel:
     """vit_micro (4 blocks) with exits after blocks 1, 2 and 3, random weights."""
     torch.manual_seed(seed)
     backbone = create_backbone("vit_micro_patch4_32", num_classes=C, img_size=32)
-    model = EarlyExitViT(backbone, [1, 2, 3], head_type, C, {"ssm_d_model": 16})
+    model = EarlyExitModel(backbone, [1, 2, 3], head_type, C, {"ssm_d_model": 16})
     for p in model.heads.parameters():  # confident enough to differ per sample
         torch.nn.init.normal_(p, std=0.5)
     return model.eval()

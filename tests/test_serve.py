@@ -454,13 +454,13 @@ def test_fuzz_any_route_never_answers_5xx(served, path, method, body, ctype):
 
 
 def _exit_folder(run_dir, tmp_path, thresholds, protected=()):
-    from dermkit.exits.model import EarlyExitViT
+    from dermkit.exits.model import EarlyExitModel
     from dermkit.exits.onnx_segments import export_segments
     from dermkit.exits.policy import ExitPolicy
     from dermkit.models.runs_io import load_run_model
 
     backbone, cfg, classes = load_run_model(run_dir)
-    model = EarlyExitViT(backbone, [1], "linear", len(classes))
+    model = EarlyExitModel(backbone, [1], "linear", len(classes))
     torch.manual_seed(0)
     for p in model.heads.parameters():
         torch.nn.init.normal_(p, std=0.5)

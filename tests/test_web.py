@@ -195,15 +195,53 @@ def test_bad_file_shows_the_servers_error(browser, tiny_export, tmp_path):
         assert page.is_hidden("#result")
 
 
+def _timed_answer(page, image: Path) -> dict:
+    """Upload ``image`` to a ready page (browser engine): the model's in-browser
+    milliseconds on it (``inference_ms``) and the exit that answered."""
+    page.evaluate("window.dermkitResult = null")
+    page.set_input_files("#file", str(image))
+    page.wait_for_function("window.dermkitResult !== null", timeout=60_000)
+    result = page.evaluate("window.dermkitResult")
+    assert result["engine"] == "browser"
+    return {"ms": result["inference_ms"], "exit": result["exit"]["index"]}
+
+
+def _time_plain_and_exits(browser, export_dir: Path, exits_dir: Path, images: list[Path]):
+    """Median in-browser ms per image of the plain export and of its exit segments, the two
+    pages alternating image by image (the load of a shared machine hits both alike)."""
+    with (
+        BackgroundServer(_app(export_dir)) as plain_url,
+        BackgroundServer(_app(export_dir, exits_dir=exits_dir)) as exits_url,
+    ):
+        pages = {"plain": browser(), "exits": browser()}
+        for name, url in (("plain", plain_url), ("exits", exits_url)):
+            pages[name].goto(url)
+            pages[name].wait_for_selector("body[data-ready=true]", timeout=60_000)
+            _timed_answer(pages[name], images[0])  # wasm compilation and warm-up
+        rows: dict[str, list[dict]] = {"plain": [], "exits": []}
+        for image in images:
+            for name, page in pages.items():
+                rows[name].append(_timed_answer(page, image))
+    ms = {k: float(np.median([r["ms"] for r in v])) for k, v in rows.items()}
+    return {
+        "images": len(images),
+        "median_ms": ms,
+        "mean_ms": {k: float(np.mean([r["ms"] for r in v])) for k, v in rows.items()},
+        "ratio": ms["exits"] / ms["plain"],
+        "exit_counts": np.bincount([r["exit"] for r in rows["exits"]]).tolist(),
+        "rows": rows,
+    }
+
+
 def test_early_exit_segments_in_the_browser(browser, tiny_classifier_run, tiny_export, test_png):
-    from dermkit.exits.model import EarlyExitViT
+    from dermkit.exits.model import EarlyExitModel
     from dermkit.exits.onnx_segments import export_segments
     from dermkit.exits.policy import ExitPolicy
     from dermkit.models.runs_io import load_run_model
 
     backbone, cfg, classes = load_run_model(tiny_classifier_run)
     folder = export_segments(
-        EarlyExitViT(backbone, [1], "linear", len(classes)).eval(),
+        EarlyExitModel(backbone, [1], "linear", len(classes)).eval(),
         tiny_export.parent / "web-exits",
         cfg.data.image_size,
     )
@@ -214,7 +252,32 @@ def test_early_exit_segments_in_the_browser(browser, tiny_classifier_run, tiny_e
             assert server["exit"]["index"] == exit_index
             result = _page_answer(browser(), url, test_png)
             assert result["engine"] == "browser"
+            assert result["inference_ms"] > 0
             _compare(result, server)
+    # time per image in the browser, plain vs exits (every image leaving early here)
+    timing = _time_plain_and_exits(browser, tiny_export, folder, [test_png] * 5)
+    assert timing["exit_counts"] == [5] and all(
+        r["ms"] > 0 for rows in timing["rows"].values() for r in rows
+    )
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "web_exit_timing_tiny.json").write_text(json.dumps(timing, indent=2))
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DERMKIT_WEB_EXITS_BENCH"),
+    reason="set DERMKIT_WEB_EXITS_BENCH=EXPORT_DIR:EXITS_DIR:IMAGES_DIR[:N] to time a real model",
+)
+def test_browser_time_per_image_of_a_real_exit_model(browser):
+    """Opt-in benchmark: a real export and its fused exit segments (``dermkit exits export``)
+    on N images of a folder, in Chromium (wasm, 1 thread); the record goes to
+    ``web_exit_timing.json`` in the artifacts folder. The exit model must not be slower."""
+    export_dir, exits_dir, images_dir, *n = os.environ["DERMKIT_WEB_EXITS_BENCH"].split(":")
+    images = sorted(Path(images_dir).glob("*.jpg"))[: int(n[0]) if n else 100]
+    timing = _time_plain_and_exits(browser, Path(export_dir), Path(exits_dir), images)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "web_exit_timing.json").write_text(json.dumps(timing, indent=2))
+    print(json.dumps({k: v for k, v in timing.items() if k != "rows"}))
+    assert timing["ratio"] <= 1.0
 
 
 def test_core_js_matches_python(tiny_export, tmp_path):

@@ -77,17 +77,21 @@ def exits_latency(
     head: Annotated[str, typer.Option(help="head type")],
     images: Annotated[int, typer.Option(help="test images timed, one at a time")] = 300,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads")] = 2,
+    eager: Annotated[
+        bool, typer.Option(help="also time each part in PyTorch eager (slow for CNN stages)")
+    ] = True,
 ) -> None:
     """Batch-1 ONNX latency: exit model vs plain model, interleaved, + per-part overhead."""
     from dermkit.exits.latency_bench import run_exits_latency
 
     with reported():
-        r = run_exits_latency(exit_run, head, images, threads)
+        r = run_exits_latency(exit_run, head, images, threads, eager=eager)
     ms, f1 = r["ms_per_image"], r["test_macro_f1"]
     print(
         f"{head}: plain {ms['plain']:.3f} ms, exits {ms['exits']:.3f} ms per image "
         f"(ratio {r['ratio_exits_over_plain']:.3f}); test macro-F1 plain {f1['plain']:.4f}, "
-        f"exits {f1['exits']:.4f}; {r['path']}"
+        f"exits {f1['exits']:.4f}; median/mean {r['ratio_exits_over_plain']:.3f}/"
+        f"{r['mean_ms_per_image']['exits'] / r['mean_ms_per_image']['plain']:.3f}; {r['path']}"
     )
 
 

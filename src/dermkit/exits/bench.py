@@ -35,6 +35,7 @@ from dermkit.exits.infer import predict_early_exit
 from dermkit.exits.latency import time_interleaved
 from dermkit.exits.policy import ExitPolicy, macro_f1, softmax
 from dermkit.exits.run_io import ExitRun
+from dermkit.models.backbones import input_stats
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,10 @@ def run_exits_bench(
     test_part = data.part("test")
     test_ds = CachedImageDataset(data.cache, test_part, classes)
     n_time = len(test_ds) if max_images is None else min(max_images, len(test_ds))
-    images = to_float(test_ds.__getitems__(np.arange(n_time))[0])
+    base = run.base_model()[0]
+    images = to_float(test_ds.__getitems__(np.arange(n_time))[0], *input_stats(base))
     batches = list(torch.split(images, batch_size))
-    shared = run.base_model()[0] if run.info["mode"] == "frozen" else None
+    shared = base if run.info["mode"] == "frozen" else None
     depths = run.info["exit_depths"]
 
     def test_metrics(y: np.ndarray, probs: np.ndarray) -> dict:

@@ -46,13 +46,14 @@ def parse_latency_objective(text: str) -> float | None:
 
 
 def latency_profile(run: ExitRun, head: str, rounds: int = 300, threads: int = 2) -> dict:
-    """Batch-1 part timings of the run's ``head`` model (``latency_<head>.json``), measured
-    on this machine the first time and read back after (delete the file to re-measure)."""
+    """Batch-1 ONNX Runtime part timings of the run's ``head`` model (``latency_<head>.json``),
+    measured on this machine the first time and read back after (delete the file to
+    re-measure)."""
     path = run.path / f"latency_{head}.json"
     if path.exists():
         return json.loads(path.read_text())
     log.info("%s: measuring batch-1 latency of each part (%d rounds)", head, rounds)
-    profile = measure_overhead(run.model(head), run.info["img_size"], rounds, threads)
+    profile = measure_overhead(run.model(head), run.info["img_size"], rounds, threads, eager=False)
     path.write_text(json.dumps(profile, indent=2))
     return profile
 

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from dermkit.exits.model import EarlyExitViT
+from dermkit.exits.model import EarlyExitModel
 from dermkit.exits.policy import ExitPolicy
 
 
@@ -59,7 +59,7 @@ def kept_exits(policy: ExitPolicy) -> list[int]:
     return [j for j, t in enumerate(policy.thresholds) if t <= 1.0]
 
 
-def prune_exits(model: EarlyExitViT, policy: ExitPolicy) -> tuple[EarlyExitViT, ExitPolicy]:
+def prune_exits(model: EarlyExitModel, policy: ExitPolicy) -> tuple[EarlyExitModel, ExitPolicy]:
     """The model and policy without the early exits that never fire.
 
     The returned model shares the backbone and the kept heads with ``model``; with no early

@@ -1,4 +1,4 @@
-"""Exit heads: classifiers that read a ViT's token sequence after some block.
+"""Exit heads: classifiers that read a ViT's token sequence (or a CNN's map) after a block.
 
 Every head maps the tokens after a block, ``(B, N, D)`` with ``N = prefix + grid * grid``
 (timm order: class token first, then the patch grid row-major), to logits ``(B, C)``.
@@ -10,6 +10,9 @@ classifier heads for early exits on ViTs and Mamba models:
 * :class:`AttentionPoolHead`: a learned query attending over all tokens (timm's
   ``AttentionPoolLatent``), LayerNorm + linear.
 * :class:`SSMHead`: a small selective state-space (Mamba) sequence model over the tokens.
+
+On a CNN (``exits/backbones.py``) the heads are :class:`PooledMapHead`: global average
+pooling, then a linear layer or an MLP.
 
 The SSM head uses ``mambapy`` (Mamba in pure PyTorch: runs on CPU, needs no CUDA kernels,
 and its sequential scan exports to ONNX as plain ops) rather than a hand-written scan.
@@ -184,6 +187,32 @@ class SSMHead(nn.Module):
             return self.fc(self.norm(mamba_forward(self.mamba, seq, last_only=True)[:, -1]))
         self.config.pscan = self.training
         return self.fc(self.norm(self.mamba(seq)[:, -1]))
+
+
+class PooledMapHead(nn.Module):
+    """A CNN exit head: global average pool of a feature map, LayerNorm, linear or MLP.
+
+    ``classifier`` maps the pooled vector (B, C_in) to logits, so heads can also be trained
+    on pooled features computed once (``exits/cached.py``) and then read maps unchanged.
+
+    Args:
+        dim: channels C_in of the map.
+        num_classes: C.
+        hidden: MLP hidden width (Linear-GELU-Linear); None: one linear layer.
+    """
+
+    def __init__(self, dim: int, num_classes: int, hidden: int | None = None):
+        super().__init__()
+        layers: list[nn.Module] = [nn.LayerNorm(dim)]
+        if hidden:
+            layers += [nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes)]
+        else:
+            layers.append(nn.Linear(dim, num_classes))
+        self.classifier = nn.Sequential(*layers)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C)."""
+        return self.classifier(maps.mean((2, 3)))
 
 
 def make_head(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dermkit.exits.model import EarlyExitViT
+from dermkit.exits.model import EarlyExitModel
 from dermkit.exits.policy import ExitPolicy
 
 
@@ -37,7 +37,7 @@ class ExitOutput:
 
 
 @torch.no_grad()
-def predict_early_exit(model: EarlyExitViT, x: torch.Tensor, policy: ExitPolicy) -> ExitOutput:
+def predict_early_exit(model: EarlyExitModel, x: torch.Tensor, policy: ExitPolicy) -> ExitOutput:
     """Dropping inference: images (B, 3, H, W) -> :class:`ExitOutput`.
 
     After exit j the rows that leave are written out and the token tensor shrinks to the
@@ -66,7 +66,7 @@ def predict_early_exit(model: EarlyExitViT, x: torch.Tensor, policy: ExitPolicy)
 
 
 @torch.no_grad()
-def predict_reference(model: EarlyExitViT, x: torch.Tensor, policy: ExitPolicy) -> ExitOutput:
+def predict_reference(model: EarlyExitModel, x: torch.Tensor, policy: ExitPolicy) -> ExitOutput:
     """Every exit for every sample, then the policy: the ground truth for the dropping path."""
     per_exit = [lg.float().cpu().numpy() for lg in model.forward_all(x)]
     logits, exit_index = policy.select(per_exit)
@@ -79,12 +79,12 @@ def predict_reference(model: EarlyExitViT, x: torch.Tensor, policy: ExitPolicy) 
 
 
 @torch.no_grad()
-def predict_plain(model: EarlyExitViT, x: torch.Tensor) -> torch.Tensor:
+def predict_plain(model: EarlyExitModel, x: torch.Tensor) -> torch.Tensor:
     """The plain backbone (no exit heads): images (B, 3, H, W) -> logits (B, C)."""
     return model.backbone(x)
 
 
-def exit_gflops(model: EarlyExitViT, img_size: int, in_chans: int = 3) -> dict:
+def exit_gflops(model: EarlyExitModel, img_size: int, in_chans: int = 3) -> dict:
     """GFLOPs per image of each segment and exit, counted on a batch of one.
 
     Returns:

@@ -1,18 +1,21 @@
 """Batch-1 latency of early exits: what each exit costs, and what leaving at it costs.
 
-:func:`measure_overhead` times the parts of an :class:`EarlyExitViT` one image at a time,
+:func:`measure_overhead` times the parts of an :class:`EarlyExitModel` one image at a time,
 in ONNX Runtime (each part exported as its own graph, a fixed number of intra-op threads)
 and in PyTorch eager, in interleaved rounds (every part once per round, rotated), and
 reports medians in milliseconds:
 
-* ``embed``, ``block``: patch embedding, one transformer block (all blocks of a ViT have
-  the same shape, so one stands for each);
+* ``embed``, ``block``: the stem (a ViT's patch embedding), one block (all blocks of a ViT
+  have the same shape, so one stands for each; a CNN's stages do not, so each is timed
+  as ``block_{i}``);
 * ``head``: an early-exit head; ``head_gate``: the head fused with its exit decision (one
-  graph returning logits + exit flag); ``final``: the backbone's norm + head;
+  graph returning logits + exit flag; per exit, ``head_gate_{j}``, on a CNN);
+  ``final``: the backbone's own head (a ViT's norm + head; a CNN's conv head, pooling
+  and classifier);
 * ``scan_sequential`` / ``scan_parallel`` (SSM heads): the head with mambapy's
   token-by-token scan vs the parallel form;
-* ``call``: a session call that does nothing but copy the tokens (the cost of switching
-  segments); ``check_numpy`` / ``check_torch``: the confidence check outside the graph.
+* ``call``: a session call that does nothing but copy the first exit's input (the cost
+  of switching segments); ``check_numpy`` / ``check_torch``: the confidence check outside the graph.
 
 :func:`latency_costs` turns such a profile into the cost of leaving at each exit as a
 fraction of the plain model (the latency objective of calibration), for any subset of the
@@ -33,7 +36,7 @@ from torch import nn
 
 from dermkit.exits.gate import ExitGate
 from dermkit.exits.heads import SSMHead
-from dermkit.exits.model import EarlyExitViT
+from dermkit.exits.model import EarlyExitModel
 from dermkit.exits.policy import ExitPolicy
 
 
@@ -82,6 +85,9 @@ class _Fn(nn.Module):
 
 
 def _export(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    # eval(): the exporter restores the module's mode afterwards; a wrapper left in
+    # training mode would switch the backbone it wraps to training (BatchNorm updates)
+    module.eval()
     with warnings.catch_warnings():  # tracer warnings on python-int shape arithmetic
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(path), opset_version=17, dynamo=False)
@@ -100,63 +106,88 @@ class HeadGate(nn.Module):
         return logits, self.gate(logits)
 
 
-def _parts(model: EarlyExitViT, policy: ExitPolicy) -> dict[str, tuple[nn.Module, bool]]:
-    """name -> (module, takes images?) for every timed part."""
-    head = model.heads[0]
+def _parts(
+    model: EarlyExitModel, policy: ExitPolicy, x: torch.Tensor
+) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """name -> (module, its batch-1 input) for every timed part of the model.
+
+    Blocks of a ViT share one shape, so ``block`` (the first) stands for each and
+    ``head_gate`` for every exit; a CNN's stages differ several-fold in cost, so each gets
+    its own ``block_{i}`` and each early exit its own ``head_gate_{j}`` (see
+    :func:`part_ms`).
+    """
+    states = [model.embed(x)]  # states[d]: the state after d blocks
+    for i in range(model.depth):
+        states.append(model.run_blocks(states[-1], i, i + 1))
+    first = states[model.exit_depths[0]]
     parts = {
-        "embed": (_Fn(model.embed, model.backbone), True),
-        "block": (model.backbone.blocks[0], False),
-        "head": (head, False),
-        "head_gate": (HeadGate(head, ExitGate(policy, 0)), False),
-        "final": (_Fn(lambda t: model.exit_logits(t, model.n_exits - 1), model.backbone), False),
-        "call": (_Fn(lambda t: t + 0.0), False),
+        "embed": (_Fn(model.embed, model.backbone), x),
+        "head": (model.heads[0], first),
+        "final": (
+            _Fn(lambda t: model.exit_logits(t, model.n_exits - 1), model.backbone),
+            states[-1],
+        ),
+        "call": (_Fn(lambda t: t + 0.0), first),
     }
+    if model.parts.uniform_blocks:
+        parts["block"] = (model.parts.block(0), states[0])
+        parts["head_gate"] = (HeadGate(model.heads[0], ExitGate(policy, 0)), first)
+    else:
+        for i in range(model.depth):
+            parts[f"block_{i}"] = (model.parts.block(i), states[i])
+        for j, head in enumerate(model.heads):
+            gate = HeadGate(head, ExitGate(policy, j))
+            parts[f"head_gate_{j}"] = (gate, states[model.exit_depths[j]])
     return parts
 
 
 @torch.no_grad()
 def measure_overhead(
-    model: EarlyExitViT,
+    model: EarlyExitModel,
     img_size: int,
     rounds: int = 300,
     threads: int = 2,
     policy: ExitPolicy | None = None,
+    eager: bool = True,
 ) -> dict:
     """Median batch-1 milliseconds of each part, in ONNX Runtime and in PyTorch eager.
 
     Returns ``{"onnx": {part: ms}, "eager": {part: ms}, "threads", "rounds"}``. ``policy``
     sets the gate's measure/temperature/protected classes (default: max_prob, 0.5).
+    ``eager=False`` skips the PyTorch timings (``"eager"`` is then None): calibration reads
+    the ONNX ones only, and eager CNN stages at batch 1 are slow to time on a loaded CPU.
     """
     model = model.eval()
     if model.n_exits < 2:
         raise ValueError("the model has no early exit to measure")
     policy = policy or ExitPolicy([0.5] * (model.n_exits - 1))
     x = torch.randn(1, 3, img_size, img_size)
-    tokens = model.embed(x)
-    parts = _parts(model, policy)
+    parts = _parts(model, policy, x)
+    tokens = parts["head"][1]  # the first exit's input
     ssm = isinstance(model.heads[0], SSMHead)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            sessions = {}
-            for name, (module, images) in parts.items():
-                path = _export(module, x if images else tokens, Path(tmp) / f"{name}.onnx")
-                sessions[name] = ort_session(path, threads)
+            sessions, inputs = {}, {n: i for n, (_, i) in parts.items()}
+            for name, (module, example) in parts.items():
+                sessions[name] = ort_session(
+                    _export(module, example, Path(tmp) / f"{name}.onnx"), threads
+                )
             if ssm:
                 model.heads[0].eval_scan = "sequential"
                 path = _export(model.heads[0], tokens, Path(tmp) / "seq.onnx")
                 model.heads[0].eval_scan = "parallel"
                 sessions["scan_sequential"] = ort_session(path, threads)
                 sessions["scan_parallel"] = sessions["head"]
-            feeds = {
-                n: {s.get_inputs()[0].name: (x if n == "embed" else tokens).numpy()}
-                for n, s in sessions.items()
-            }
+                inputs["scan_sequential"] = inputs["scan_parallel"] = tokens
+            feeds = {n: {s.get_inputs()[0].name: inputs[n].numpy()} for n, s in sessions.items()}
             onnx_fns = {n: (lambda s=s, f=feeds[n]: s.run(None, f)) for n, s in sessions.items()}
             onnx = medians_ms(time_interleaved(onnx_fns, rounds))
+        if not eager:
+            return {"onnx": onnx, "eager": None, "threads": threads, "rounds": rounds, "ssm": ssm}
         logits = model.heads[0](tokens)
-        eager_fns = {n: (lambda m=m, i=i: m(x if i else tokens)) for n, (m, i) in parts.items()}
+        eager_fns = {n: (lambda m=m, i=i: m(i)) for n, (m, i) in parts.items()}
         gate = ExitGate(policy, 0)
         eager_fns["check_numpy"] = lambda: policy.exits_now(logits.numpy(), 0)
         eager_fns["check_torch"] = lambda: gate(logits)
@@ -170,10 +201,22 @@ def measure_overhead(
 
             eager_fns["scan_sequential"] = lambda: scan("sequential")
             eager_fns["scan_parallel"] = lambda: scan("parallel")
-        eager = medians_ms(time_interleaved(eager_fns, rounds))
+        eager_ms = medians_ms(time_interleaved(eager_fns, rounds))
     finally:
         torch.set_num_threads(torch_threads)
-    return {"onnx": onnx, "eager": eager, "threads": threads, "rounds": rounds, "ssm": ssm}
+    return {"onnx": onnx, "eager": eager_ms, "threads": threads, "rounds": rounds, "ssm": ssm}
+
+
+def part_ms(profile: dict[str, float], name: str, i: int) -> float:
+    """Milliseconds of part ``name`` number ``i`` (block i, exit i's head_gate): its own
+    entry ``{name}_{i}`` when the profile has one (CNN stages), else the shared ``name``."""
+    return profile.get(f"{name}_{i}", profile.get(name, np.nan))
+
+
+def _ms(profile: dict[str, float], name: str, n: int) -> str:
+    """The n parts ``name`` as text, for messages: one value when they share a timing."""
+    values = sorted({round(part_ms(profile, name, i), 3) for i in range(n)})
+    return str(values[0]) if len(values) == 1 else str(values)
 
 
 def latency_costs(
@@ -182,8 +225,9 @@ def latency_costs(
     """Cost of leaving at each kept exit and at the final one, / the plain model's latency.
 
     Args:
-        profile: milliseconds of ``embed``, ``block``, ``head_gate``, ``final``, ``call``
-            (one backend of :func:`measure_overhead`).
+        profile: milliseconds of ``embed``, ``block`` (or ``block_{i}`` per block),
+            ``head_gate`` (or ``head_gate_{j}`` per early exit), ``final``, ``call`` (one
+            backend of :func:`measure_overhead`).
         exit_depths: blocks before each exit of the full model, the final exit's last.
         keep: early exits (indices) the model keeps; the others cost nothing.
 
@@ -194,13 +238,13 @@ def latency_costs(
     """
     p = profile
     depth = exit_depths[-1]
-    plain = p["call"] + p["embed"] + depth * p["block"] + p["final"]
-    costs = [
-        (i + 1) * (p["call"] + p["head_gate"]) + p["embed"] + exit_depths[j] * p["block"]
-        for i, j in enumerate(sorted(keep))
-    ]
-    n = len(keep)
-    costs.append(plain + n * (p["call"] + p["head_gate"]))
+    blocks = np.cumsum([0.0] + [part_ms(p, "block", i) for i in range(depth)])  # (depth + 1,)
+    if np.isnan(blocks[-1]):
+        raise ValueError(f"the latency profile lacks block timings: {sorted(p)}")
+    plain = p["call"] + p["embed"] + blocks[depth] + p["final"]
+    gates = np.cumsum([p["call"] + part_ms(p, "head_gate", j) for j in sorted(keep)])
+    costs = [gates[i] + p["embed"] + blocks[exit_depths[j]] for i, j in enumerate(sorted(keep))]
+    costs.append(plain + (gates[-1] if len(keep) else 0.0))
     return np.asarray(costs) / plain
 
 
@@ -288,7 +332,7 @@ def calibrate_latency(
     if best is None:
         raise ValueError(
             f"objective {objective}: no exits and thresholds reach it on val (measured "
-            f"batch-1 latency; a block costs {profile['block']:.3f} ms, a gated head "
-            f"{profile['head_gate']:.3f} ms)"
+            f"batch-1 latency; the blocks cost {_ms(profile, 'block', exit_depths[-1])} ms, "
+            f"the gated heads {_ms(profile, 'head_gate', E - 1)} ms)"
         )
     return best

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from dermkit.exits.gate import ExitGate, kept_exits, prune_exits
-from dermkit.exits.model import EarlyExitViT
+from dermkit.exits.model import EarlyExitModel
 from dermkit.exits.policy import ExitPolicy
 
 MANIFEST = "segments.json"
@@ -33,9 +33,9 @@ POLICY = "policy.json"
 
 
 class _Segment(nn.Module):
-    """Segment j of an EarlyExitViT as a module: inputs -> (tokens, logits) or logits."""
+    """Segment j of an EarlyExitModel as a module: inputs -> (tokens, logits) or logits."""
 
-    def __init__(self, model: EarlyExitViT, j: int, policy: ExitPolicy | None = None):
+    def __init__(self, model: EarlyExitModel, j: int, policy: ExitPolicy | None = None):
         super().__init__()
         self.model, self.j = model, j
         self.last = j == model.n_exits - 1
@@ -52,7 +52,7 @@ class _Segment(nn.Module):
 
 @torch.no_grad()
 def export_segments(
-    model: EarlyExitViT,
+    model: EarlyExitModel,
     out_dir: str | Path,
     img_size: int,
     opset: int = 17,
@@ -80,7 +80,10 @@ def export_segments(
     h = torch.zeros(2, 3, img_size, img_size, device=device)
     files = []
     for j in range(model.n_exits):
-        seg = _Segment(model, j, policy)
+        # eval(): torch.onnx.export restores the exported module's own mode afterwards, and
+        # a fresh module is in training mode; that would switch the shared backbone to
+        # training, and the next segment's input would then update BatchNorm statistics.
+        seg = _Segment(model, j, policy).eval()
         last = seg.last
         outputs = ["logits"] if last else ["tokens_out", "logits"]
         if seg.gate is not None:

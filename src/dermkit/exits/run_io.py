@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from dermkit.config import ConfigError, load_config
 from dermkit.data.prepare import PreparedData, prepare_data
-from dermkit.exits.model import EarlyExitViT
-from dermkit.exits.policy import ExitPolicy
+from dermkit.exits.infer import exit_gflops
+from dermkit.exits.model import EarlyExitModel
+from dermkit.exits.policy import ExitPolicy, macro_f1
 from dermkit.exits.settings import ExitsRunConfig
 from dermkit.models.runs_io import load_run_model, read_run_config
 from dermkit.train.settings import FinetuneRunConfig
@@ -109,13 +110,13 @@ class ExitRun:
         model, base_cfg, _ = load_run_model(self.info["base_run"], purpose="early exits")
         return model, base_cfg
 
-    def model(self, head_type: str, backbone: torch.nn.Module | None = None) -> EarlyExitViT:
-        """The trained EarlyExitViT of ``head_type`` in eval mode (CPU)."""
+    def model(self, head_type: str, backbone: torch.nn.Module | None = None) -> EarlyExitModel:
+        """The trained EarlyExitModel of ``head_type`` in eval mode (CPU)."""
         if head_type not in self.head_types:
             raise ValueError(f"{self.path}: no {head_type!r} exits (trained: {self.head_types})")
         if backbone is None or self.info["mode"] == "joint":
             backbone = self.base_model()[0]
-        model = EarlyExitViT(
+        model = EarlyExitModel(
             backbone, self.info["exit_blocks"], head_type, len(self.classes), self.info["heads"]
         )
         path = weights_file(self.path, head_type)
@@ -162,3 +163,69 @@ class ExitRun:
 
 def save_logits(path: Path, logits: dict[str, np.ndarray]) -> None:
     save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in logits.items()}, path)
+
+
+def saved_state(model: EarlyExitModel, mode: str) -> dict[str, torch.Tensor]:
+    """What an exit run saves: the heads (frozen; prefixed as in the model) or everything."""
+    state = model.state_dict()
+    return {k: v for k, v in state.items() if mode == "joint" or k.startswith("heads.")}
+
+
+def write_exit_run(
+    run: Path,
+    cfg: ExitsRunConfig,
+    base_dir: Path,
+    base_cfg: FinetuneRunConfig,
+    classes: list[str],
+    models: dict[str, EarlyExitModel],
+    logits: dict[str, dict[str, np.ndarray]],
+    labels: dict[str, np.ndarray],
+    history: list[dict],
+    best_epoch: dict[str, int],
+) -> None:
+    """Write a trained exit run's files (see the module docstring) but config.yaml.
+
+    Args:
+        models: {head type: trained model} (moved to the CPU, eval mode).
+        logits: {"val", "test": {head type: (E, N, C) every exit's logits}}, computed in
+            fp32 as deployed inference runs: thresholds are calibrated on them.
+        labels: {"val", "test": (N,)}.
+    """
+    img_size = base_cfg.data.image_size
+    flops = {}
+    for h, m in models.items():
+        m.cpu().eval()
+        save_file(saved_state(m, cfg.exits.mode), weights_file(run, h))
+        save_logits(
+            logits_file(run, h),
+            {
+                "val": logits["val"][h],
+                "test": logits["test"][h],
+                "val_labels": labels["val"],
+                "test_labels": labels["test"],
+            },
+        )
+        flops[h] = exit_gflops(m, img_size)
+    first = next(iter(models.values()))
+    info = {
+        "base_run": str(Path(base_dir).resolve()),
+        "backbone": base_cfg.model.name,
+        "family": first.parts.family,
+        "img_size": img_size,
+        "classes": classes,
+        "mode": cfg.exits.mode,
+        "features": cfg.exits.features,
+        "exit_blocks": list(first.exit_blocks),
+        "exit_depths": list(first.exit_depths),
+        "head_types": list(models),
+        "heads": head_kwargs(cfg),
+        "head_params": {h: m.describe()["head_params"] for h, m in models.items()},
+        "best_epoch": best_epoch,
+        "gflops": flops,
+        "val_macro_f1": {
+            h: [macro_f1(labels["val"], lg.argmax(1), lg.shape[1]) for lg in logits["val"][h]]
+            for h in models
+        },
+    }
+    (run / INFO).write_text(json.dumps(info, indent=2))
+    (run / "history.json").write_text(json.dumps(history, indent=2))

@@ -31,6 +31,12 @@ class ExitsConfig(Strict):
     mode: Literal["frozen", "joint"] = Field(
         "frozen", description="frozen: train the exit heads only; joint: heads and backbone"
     )
+    features: Literal["live", "cached"] = Field(
+        "live",
+        description="live: the frozen backbone runs on every (augmented) batch; cached: one "
+        "pass computes each exit's pooled features, pooled heads (CNN) train on them "
+        "(exits/cached.py)",
+    )
     exit_loss_weights: list[float] | None = Field(
         None, description="joint: loss weight per exit, final included; null: equal"
     )

@@ -25,7 +25,6 @@ a killed run from the latest one and ends with the same weights as an uninterrup
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -34,26 +33,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 
 from dermkit.config import ConfigError
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize, to_float
-from dermkit.exits.infer import exit_gflops
+from dermkit.exits.backbones import backbone_parts
 from dermkit.exits.model import EarlyExitViT
 from dermkit.exits.policy import macro_f1
 from dermkit.exits.run_io import (
-    INFO,
     base_data,
     check_classes,
     head_kwargs,
-    logits_file,
-    save_logits,
-    weights_file,
+    saved_state,
+    write_exit_run,
 )
 from dermkit.exits.settings import ExitsRunConfig
-from dermkit.models.distilled import DistilledViT
+from dermkit.models.backbones import input_stats
 from dermkit.models.runs_io import load_run_model
 from dermkit.runs import RunDir
 from dermkit.train.checkpoint import (
@@ -126,9 +122,10 @@ def exit_logits_all(
     out: dict[str, list] = {h: [] for h in models}
     for m in models.values():
         m.eval()
+    stats = input_stats(next(iter(models.values())).backbone)
     for i in range(0, len(ds), batch_size):
         x, _ = ds.__getitems__(np.arange(i, min(i + batch_size, len(ds))))
-        x = to_float(x.to(device))
+        x = to_float(x.to(device), *stats)
         with autocast():
             if shared_backbone:
                 first = next(iter(models.values()))
@@ -212,14 +209,7 @@ def train_exit_models(
     counts = train_ds.class_counts()
     weights = sampling_weights(train_ds.labels, loss_cfg.sampler, n_classes)
     weights = None if weights is None else weights.numpy()
-    hard = ClassificationLoss(
-        loss_cfg.loss,
-        counts,
-        loss_cfg.label_smoothing,
-        loss_cfg.weight_power,
-        loss_cfg.focal_gamma,
-        loss_cfg.logit_tau,
-    ).to(device)
+    hard = ClassificationLoss.from_config(loss_cfg, counts).to(device)
     kd = KDLoss(e.distill_alpha, e.distill_temperature, hard_loss=hard)
     first = next(iter(models.values()))
     n_exits = first.n_exits
@@ -243,6 +233,7 @@ def train_exit_models(
     total = oc.epochs * steps_per_epoch
     warmup = round(oc.warmup_epochs * steps_per_epoch)
     y_val = val_ds.labels.numpy()
+    stats = input_stats(first.backbone)  # the base run's input normalisation
 
     # --- resume: what a checkpoint holds is the trainable part of each head type's model
     bundle = torch.nn.ModuleDict({h: _trainable(m, e.mode) for h, m in models.items()})
@@ -275,7 +266,7 @@ def train_exit_models(
                 gen = seed_step(cfg.seed, state.step)
                 x, y = train_ds.__getitems__(batches[b])
                 x = x.to(device).float().div_(255.0)
-                x = normalize(augment.apply(x, augment.sample(len(x), gen)))
+                x = normalize(augment.apply(x, augment.sample(len(x), gen)), *stats)
                 y = y.to(device)
                 with accelerator.autocast():
                     if frozen:
@@ -363,15 +354,9 @@ def _end_epoch(
         }
         if mean > state.best_score.get(h, -1.0):
             state.best_score[h], state.best_epoch[h] = mean, epoch
-            best_state[h] = {k: v.detach().cpu().clone() for k, v in _state(m, mode).items()}
+            best_state[h] = {k: v.detach().cpu().clone() for k, v in saved_state(m, mode).items()}
     state.history.append(row)
     log.info("epoch %d: %s", epoch, {h: round(row[h]["val_mean_macro_f1"], 4) for h in models})
-
-
-def _state(model: EarlyExitViT, mode: str) -> dict[str, torch.Tensor]:
-    """What an exit run saves: the heads (frozen; prefixed as in the model) or everything."""
-    state = model.state_dict()
-    return {k: v for k, v in state.items() if mode == "joint" or k.startswith("heads.")}
 
 
 def run_exits_train(cfg: ExitsRunConfig, progress: bool = True, resume: bool = False) -> Path:
@@ -379,17 +364,18 @@ def run_exits_train(cfg: ExitsRunConfig, progress: bool = True, resume: bool = F
 
     ``resume``: continue from ``out_dir/checkpoints`` (see ``train_exit_models``).
     """
-    from safetensors.torch import save_file
 
     _check_optim(cfg)
+    if cfg.exits.features == "cached":
+        from dermkit.exits.cached import run_cached_exits_train
+
+        return run_cached_exits_train(cfg)
     base_dir = Path(cfg.base_run)
     backbone, base_cfg, classes = load_run_model(base_dir, purpose="early exits")
-    if not isinstance(backbone, (VisionTransformer, DistilledViT)):
-        raise ConfigError(
-            f"{base_dir}: early exits need a ViT backbone; {base_cfg.model.name} is a "
-            f"{type(backbone).__name__}"
-        )
-    img_size = base_cfg.data.image_size
+    try:
+        backbone_parts(backbone)
+    except TypeError as err:
+        raise ConfigError(f"{base_dir}: {base_cfg.model.name}: {err}") from err
     accelerator = make_accelerator(cfg.optim.precision)
     with RunDir(cfg.out_dir, cfg, "exits") as run:
         data = base_data(base_dir, base_cfg, cfg.data_path, cfg.cache_dir)
@@ -414,42 +400,13 @@ def run_exits_train(cfg: ExitsRunConfig, progress: bool = True, resume: bool = F
             resume=resume,
         )
         frozen = cfg.exits.mode == "frozen"
-        device = accelerator.device
         # Saved logits are computed in fp32, as deployed inference runs: thresholds are
         # calibrated on them and must mean the same at inference time.
-        logits = {s: exit_logits_all(models, ds[s], device, frozen) for s in ("val", "test")}
-        flops = {}
-        for h, m in models.items():
-            m.cpu().eval()
-            save_file(_state(m, cfg.exits.mode), weights_file(run.path, h))
-            save_logits(
-                logits_file(run.path, h),
-                {
-                    "val": logits["val"][h],
-                    "test": logits["test"][h],
-                    "val_labels": ds["val"].labels.numpy(),
-                    "test_labels": ds["test"].labels.numpy(),
-                },
-            )
-            flops[h] = exit_gflops(m, img_size)
-        first = next(iter(models.values()))
-        info = {
-            "base_run": str(base_dir.resolve()),
-            "backbone": base_cfg.model.name,
-            "img_size": img_size,
-            "classes": classes,
-            "mode": cfg.exits.mode,
-            "exit_blocks": list(first.exit_blocks),
-            "exit_depths": list(first.exit_depths),
-            "head_types": list(models),
-            "heads": head_kwargs(cfg),
-            "head_params": {h: m.describe()["head_params"] for h, m in models.items()},
-            "best_epoch": best_epoch,
-            "gflops": flops,
-            "val_macro_f1": {
-                h: _val_scores(logits["val"][h], ds["val"].labels.numpy()) for h in models
-            },
+        logits = {
+            s: exit_logits_all(models, ds[s], accelerator.device, frozen) for s in ("val", "test")
         }
-        (run / INFO).write_text(json.dumps(info, indent=2))
-        (run / "history.json").write_text(json.dumps(history, indent=2))
+        labels = {s: ds[s].labels.numpy() for s in ("val", "test")}
+        write_exit_run(
+            run.path, cfg, base_dir, base_cfg, classes, models, logits, labels, history, best_epoch
+        )
         return run.path

@@ -57,6 +57,18 @@ class ClassificationLoss(torch.nn.Module):
         prior = class_counts.float().clamp(min=1) / class_counts.sum()
         self.register_buffer("log_prior_shift", logit_tau * prior.log())
 
+    @classmethod
+    def from_config(cls, loss_cfg, class_counts: torch.Tensor) -> ClassificationLoss:
+        """The loss a run's ``loss`` section (``config.LossConfig``) describes."""
+        return cls(
+            loss_cfg.loss,
+            class_counts,
+            loss_cfg.label_smoothing,
+            loss_cfg.weight_power,
+            loss_cfg.focal_gamma,
+            loss_cfg.logit_tau,
+        )
+
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         n = logits.shape[1]

@@ -12,7 +12,8 @@
  *
  * The preprocessing and post-processing live in core.js and mirror the server's
  * (dermkit.deploy.inference), so both answer the same for the same image.
- * The last result is in #result-json (and window.dermkitResult) for tests and debugging.
+ * The last result is in #result-json (and window.dermkitResult) for tests and debugging;
+ * a browser-engine result carries inference_ms, the model's time on that image.
  */
 (function () {
   "use strict";
@@ -145,6 +146,9 @@
     const S = cfg.image_size;
     const crop = core.cropImage(pixels.rgb, pixels.w, pixels.h, S, cfg.crop_policy, cfg.colour_constancy);
     const x = core.normalise(crop, S, cfg.mean, cfg.std, cfg.scale);
+    // inference_ms: the model's calls (every segment run, exit decisions included), what
+    // early exits change; preprocessing is the same either way and is left out.
+    const start = performance.now();
     let h = new ort.Tensor("float32", x, [1, 3, S, S]);
     let probs;
     let exit = { index: 0, name: "final", blocks: null, of: 1 };
@@ -180,11 +184,12 @@
       probs = core.decisionRule(logits, cfg.temperature, cfg.class_scales);
       finalLogits = logits;
     }
+    const inferenceMs = performance.now() - start;
     return Object.assign(
       { classes: cfg.classes, probabilities: probs },
       core.summarise(probs, cfg),
       finalLogits ? core.familiarity(finalLogits, cfg.ood) : core.familiarity(null, null),
-      { exit, model: cfg.name, crop, engine: "browser" }
+      { exit, model: cfg.name, crop, engine: "browser", inference_ms: inferenceMs }
     );
   }
 
