@@ -5,7 +5,8 @@ backbone's head, one ONNX graph) and the fused, pruned exit segments
 (:func:`~dermkit.exits.onnx_segments.export_segments` with the policy), then runs test
 images at batch 1 through both with ONNX Runtime on ``threads`` intra-op threads, the two
 alternating per image (interleaved, so the load of a shared machine hits both alike), and
-reports the median milliseconds per image of each and their ratio. Test macro-F1 of both
+reports the median milliseconds per image of each and their ratio (n images evenly
+spaced over the test split). Test macro-F1 of both
 comes from the run's saved logits (the whole test split) and is recomputed from the ONNX
 outputs on the timed images. The per-part breakdown of
 :func:`~dermkit.exits.latency.measure_overhead` goes in too. Writes
@@ -56,7 +57,10 @@ def run_exits_latency(
     part = data.part("test")
     ds = CachedImageDataset(data.cache, part, run.classes)
     n = min(n_images, len(ds))
-    images = to_float(ds.__getitems__(np.arange(n))[0], *input_stats(model.backbone)).numpy()
+    # evenly spaced over the split: its rows are grouped by class, and the first n would
+    # time mostly one or two classes (with their own exit rates)
+    timed = np.linspace(0, len(ds) - 1, n).round().astype(int)
+    images = to_float(ds.__getitems__(timed)[0], *input_stats(model.backbone)).numpy()
     outputs: dict[str, list] = {"plain": [], "exits": []}
 
     def plain_fn():  # call k runs test image k % n
@@ -90,10 +94,11 @@ def run_exits_latency(
         "policy": policy.to_dict(run.classes),
         "overhead_ms": measure_overhead(model, size, overhead_rounds, threads, policy, eager),
     }
-    # the ONNX answers on the timed images (call k ran image k % n; the test order is the
-    # order of the saved logits)
+    # the ONNX answers on the timed images (call k ran image timed[k % n]; the test order
+    # is the order of the saved logits)
     record["timed_macro_f1_onnx"] = {
-        k: macro_f1(y[:n], np.asarray(rows[:n]).argmax(1), n_classes) for k, rows in outputs.items()
+        k: macro_f1(y[timed], np.asarray(rows[:n]).argmax(1), n_classes)
+        for k, rows in outputs.items()
     }
     path = run.path / f"latency_bench_{head}.json"
     path.write_text(json.dumps(to_jsonable(record), indent=2))
