@@ -42,7 +42,10 @@ def _model(blocks=(2, 4, 6), head_type="mlp", seed=0) -> EarlyExitModel:
 
 
 def _images(n=48, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    """Noise with a colour cast per image: pooled features (and so the random heads'
+    predictions) differ between images, as they do between photos."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=gen) + 2 * torch.randn(n, 3, 1, 1, generator=gen)
 
 
 def test_stages_are_blocks_and_all_to_last_is_the_backbone():

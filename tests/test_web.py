@@ -199,6 +199,7 @@ def _timed_answer(page, image: Path) -> dict:
     """Upload ``image`` to a ready page (browser engine): the model's in-browser
     milliseconds on it (``inference_ms``) and the exit that answered."""
     page.evaluate("window.dermkitResult = null")
+    page.set_input_files("#file", [])  # re-selecting the same file fires no change event
     page.set_input_files("#file", str(image))
     page.wait_for_function("window.dermkitResult !== null", timeout=60_000)
     result = page.evaluate("window.dermkitResult")
