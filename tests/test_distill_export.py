@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dermkit.cli import app
-from dermkit.deploy.export import export_onnx, onnx_session, run_onnx, torch_logits
+from dermkit.core.onnx import cpu_session
+from dermkit.deploy.export import export_onnx, run_onnx, torch_logits
 from dermkit.deploy.model_card import ModelCard, validate_card_json
 from dermkit.models.backbones import create_backbone
 from dermkit.models.runs_io import load_run_model
@@ -337,7 +338,7 @@ def test_onnx_fp32_parity_with_dynamic_batch(name, tmp_path):
     torch.manual_seed(0)
     model = create_backbone(name, num_classes=7, img_size=32).eval()
     path = export_onnx(model, 32, tmp_path / "model.onnx")
-    session = onnx_session(path)
+    session = cpu_session(path)
     for batch in (1, 5):  # exported with batch 2: the batch axis must be dynamic
         x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
         diff = np.abs(run_onnx(session, x) - torch_logits(model, x)).max()
@@ -376,7 +377,7 @@ def test_export_parity_int8_agreement_and_sizes(teacher_run, teacher_export, cac
     reference = torch_logits(model, x)
     assert len(np.unique(reference.argmax(1))) >= 3
     for mode in ("dynamic", "static"):
-        logits = run_onnx(onnx_session(teacher_export / files[mode]["file"]), x)
+        logits = run_onnx(cpu_session(teacher_export / files[mode]["file"]), x)
         assert np.abs(logits - reference).max() > 1e-3  # really quantised
         agreement = (logits.argmax(1) == reference.argmax(1)).mean()
         assert agreement >= 0.98, (mode, agreement)

@@ -10,6 +10,8 @@ import pytest
 import torch
 from mambapy.mamba import Mamba, MambaConfig
 
+from dermkit.config import ConfigError
+from dermkit.exits.calibrate import parse_latency_objective
 from dermkit.exits.gate import ExitGate, prune_exits
 from dermkit.exits.heads import SSMHead
 from dermkit.exits.infer import predict_early_exit, predict_reference
@@ -208,6 +210,34 @@ def test_latency_objective_meets_its_budget_and_prunes_useless_exits():
     )
     with pytest.raises(ValueError, match="no exits and thresholds reach"):
         calibrate_latency(per_exit, y, [2, 4, 8], PROFILE, 0.1, temperatures=[1, 1, 1])
+
+
+def test_median_latency_objective_bounds_the_typical_image_not_the_average():
+    """70% of images are easy at exit 0 (0.30 of the plain model), the rest need the final
+    exit (1.04). A MEAN of 0.4 forces hard images out early too; a MEDIAN of 0.4 only needs
+    half the images to leave at exit 0, so the hard ones can run to the end."""
+    per_exit, y = _easy_exits()
+    args = (per_exit, y, [2, 4, 8], PROFILE, 0.4)
+    mean = calibrate_latency(*args, temperatures=[1, 1, 1])
+    median = calibrate_latency(*args, temperatures=[1, 1, 1], statistic="median")
+    assert median.objective == "median-latency=0.4"
+    costs = latency_costs(PROFILE, [2, 4, 8], [0])
+    assert median.policy.thresholds[1] == NEVER and median.exit_fractions[0] > 0.5
+    assert median.compute == pytest.approx(costs[0])  # the median image leaves at exit 0
+    mean_cost_of_median_policy = (
+        median.exit_fractions[0] * costs[0] + median.exit_fractions[2] * costs[1]
+    )
+    assert mean_cost_of_median_policy > 0.4 >= mean.compute
+    assert median.exit_fractions[2] > mean.exit_fractions[2]
+    assert median.macro_f1 > mean.macro_f1 + 0.05
+
+
+def test_median_latency_objective_parses_from_the_command_line_form():
+    assert parse_latency_objective("median-latency=0.7") == (0.7, "median")
+    assert parse_latency_objective("latency=0.7") == (0.7, "mean")
+    assert parse_latency_objective("compute=0.7") is None
+    with pytest.raises(ConfigError, match="must be positive"):
+        parse_latency_objective("median-latency=0")
 
 
 def test_measure_overhead_reports_every_part_for_both_backends():

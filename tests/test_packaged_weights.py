@@ -165,9 +165,9 @@ def test_static_int8_keeps_the_imagenet_predictions(tmp_path):
     on about half of the HAM10000 images. Calibrated on other photos than the ones checked.
     """
     skimage_data = pytest.importorskip("skimage.data")
+    from dermkit.core.onnx import cpu_session
     from dermkit.deploy.export import (
         export_onnx,
-        onnx_session,
         quantize_int8_static,
         run_onnx,
         torch_logits,
@@ -192,7 +192,7 @@ def test_static_int8_keeps_the_imagenet_predictions(tmp_path):
     photos = np.concatenate(
         [_imagenet_input(getattr(skimage_data, p)(), size).numpy() for p in ("chelsea", "coffee")]
     )
-    reference, quantised = torch_logits(model, photos), run_onnx(onnx_session(int8), photos)
+    reference, quantised = torch_logits(model, photos), run_onnx(cpu_session(int8), photos)
     assert list(quantised.argmax(1)) == list(reference.argmax(1)) == [EGYPTIAN_CAT, ESPRESSO]
     # The typical logit error stays small against the logits' own spread over 1000 classes.
     assert np.abs(quantised - reference).mean() < 0.1 * reference.std(1).mean()

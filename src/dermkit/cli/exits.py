@@ -32,7 +32,8 @@ def exits_calibrate(
     objective: Annotated[
         str | None,
         typer.Option(
-            help="f1-drop=X, compute=B or latency=B (batch-1 ONNX latency measured here; "
+            help="f1-drop=X, compute=B, latency=B or median-latency=B (batch-1 ONNX "
+            "latency measured here, mean or median over images; "
             "default: the run's config)"
         ),
     ] = None,

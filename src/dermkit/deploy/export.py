@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -39,6 +38,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from dermkit import __version__
 from dermkit.core.files import sha256_file
+from dermkit.core.onnx import cpu_session
 from dermkit.data.phantoms import is_phantom_dataset
 from dermkit.data.transforms import to_float
 from dermkit.deploy.model_card import (
@@ -112,15 +112,6 @@ def export_onnx(model: torch.nn.Module, image_size: int, path: str | Path) -> Pa
             verbose=False,
         )
     return path
-
-
-def onnx_session(path: str | Path, threads: int = 1):
-    """A CPU ONNX Runtime session with ``threads`` intra-op threads (1 = like a phone core)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(session, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -310,7 +301,7 @@ def export_run(
     labels = val.labels[: len(parity_images)].numpy()
     entries, results = [], {}
     for key, (path, fmt) in files.items():
-        logits = run_onnx(onnx_session(path), parity_images)
+        logits = run_onnx(cpu_session(path), parity_images)
         p = parity(reference, logits)
         results[key] = {
             "file": path.name,

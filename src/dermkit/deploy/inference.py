@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from dermkit.core.files import sha256_file
+from dermkit.core.onnx import cpu_session
 from dermkit.data.cache import crop_image
 from dermkit.data.labels import HAM10000_DESCRIPTIONS, MALIGNANT_CLASSES
 from dermkit.deploy.model_card import CARD_FILE, NOT_A_DIAGNOSIS, ModelCard
@@ -66,17 +67,6 @@ MESSAGES = {
 
 class ModelFolderError(ValueError):
     """An export or exits folder cannot be served; the message names the file."""
-
-
-def ort_session(path: Path, threads: int = 1):
-    """A CPU ONNX Runtime session (``threads`` intra-op threads, quiet logs)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def load_card(model_dir: Path) -> ModelCard:
@@ -159,7 +149,7 @@ class ServedModel:
                 f"{self.model_path}: SHA-256 differs from the model card's; the file was "
                 "changed after export"
             )
-        self.session = ort_session(self.model_path, threads)
+        self.session = cpu_session(self.model_path, threads)
         pre = self.card.preprocessing
         self.size = pre.image_size
         self.mean = np.asarray(pre.mean, np.float32).reshape(1, 3, 1, 1)

@@ -56,9 +56,9 @@ def _torch_runner(model: torch.nn.Module) -> Callable[[np.ndarray], object]:
 
 
 def _onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
-    from dermkit.deploy.export import onnx_session
+    from dermkit.core.onnx import cpu_session
 
-    session = onnx_session(path, threads=threads)
+    session = cpu_session(path, threads=threads)
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})
 

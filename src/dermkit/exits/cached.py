@@ -77,7 +77,7 @@ def pooled_features(
 ) -> dict[str, np.ndarray]:
     """{"block_{d}": (N, C_d) pooled maps after d blocks, "final": (N, C) logits} for ``ds``,
     computed in ONNX Runtime on ``torch.get_num_threads()`` threads (fp32)."""
-    from dermkit.exits.latency import ort_session
+    from dermkit.core.onnx import cpu_session
 
     taps = PooledTaps(model, depths).eval()  # a module left training would train the backbone
     stats = input_stats(model.backbone)
@@ -97,7 +97,7 @@ def pooled_features(
                 opset_version=17,
                 dynamo=False,
             )
-        session = ort_session(path, torch.get_num_threads())
+        session = cpu_session(path, torch.get_num_threads())
         out: dict[str, list[np.ndarray]] = {n: [] for n in names}
         for i in range(0, len(ds), batch_size):
             x, _ = ds.__getitems__(np.arange(i, min(i + batch_size, len(ds))))

@@ -2,11 +2,12 @@
 
 Reads ``logits_<head>.safetensors`` (val part only: thresholds are never chosen on test),
 fits a temperature per exit, searches the thresholds for the objective
-(:func:`dermkit.exits.policy.calibrate`; for ``latency=B``, thresholds and which exits to
-keep, against the batch-1 ONNX Runtime latency measured on this machine,
-:func:`dermkit.exits.latency.calibrate_latency`) and writes ``policy_<head>.json`` plus a
-``calibration.json`` summary. A head type whose exits cannot meet a compute budget (its
-cheapest operating point costs more) is reported there and gets no policy.
+(:func:`dermkit.exits.policy.calibrate`; for ``latency=B`` and ``median-latency=B``,
+thresholds and which exits to keep, against the batch-1 ONNX Runtime latency measured on
+this machine, :func:`dermkit.exits.latency.calibrate_latency`) and writes
+``policy_<head>.json`` plus a ``calibration.json`` summary. A head type whose exits cannot
+meet a compute budget (its cheapest operating point costs more) is reported there and gets
+no policy.
 """
 
 from __future__ import annotations
@@ -33,16 +34,22 @@ def resolve_classes(names: list[str], classes: list[str], what: str = "protect")
     return [classes.index(n) for n in names]
 
 
-def parse_latency_objective(text: str) -> float | None:
-    """``"latency=0.5"`` -> 0.5 (mean batch-1 latency budget, fraction of the plain model);
-    None for the other objectives."""
-    m = re.fullmatch(r"\s*latency\s*=\s*([0-9.eE+-]+)\s*", text)
+def parse_latency_objective(text: str) -> tuple[float, str] | None:
+    """``"latency=0.5"`` -> (0.5, "mean"): a batch-1 latency budget, fraction of the plain
+    model, on the mean over images; ``"median-latency=0.5"`` -> (0.5, "median"); None for
+    the other objectives."""
+    m = re.fullmatch(r"\s*(median-)?latency\s*=\s*([0-9.eE+-]+)\s*", text)
     if not m:
         return None
-    value = float(m.group(1))
+    value = float(m.group(2))
     if value <= 0:
         raise ConfigError(f"objective {text!r}: the latency budget must be positive")
-    return value
+    return value, "median" if m.group(1) else "mean"
+
+
+def _latency_kind(latency: tuple[float, str]) -> tuple[str, float]:
+    budget, statistic = latency
+    return ("latency" if statistic == "mean" else f"{statistic}_latency"), budget
 
 
 def latency_profile(run: ExitRun, head: str, rounds: int = 300, threads: int = 2) -> dict:
@@ -72,9 +79,9 @@ def run_exits_calibrate(
     run = ExitRun.open(exit_run)
     e = run.config.exits
     objective = objective or e.objective
-    budget = parse_latency_objective(objective)
+    latency = parse_latency_objective(objective)
     try:
-        parsed = Objective("latency", budget) if budget else parse_objective(objective)
+        parsed = Objective(*_latency_kind(latency)) if latency else parse_objective(objective)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     protect = e.protect if protect is None else protect
@@ -93,13 +100,14 @@ def run_exits_calibrate(
         val, y = list(logits["val"]), logits["val_labels"].astype(int)
         path = policy_file(run.path, head)
         try:
-            if budget:
+            if latency:
                 result = calibrate_latency(
                     val,
                     y,
                     run.info["exit_depths"],
                     latency_profile(run, head)["onnx"],
-                    budget,
+                    latency[0],
+                    statistic=latency[1],
                     measure=measure,
                     protected_classes=protected,
                     temperatures=fit_temperatures(val, y),

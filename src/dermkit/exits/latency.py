@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dermkit.core.onnx import cpu_session
 from dermkit.exits.gate import ExitGate
 from dermkit.exits.heads import SSMHead
 from dermkit.exits.model import EarlyExitModel
@@ -60,16 +61,6 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[
 
 def medians_ms(times: dict[str, list[float]]) -> dict[str, float]:
     return {n: 1e3 * float(np.median(t)) for n, t in times.items()}
-
-
-def ort_session(path: str | Path, threads: int):
-    """An onnxruntime CPU session with ``threads`` intra-op threads."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class _Fn(nn.Module):
@@ -171,14 +162,14 @@ def measure_overhead(
         with tempfile.TemporaryDirectory() as tmp:
             sessions, inputs = {}, {n: i for n, (_, i) in parts.items()}
             for name, (module, example) in parts.items():
-                sessions[name] = ort_session(
+                sessions[name] = cpu_session(
                     _export(module, example, Path(tmp) / f"{name}.onnx"), threads
                 )
             if ssm:
                 model.heads[0].eval_scan = "sequential"
                 path = _export(model.heads[0], tokens, Path(tmp) / "seq.onnx")
                 model.heads[0].eval_scan = "parallel"
-                sessions["scan_sequential"] = ort_session(path, threads)
+                sessions["scan_sequential"] = cpu_session(path, threads)
                 sessions["scan_parallel"] = sessions["head"]
                 inputs["scan_sequential"] = inputs["scan_parallel"] = tokens
             feeds = {n: {s.get_inputs()[0].name: inputs[n].numpy()} for n, s in sessions.items()}
@@ -258,9 +249,10 @@ def calibrate_latency(
     protected_classes: Sequence[int] = (),
     temperatures: Sequence[float] | None = None,
     grid: int = 50,
+    statistic: str = "mean",
 ):
-    """Best val macro-F1 at mean batch-1 latency <= ``budget`` (fraction of the plain model),
-    searching which exits to keep as well as their thresholds.
+    """Best val macro-F1 at mean (or ``statistic="median"``) batch-1 latency <= ``budget``
+    (fraction of the plain model), searching which exits to keep as well as their thresholds.
 
     Every subset of the early exits is calibrated with its own latency costs
     (:func:`latency_costs`: a kept exit costs its head and a segment switch whether or not
@@ -269,7 +261,7 @@ def calibrate_latency(
 
     Returns:
         A :class:`~dermkit.exits.policy.Calibration` over all exits; its ``compute`` is the
-        val mean latency fraction.
+        val mean (or median) latency fraction.
 
     Raises:
         ValueError: no subset reaches the budget on val.
@@ -287,7 +279,7 @@ def calibrate_latency(
         temperatures = fit_temperatures(per_exit_logits, y)
     final_f1 = f1(y, np.asarray(per_exit_logits[-1]).argmax(1), per_exit_logits[-1].shape[1])
     best, best_key = None, None
-    objective = Objective("latency", budget)
+    objective = Objective("latency" if statistic == "mean" else f"{statistic}_latency", budget)
     if budget >= 1.0:  # the plain model itself: no early exit
         best = Calibration(
             ExitPolicy([NEVER] * (E - 1), measure, list(temperatures), list(protected_classes)),
@@ -313,6 +305,7 @@ def calibrate_latency(
                     temperatures=[temperatures[j] for j in idx],
                     grid=grid,
                     max_passes=3,
+                    statistic=statistic,
                 )
             except ValueError:
                 continue

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dermkit.core.onnx import cpu_session
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import to_float
 from dermkit.eval.report import to_jsonable
-from dermkit.exits.latency import measure_overhead, medians_ms, ort_session, time_interleaved
+from dermkit.exits.latency import measure_overhead, medians_ms, time_interleaved
 from dermkit.exits.onnx_segments import OnnxEarlyExitRunner, export_segments
 from dermkit.exits.policy import ExitPolicy, macro_f1
 from dermkit.exits.run_io import ExitRun
@@ -48,7 +49,7 @@ def run_exits_latency(
     out = run.path / f"onnx_{head}"
     export_segments(model.keep_exits([]), out / "plain", size)
     export_segments(model, out / "exits", size, policy=policy, class_names=run.classes)
-    plain = ort_session(out / "plain" / "segment_0.onnx", threads)
+    plain = cpu_session(out / "plain" / "segment_0.onnx", threads)
     plain_input = plain.get_inputs()[0].name
     runner = OnnxEarlyExitRunner(
         out / "exits", ExitPolicy.load(out / "exits" / "policy.json"), threads=threads

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dermkit.core.onnx import cpu_session
 from dermkit.exits.gate import ExitGate, kept_exits, prune_exits
 from dermkit.exits.model import EarlyExitModel
 from dermkit.exits.policy import ExitPolicy
@@ -140,8 +141,6 @@ class OnnxEarlyExitRunner:
         providers: list[str] | None = None,
         threads: int | None = None,
     ):
-        import onnxruntime as ort
-
         folder = Path(folder)
         manifest_path = folder / MANIFEST
         if not manifest_path.exists():
@@ -159,15 +158,9 @@ class OnnxEarlyExitRunner:
                 f"({self.manifest['policy']}); got a different one: {policy.to_dict()}"
             )
         self.policy = policy
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        # one session per segment, idle threads sleeping (see core.onnx.cpu_session)
         self.sessions = [
-            ort.InferenceSession(
-                str(folder / name), options, providers=providers or ["CPUExecutionProvider"]
-            )
-            for name in self.manifest["segments"]
+            cpu_session(folder / name, threads, providers) for name in self.manifest["segments"]
         ]
         self.input_names = [s.get_inputs()[0].name for s in self.sessions]
 

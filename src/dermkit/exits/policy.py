@@ -205,18 +205,25 @@ class Calibration:
         return out
 
 
+# How a policy's per-sample costs become its one cost figure. The mean is what the budget
+# pays on average (throughput); the median is the latency a typical image sees, the figure
+# batch-1 latency benchmarks quote (issue 22's done-when is a median ratio).
+STATISTICS = {"mean": np.mean, "median": np.median}
+
+
 class _Evaluator:
     """Fast evaluation of threshold vectors on precomputed per-exit val predictions."""
 
-    def __init__(self, conf, pred, protected, y, costs, n_classes):
+    def __init__(self, conf, pred, protected, y, costs, n_classes, statistic="mean"):
         self.conf, self.pred, self.y, self.costs = conf, pred, y, np.asarray(costs, float)
+        self.statistic = STATISTICS[statistic]
         self.allowed = ~np.isin(pred, protected)  # (N, E): exit j may answer this sample
         self.allowed[:, -1] = True
         self.n_classes = n_classes
         self.count = 0
 
     def __call__(self, thresholds: np.ndarray) -> tuple[float, float, np.ndarray]:
-        """thresholds (E-1,) -> (macro-F1, mean cost, exit index (N,))."""
+        """thresholds (E-1,) -> (macro-F1, mean or median cost, exit index (N,))."""
         self.count += 1
         leave = self.allowed.copy()
         leave[:, :-1] &= self.conf[:, :-1] >= thresholds
@@ -224,7 +231,7 @@ class _Evaluator:
         pred = self.pred[np.arange(len(self.y)), exit_index]
         return (
             macro_f1(self.y, pred, self.n_classes),
-            float(self.costs[exit_index].mean()),
+            float(self.statistic(self.costs[exit_index])),
             exit_index,
         )
 
@@ -239,6 +246,7 @@ def calibrate(
     temperatures: Sequence[float] | None = None,
     grid: int = 50,
     max_passes: int = 10,
+    statistic: str = "mean",
 ) -> Calibration:
     """Choose per-exit thresholds on validation predictions.
 
@@ -254,6 +262,8 @@ def calibrate(
         temperatures: (E,) per-exit softmax temperatures; None fits them on these logits.
         grid: quantiles of each exit's val confidence tried as thresholds.
         max_passes: coordinate-descent sweeps over the exits (stops early when stable).
+        statistic: ``"mean"`` or ``"median"`` of the per-sample costs, the figure the
+            objective bounds or minimises (``STATISTICS``).
 
     Returns:
         A :class:`Calibration` whose policy meets the constraint on these val predictions.
@@ -274,7 +284,7 @@ def calibrate(
         *(confidence(lg, measure, t) for lg, t in zip(per_exit_logits, temperatures)), strict=True
     )
     conf, pred = np.stack(conf, axis=1), np.stack(pred, axis=1)  # (N, E)
-    evaluate = _Evaluator(conf, pred, list(protected_classes), y, costs, n_classes)
+    evaluate = _Evaluator(conf, pred, list(protected_classes), y, costs, n_classes, statistic)
     final_f1 = macro_f1(y, pred[:, -1], n_classes)
 
     def feasible(f1: float, cost: float) -> bool:

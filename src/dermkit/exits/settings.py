@@ -54,11 +54,11 @@ class ExitsConfig(Strict):
     measure: Literal["max_prob", "margin", "neg_entropy"] = "max_prob"
     objective: str = Field(
         "f1-drop=0.01",
-        pattern=r"^(f1-drop|compute|latency)=[0-9.eE+-]+$",
+        pattern=r"^(f1-drop|compute|latency|median-latency)=[0-9.eE+-]+$",
         description="f1-drop=X: least compute within X macro-F1 of the final exit (val); "
         "compute=B: best macro-F1 at mean compute <= B (fraction of the plain model); "
-        "latency=B: best macro-F1 at measured batch-1 latency <= B (fraction of the plain "
-        "model's, exits/latency.py)",
+        "latency=B: best macro-F1 at measured mean batch-1 latency <= B (fraction of the "
+        "plain model's, exits/latency.py); median-latency=B: the same for the median image",
     )
     compute: Literal["gflops", "blocks"] = Field("gflops", description="what compute counts")
     protect: list[str] = Field(default_factory=list, description="classes never answered early")
