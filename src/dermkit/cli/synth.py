@@ -46,7 +46,14 @@ add_commands(
             extras=("synth",),
         ),
         "sample": stage_command(
-            "Generate a class-balanced synthetic set (resumable) and its manifest.",
+            "Generate a class-balanced synthetic set (resumable) and its manifest.\n\n"
+            "--filter RUN keeps an image only when RUN (a classifier trained on the real "
+            "train split: a dermkit finetune/distill run, or a dermkit baseline run, refitted) "
+            "predicts the requested class and the image is no near-copy of a training image; "
+            "the sampler draws in rounds until each class has its count, at most "
+            "filter.max_draw_factor (4) times it. The manifest keeps rejected rows "
+            "(kept=False, reject_reason); training reads the kept ones. Settings: "
+            "filter.min_prob, filter.memorisation, filter.memorisation_percentile.",
             schema="dermkit.synth.settings:SampleConfig",
             section="synth_sample",
             run="dermkit.synth.sample:run_sample",
@@ -61,6 +68,12 @@ add_commands(
                     "balance",
                 ),
                 Param.option("out", Path, "output folder (default runs/synth-samples)", "out_dir"),
+                Param.option(
+                    "filter",
+                    Path,
+                    "keep only images this real-trained classifier or baseline run agrees with",
+                    "filter.classifier",
+                ),
                 "preset",
                 "config",
             ),

@@ -13,6 +13,10 @@ lesion_id  str   rows sharing a lesion_id are views of one lesion and never cros
 split      str   "train" | "val" | "test" | "" (unassigned)
 source     str   where the row came from ("ham10000", "isic", "folder", "phantoms", ...)
 synthetic  bool  generated image; never allowed in val or test
+
+A synthetic set may add ``kept`` (bool) and ``reject_reason`` (str): a filtered sample
+run lists every image it drew, and only the kept ones are training data
+(:func:`read_synthetic_rows`).
 """
 
 from __future__ import annotations
@@ -107,6 +111,21 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         df["synthetic"] = df["synthetic"].astype(str).str.lower().isin(("true", "1"))
     check_manifest(df)
     return df
+
+
+def read_synthetic_rows(path: str | Path) -> pd.DataFrame:
+    """The synthetic rows of a manifest that are training data: every consumer of a sampled
+    set (fine-tuning, distillation, MAE pretraining, the quality study) reads it here.
+
+    A filtered sample run (``dermkit synth sample`` with ``filter``) keeps every drawn row
+    with ``kept`` and ``reject_reason``, so that rejections stay visible; rows with
+    ``kept`` False are left out. A manifest without the column keeps every row.
+    """
+    df = read_manifest(path)
+    keep = df["synthetic"].astype(bool)
+    if "kept" in df.columns:
+        keep &= df["kept"].astype(str).str.lower().isin(("true", "1"))
+    return df[keep].reset_index(drop=True)
 
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:

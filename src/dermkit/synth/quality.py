@@ -21,23 +21,26 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from dermkit.config import ConfigError
 from dermkit.data.cache import build_cache
 from dermkit.data.dataset import CachedImageDataset
-from dermkit.data.manifest import read_manifest
+from dermkit.data.manifest import read_synthetic_rows
 from dermkit.data.prepare import images_for, prepare_data
-from dermkit.data.transforms import normalize
 from dermkit.eval.metrics import evaluate_predictions
 from dermkit.eval.report import HtmlReport
 from dermkit.runs import RunDir
+from dermkit.synth.filtering import (
+    is_classifier_run,
+    load_real_classifier,
+    memorisation,
+    thumbnails,
+)
 from dermkit.synth.images import save_grid
 from dermkit.synth.metrics import (
     frechet_distance,
     kernel_inception_distance,
-    nearest_neighbours,
     precision_recall,
 )
 from dermkit.synth.settings import QualityConfig
@@ -45,8 +48,6 @@ from dermkit.synth.training import write_json
 from dermkit.train.settings import FinetuneRunConfig
 
 log = logging.getLogger(__name__)
-
-PIXEL_SIDE = 32  # pixel-space memorisation compares 32 px thumbnails (cheap, layout-level)
 
 
 def feature_function(cfg: QualityConfig):
@@ -94,29 +95,6 @@ def distribution_metrics(real: np.ndarray, fake: np.ndarray, cfg: QualityConfig)
         "precision": precision,
         "recall": recall,
     }
-
-
-def _thumbnails(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, S, S, 3) -> (N, 3 * 32 * 32) float in [0, 1] (area-downsampled)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-    if x.shape[-1] != PIXEL_SIDE:
-        x = torch.nn.functional.interpolate(x, size=(PIXEL_SIDE, PIXEL_SIDE), mode="area")
-    return x.flatten(1).numpy()
-
-
-def memorisation(
-    real: np.ndarray, real_lesions: np.ndarray, fake: np.ndarray, percentile: float
-) -> tuple[pd.DataFrame, float]:
-    """Nearest real neighbour of each synthetic row and the flag threshold.
-
-    real (N, D) with lesion ids (N,), fake (M, D). Threshold: the ``percentile`` of the
-    real-to-real nearest-neighbour distances, skipping the image's own lesion.
-    """
-    rr, _ = nearest_neighbours(real, real, real_lesions, real_lesions)
-    rr = rr[np.isfinite(rr)]
-    threshold = float(np.percentile(rr, percentile)) if len(rr) else 0.0
-    dist, idx = nearest_neighbours(fake, real)
-    return pd.DataFrame({"distance": dist, "nearest": idx, "flagged": dist < threshold}), threshold
 
 
 def _fit_classical(cfg, train_x, train_y, val_x, val_y, test_x, n_classes) -> np.ndarray:
@@ -207,17 +185,6 @@ def tstr_trtr(cfg: QualityConfig, data, synth_df, synth_cache, run_dir: Path) ->
     return out
 
 
-def is_classifier_run(folder: str | Path | None) -> bool:
-    """Whether a run folder holds a classifier (config.yaml, classes.json, model.safetensors)."""
-    from dermkit.models.runs_io import WEIGHTS_FILE
-
-    if not folder:
-        return False
-    folder = Path(folder)
-    return all((folder / f).is_file() for f in ("config.yaml", "classes.json", WEIGHTS_FILE))
-
-
-@torch.no_grad()
 def class_agreement(
     run: str | Path,
     classes: list[str],
@@ -225,36 +192,21 @@ def class_agreement(
     syn_labels: np.ndarray,
     real_im: np.ndarray,
     real_labels: np.ndarray,
-    batch_size: int = 256,
 ) -> list[dict]:
     """Does a real-trained classifier see the requested class in the synthetic images?
 
     Per class: the share of synthetic images of class c that the classifier of ``run``
-    (trained on real images) labels c, beside its recall on held-out real images of c (the
-    ceiling a faithful generator could reach). Conditioning that works puts the two close.
+    (trained on real images; a classifier or baseline run, see ``synth/filtering.py``)
+    labels c, beside its recall on held-out real images of c (the ceiling a faithful
+    generator could reach). Conditioning that works puts the two close.
 
     Args:
         syn_im, real_im: uint8 (N, S, S, 3); syn_labels, real_labels: (N,) class names.
     """
-    from dermkit.models.runs_io import load_run_model
-
-    model, run_cfg, run_classes = load_run_model(run, purpose="synthetic-image quality")
-    if list(run_classes) != list(classes):
-        raise ConfigError(f"{run}: classifier classes {run_classes} differ from {classes}")
-    side = run_cfg.data.image_size
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))
-            x = x.permute(0, 3, 1, 2).float().div_(255)
-            if x.shape[-1] != side:
-                x = torch.nn.functional.interpolate(x, size=(side, side), mode="area")
-            out.append(model(normalize(x)).argmax(1).numpy())
-        return np.concatenate(out) if out else np.zeros(0, int)
-
-    names = np.asarray(classes)
-    syn_pred, real_pred = names[predict(syn_im)], names[predict(real_im)]
+    classifier = load_real_classifier(run, purpose="synthetic-image quality")
+    if classifier.classes != list(classes):
+        raise ConfigError(f"{run}: classifier classes {classifier.classes} differ from {classes}")
+    syn_pred, real_pred = classifier.predict(syn_im), classifier.predict(real_im)
     rows = []
     for c in classes:
         s, r = syn_labels == c, real_labels == c
@@ -278,10 +230,9 @@ def run_quality(cfg: QualityConfig, progress: bool = True) -> Path:
     """Compute every quality measure; returns the path of report.html."""
     with RunDir(cfg.out_dir, cfg, "synth_quality") as run:
         data = prepare_data(cfg.data, rejects_path=run / "rejects.csv", progress=progress)
-        synth_df = read_manifest(cfg.synthetic_manifest)
-        synth_df = synth_df[synth_df["synthetic"].astype(bool)].reset_index(drop=True)
+        synth_df = read_synthetic_rows(cfg.synthetic_manifest)
         if len(synth_df) == 0:
-            raise ConfigError(f"{cfg.synthetic_manifest}: no synthetic rows")
+            raise ConfigError(f"{cfg.synthetic_manifest}: no (kept) synthetic rows")
         unknown = sorted(set(synth_df["label"]) - set(data.classes))
         if unknown:
             raise ConfigError(f"{cfg.synthetic_manifest}: labels {unknown} not in {data.classes}")
@@ -325,7 +276,7 @@ def run_quality(cfg: QualityConfig, progress: bool = True) -> Path:
         if cfg.memorisation_space in ("feature", "both"):
             spaces["feature"] = (f_real, f_syn)
         if cfg.memorisation_space in ("pixel", "both"):
-            spaces["pixel"] = (_thumbnails(real_im), _thumbnails(syn_im))
+            spaces["pixel"] = (thumbnails(real_im), thumbnails(syn_im))
         mem = syn_df[["image_id", "label"]].copy()
         thresholds = {}
         lesions = real_df["lesion_id"].to_numpy()

@@ -11,7 +11,9 @@ planned images whose PNG exists and is rewritten (atomically) after every batch.
 
 Manifest columns: the dermkit contract (image_id, path, label, lesion_id = image_id,
 split = "", source = "synthetic:<run>", synthetic = True) plus generator_run, seed,
-guidance, sampler, steps.
+guidance, sampler, steps. With ``filter`` (``synth/filtering.py``) the sampler draws in
+rounds until a real-trained classifier keeps the planned count per class, and the
+manifest lists every drawn image with ``kept``, ``reject_reason`` and ``requested_prob``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.csv"
 SETTINGS = "sample.json"
+DRAWN = "drawn.csv"  # a filtered run's manifest while it draws, before the verdicts
+FILTER = "filter.json"  # a filtered run's per-class drawn / kept summary
 
 
 # ----------------------------------------------------------------------------- planning
@@ -256,9 +260,15 @@ def manifest_rows(jobs: list[Job], settings: dict, source: str) -> pd.DataFrame:
 
 
 def generate(
-    generator, cfg: SampleConfig, counts: Mapping[str, int], out_dir: Path, progress: bool = True
+    generator,
+    cfg: SampleConfig,
+    counts: Mapping[str, int],
+    out_dir: Path,
+    progress: bool = True,
+    manifest_name: str = MANIFEST,
 ) -> pd.DataFrame:
-    """Generate the planned images missing from ``out_dir``; returns the final manifest."""
+    """Generate the planned images missing from ``out_dir``; returns the final manifest
+    (also written to ``out_dir / manifest_name``)."""
     out_dir = Path(out_dir)
     settings = _settings(generator, cfg)
     _check_settings(out_dir / SETTINGS, settings)
@@ -297,15 +307,39 @@ def generate(
             )
             for j, image in zip(batch, images.permute(0, 2, 3, 1).numpy()):
                 write_png(image, j.path)
-            write_manifest(manifest_rows(jobs, settings, source), out_dir / MANIFEST)
+            write_manifest(manifest_rows(jobs, settings, source), out_dir / manifest_name)
             if bar is not None:
                 bar.update(task, advance=len(batch))
     finally:
         if bar is not None:
             bar.stop()
     manifest = manifest_rows(jobs, settings, source)
-    write_manifest(manifest, out_dir / MANIFEST)
+    write_manifest(manifest, out_dir / manifest_name)
     return manifest
+
+
+def generate_filtered(
+    generator, cfg: SampleConfig, counts: Mapping[str, int], out_dir: Path, progress: bool = True
+) -> pd.DataFrame:
+    """Draw in rounds until ``cfg.filter`` keeps ``counts`` images per class (or its draw
+    cap is hit: ``synth/filtering.py``); returns the kept rows.
+
+    The manifest lists every drawn image, ``kept`` marking those for training; the rounds'
+    unjudged manifest is ``drawn.csv`` until then, and ``filter.json`` has the summary.
+    """
+    from dermkit.synth.filtering import filter_in_rounds
+
+    out_dir = Path(out_dir)
+    rows, summary = filter_in_rounds(
+        lambda n: generate(generator, cfg, n, out_dir, progress, manifest_name=DRAWN),
+        counts,
+        cfg.filter,
+        generator.run,
+    )
+    write_manifest(rows, out_dir / MANIFEST)
+    write_json(summary, out_dir / FILTER)
+    (out_dir / DRAWN).unlink(missing_ok=True)
+    return rows[rows["kept"]].reset_index(drop=True)
 
 
 def write_class_grids(manifest: pd.DataFrame, out_dir: Path, per_class: int) -> list[Path]:
@@ -335,7 +369,8 @@ def run_sample(cfg: SampleConfig, progress: bool = True) -> Path:
     target = load_target(cfg.balance)
     counts = plan_counts(generator.train_counts, target)
     with RunDir(cfg.out_dir, cfg, "synth_sample") as run:
-        manifest = generate(generator, cfg, counts, run.path, progress=progress)
+        draw = generate if cfg.filter is None else generate_filtered
+        manifest = draw(generator, cfg, counts, run.path, progress=progress)
         real = generator.train_counts
         made = manifest["label"].value_counts()
         write_json(
@@ -360,10 +395,12 @@ def write_sample_report(cfg: SampleConfig, out: Path, manifest: pd.DataFrame) ->
     from dermkit.eval.report import HtmlReport
 
     plan = json.loads((out / "plan.json").read_text())
+    filtered = json.loads((out / FILTER).read_text()) if cfg.filter is not None else None
     metrics = {
         "synthetic_images": len(manifest),
         "per_class": manifest["label"].value_counts().to_dict(),
         **plan,
+        "filter": filtered,
     }
     write_json(metrics, out / "metrics.json")
     report = HtmlReport("dermkit synth sample: the class-balanced synthetic set")
@@ -385,6 +422,15 @@ def write_sample_report(cfg: SampleConfig, out: Path, manifest: pd.DataFrame) ->
         ],
         caption="Training images per class",
     )
+    if filtered is not None:
+        from dermkit.synth.filtering import filter_rows
+
+        report.add_table(
+            filter_rows(filtered),
+            caption=f"Filter: kept when {filtered['classifier']} ({filtered['classifier_kind']}, "
+            "trained on real images) predicts the requested class and the image is no "
+            f"near-copy of a training image; short: {filtered['short_classes'] or 'none'}",
+        )
     for grid in sorted(out.glob("grid_*.png")):
         report.add_figure(grid, f"{grid.stem.removeprefix('grid_')}: synthetic samples")
     return report.write(out / "report.html")

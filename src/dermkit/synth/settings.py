@@ -143,6 +143,32 @@ class DiffusionRunConfig(DataRunSettings):
     preview_per_class: int = Field(8, ge=0, description="samples per class in the run's grid")
 
 
+class FilterConfig(Strict):
+    """Keep a synthetic image only when a classifier trained on the real train split labels
+    it as the requested class and it is no near-copy of a generator training image.
+
+    The sampler then draws in rounds until each class has its count of kept images or
+    ``max_draw_factor`` times that count were drawn (``synth/filtering.py``).
+    """
+
+    classifier: str = Field(
+        description="run folder of a classifier trained on the real train split: dermkit "
+        "finetune/distill (its model), or dermkit baseline (refitted, as it saves no model)"
+    )
+    min_prob: float = Field(
+        0.0, ge=0, le=1, description="also require this probability of the requested class"
+    )
+    memorisation: bool = Field(
+        True, description="reject near-copies of the generator's train images (32 px pixels)"
+    )
+    memorisation_percentile: float = Field(
+        1.0, gt=0, lt=100, description="near-copy: closer than this percentile of real pairs"
+    )
+    max_draw_factor: float = Field(
+        4.0, ge=1, description="per class, draw at most this many times the images asked for"
+    )
+
+
 class SampleConfig(Strict):
     """``dermkit synth sample``: a class-balanced synthetic set as PNGs + a manifest."""
 
@@ -159,6 +185,9 @@ class SampleConfig(Strict):
         "auto", description="UNet autocast while sampling; auto: bf16 where training uses it"
     )
     grid_per_class: int = Field(16, ge=0)
+    filter: FilterConfig | None = Field(
+        None, description="keep only images a real-trained classifier agrees with; null: all"
+    )
 
 
 class TstrConfig(Strict):

@@ -22,7 +22,7 @@ import torch
 
 from dermkit.core.devices import make_accelerator
 from dermkit.data.dataset import CachedImageDataset
-from dermkit.data.manifest import read_manifest
+from dermkit.data.manifest import read_synthetic_rows
 from dermkit.data.prepare import PreparedData, prepare_data, write_split_file
 from dermkit.eval.curves import plot_learning_curves
 from dermkit.eval.inference import predict_logits
@@ -85,8 +85,7 @@ def load_training_data(cfg: FinetuneRunConfig, run: RunDir) -> tuple[PreparedDat
             classes=cfg.data.classes,
             rejects_path=run / "rejects.csv",
         ).manifest
-        synth = read_manifest(cfg.synthetic_manifest)
-        synth = synth[synth["synthetic"].astype(bool)]
+        synth = read_synthetic_rows(cfg.synthetic_manifest)
         manifest = pd.concat([real, synth.assign(split="")], ignore_index=True)
     data = prepare_data(cfg.data, rejects_path=run / "rejects.csv", manifest=manifest)
     return data, data.part("train")["synthetic"].astype(bool).to_numpy()
