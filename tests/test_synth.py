@@ -354,6 +354,79 @@ def test_diffusion_run_folder_and_resume_replays_exactly(two_class_root, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.fixture(scope="module")
+def imbalanced_root(tmp_path_factory) -> Path:
+    """~100 phantom images, about 5 nv to 1 vasc (one view per lesion)."""
+    from dermkit.data.phantoms import generate_phantoms
+
+    root = tmp_path_factory.mktemp("phantoms_imbalanced")
+    generate_phantoms(
+        root, n_lesions=100, views_per_lesion=(1, 1), class_weights={"nv": 5.0, "vasc": 1.0},
+        image_size=(24, 16), seed=2,
+    )  # fmt: skip
+    return root
+
+
+@pytest.mark.parametrize("mode", ["random", "sqrt_balanced", "class_balanced"])
+def test_diffusion_class_sampling_balances_the_classes_the_model_sees(
+    mode, imbalanced_root, tmp_path, monkeypatch
+):
+    """One epoch's training labels, read at the UNet: shuffled they follow the data,
+    class_balanced they are about uniform, sqrt_balanced in between (~ sqrt(count))."""
+    import dermkit.synth.diffusion as diffusion
+
+    seen: list[torch.Tensor] = []
+    real_build = diffusion.build_unet
+
+    def spied_unet(*args, **kwargs):
+        unet = real_build(*args, **kwargs)
+        hook = lambda module, a, kw: seen.append(kw["class_labels"].cpu())  # noqa: E731
+        unet.register_forward_pre_hook(hook, with_kwargs=True)
+        return unet
+
+    monkeypatch.setattr(diffusion, "build_unet", spied_unet)
+    cfg = load_config(
+        DiffusionRunConfig, "synth_diffusion", "tiny", None,
+        [*_common(imbalanced_root, tmp_path / "cache"), f"out_dir={tmp_path / 'dm'}",
+         "autoencoder=null", "data.image_size=16", "dihedral_views=1", "label_dropout=0",
+         "optim.batch_size=8", "preview_per_class=0", f"class_sampling={mode}",
+         "unet.block_out_channels=[8]", "unet.attention=[false]", "unet.norm_num_groups=4",
+         "unet.attention_head_dim=8"],
+    )  # fmt: skip
+    cfg.optim.epochs = 1
+    diffusion.train_diffusion(cfg, progress=False)
+    real = json.loads((tmp_path / "dm" / "generator.json").read_text())["train_counts"]
+    n_vasc, n = real["vasc"], sum(real.values())
+    drawn = torch.cat(seen)
+    assert len(drawn) == n // 8 * 8  # one epoch: one pass's worth of rows
+    share = float((drawn == 1).float().mean())  # class 1: vasc (the rarer class)
+    expected = {
+        "random": n_vasc / n,
+        "sqrt_balanced": n_vasc**0.5 / (n_vasc**0.5 + (n - n_vasc) ** 0.5),
+        "class_balanced": 0.5,
+    }[mode]
+    assert n_vasc / n < 0.25  # the toy set is imbalanced
+    if mode == "random":  # a shuffle: every row once, less the dropped partial batch
+        assert abs(share * len(drawn) - n_vasc) <= 8
+    else:  # drawn with replacement: binomial noise, sd <= 0.5 / sqrt(len(drawn))
+        assert abs(share - expected) < 3 * 0.5 / len(drawn) ** 0.5
+
+
+@pytest.mark.parametrize(
+    "schema, field, value", [(DiffusionRunConfig, "class_sampling", "class_balanced")]
+)
+def test_new_options_at_their_default_keep_the_pipeline_stage_keys(schema, field, value):
+    """Options added after pipelines cached their stages: left at the default they are not
+    hashed (the cached stages of old configs stay valid); set, they change the key."""
+    from dermkit.pipeline.runner import stage_key
+
+    key, material = stage_key("stage", schema(), {}, {})
+    key_set, material_set = stage_key("stage", schema(**{field: value}), {}, {})
+    assert field not in material["config"] and key != key_set
+    assert material_set["config"].pop(field) == value
+    assert material_set["config"] == material["config"]  # the old configs' material
+
+
 # ----------------------------------------------------------------------------- sampling
 
 

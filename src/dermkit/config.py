@@ -39,6 +39,13 @@ class Strict(BaseModel):
     preset_sections: ClassVar[dict[str, str]] = {}
 
 
+KEY_NEUTRAL_DEFAULT = {"stage_key": "omit_default"}
+"""``Field(..., json_schema_extra=KEY_NEUTRAL_DEFAULT)`` marks an option added after
+pipelines cached stages of its schema: left at its default it is not part of the stage's
+cache key (``pipeline.runner.stage_key``), so adding an option re-runs no cached stage of a
+config that does not use it. A config that sets it gets a key of its own."""
+
+
 class RunSettings(Strict):
     """The head of a run config: its seed and the run folder (each stage sets the default)."""
 

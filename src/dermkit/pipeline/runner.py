@@ -11,10 +11,12 @@ its own folder::
 
 Paths of input folders are replaced by ``@<stage>`` in the hashed config (and the stage's
 own ``out_dir`` and image-cache folder are left out), so a key names *what* is computed,
-not *where*. A finished stage ends by writing ``stage.json`` atomically: a folder with
-that marker and the same key is skipped; a folder without it is a run that was killed or
-failed, and its stage is called again with ``resume=True`` (the training stages continue
-from their last checkpoint, sampling skips the images it already wrote). Changing one
+not *where*; options added later and marked key-neutral are left out while at their
+default, so a new option keeps the keys of the configs that do not use it. A finished
+stage ends by writing ``stage.json`` atomically: a folder with that marker and the same
+key is skipped; a folder without it is a run that was killed or failed, and its stage is
+called again with ``resume=True`` (the training stages continue from their last
+checkpoint, sampling skips the images it already wrote). Changing one
 stage's settings therefore re-runs that stage and the stages downstream of it, nothing
 upstream. Every run rewrites ``pipeline.json`` (what ran, what was reused) and, when the
 caller gives one, a summary report.
@@ -227,6 +229,22 @@ def _normalise(value: Any, replace: list[tuple[str, str]]) -> Any:
     return value
 
 
+def _drop_key_neutral_defaults(model: BaseModel, dump: dict) -> dict:
+    """``dump`` (``model.model_dump()``) without the fields marked key-neutral that sit at
+    their default, nested sections included: ``json_schema_extra={"stage_key":
+    "omit_default"}`` (``dermkit.config.KEY_NEUTRAL_DEFAULT``; not imported: the runner
+    imports no dermkit package but core)."""
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        extra = info.json_schema_extra
+        neutral = isinstance(extra, dict) and extra.get("stage_key") == "omit_default"
+        if neutral and value == info.get_default(call_default_factory=True):
+            dump.pop(name, None)
+        elif isinstance(value, BaseModel) and isinstance(dump.get(name), dict):
+            _drop_key_neutral_defaults(value, dump[name])
+    return dump
+
+
 def stage_key(name: str, config: BaseModel, inputs: dict[str, str], folders: dict[str, Path]):
     """(sha256 hex key, the hashed material) of a stage; see the module docstring."""
     replace = [(str(folders[s]), f"@{s}") for s in inputs]
@@ -234,7 +252,9 @@ def stage_key(name: str, config: BaseModel, inputs: dict[str, str], folders: dic
     material = {
         "stage": name,
         "dermkit": __version__,
-        "config": _normalise(config.model_dump(mode="json"), replace),
+        "config": _normalise(
+            _drop_key_neutral_defaults(config, config.model_dump(mode="json")), replace
+        ),
         "inputs": dict(sorted(inputs.items())),
     }
     text = json.dumps(material, sort_keys=True, separators=(",", ":"))

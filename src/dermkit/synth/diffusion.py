@@ -9,6 +9,14 @@ probability ``label_dropout`` a label is replaced by it (Ho & Salimans 2022), so
 network learns both eps(z, t, c) and eps(z, t, null). ``unconditional: true`` always uses
 the null class (the ablation). EMA weights (timm ``ModelEmaV3``) are what is saved.
 
+``class_sampling`` balances the classes the model sees, not only the images it is later
+asked to draw: ``class_balanced`` draws every class equally often, ``sqrt_balanced`` with
+probability ~ sqrt(count), with the classifiers' weighted sampler
+(``train.losses.sampling_weights``). Class-balancing diffusion models (CBDM, Qin et al.,
+CVPR 2023) show that a generator trained on long-tailed data draws its tail classes with
+less fidelity and diversity; re-sampling the training batches is the simplest lever
+against it (an epoch is still one pass's worth of rows, drawn with replacement).
+
 Sampling (DDIM, Song et al. 2021, or DPM-Solver++, Lu et al. 2022) uses
 
     eps = eps_uncond + g * (eps_cond - eps_uncond)
@@ -65,6 +73,7 @@ from dermkit.synth.training import (
 )
 from dermkit.train.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from dermkit.train.engine import lr_at, make_accelerator, seed_step
+from dermkit.train.losses import sampling_weights
 
 log = logging.getLogger(__name__)
 
@@ -397,6 +406,8 @@ def train_diffusion(cfg: DiffusionRunConfig, resume: bool = False, progress: boo
         c = codec.latent_shape[0]
         labels_all = ds.labels
         n_classes, null = len(data.classes), len(data.classes)
+        weights = sampling_weights(labels_all, cfg.class_sampling, n_classes)
+        weights = None if weights is None else weights.numpy()
 
         # --- model, noise schedule, optimizer, EMA
         torch.manual_seed(cfg.seed)
@@ -427,7 +438,7 @@ def train_diffusion(cfg: DiffusionRunConfig, resume: bool = False, progress: boo
         # --- the loop
         while step < budget.total:
             epoch = step // budget.steps_per_epoch
-            batches = epoch_batches(len(ds), oc.batch_size, cfg.seed, epoch)
+            batches = epoch_batches(len(ds), oc.batch_size, cfg.seed, epoch, weights)
             model.train()
             for b in range(step % budget.steps_per_epoch, budget.steps_per_epoch):
                 gen = seed_step(cfg.seed, step)

@@ -12,11 +12,11 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from dermkit.config import Strict
+from dermkit.config import KEY_NEUTRAL_DEFAULT, Strict
 from dermkit.data.settings import DataRunSettings
 from dermkit.eval.settings import EvalConfig
 from dermkit.models.settings import BaselineConfig, ModelConfig
-from dermkit.train.settings import LossConfig, OptimConfig
+from dermkit.train.settings import ClassSampling, LossConfig, OptimConfig
 
 
 class SynthOptimConfig(OptimConfig):
@@ -126,6 +126,12 @@ class DiffusionRunConfig(DataRunSettings):
     unet: UNetConfig = Field(default_factory=UNetConfig)
     unconditional: bool = Field(False, description="always the null class (ablation)")
     label_dropout: float = Field(0.1, ge=0, le=1, description="p of the null class (CFG)")
+    class_sampling: ClassSampling = Field(
+        "random",
+        description="training batches: shuffled (random), every class equally likely "
+        "(class_balanced) or class probability ~ sqrt(count) (sqrt_balanced)",
+        json_schema_extra=KEY_NEUTRAL_DEFAULT,
+    )
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(
         "scaled_linear",

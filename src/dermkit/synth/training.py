@@ -56,9 +56,16 @@ def plan_budget(n_train: int, optim: SynthOptimConfig, max_steps: int | None) ->
     )
 
 
-def epoch_batches(n_train: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
-    """(steps, batch_size) row indices of an epoch: a function of (seed, epoch) only."""
-    return plan_epoch(np.arange(n_train), np.zeros(0, np.int64), batch_size, seed, epoch)
+def epoch_batches(
+    n_train: int, batch_size: int, seed: int, epoch: int, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """(steps, batch_size) row indices of an epoch: a function of (seed, epoch) only.
+
+    ``weights`` (n_train,): rows drawn with replacement with these probabilities (a
+    class-balanced sampler, ``train.losses.sampling_weights``); None: a shuffle.
+    """
+    rows, none = np.arange(n_train), np.zeros(0, np.int64)
+    return plan_epoch(rows, none, batch_size, seed, epoch, weights)
 
 
 def rank_slice(accelerator: Accelerator, batch_size: int) -> tuple[int, int]:

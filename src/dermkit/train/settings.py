@@ -25,6 +25,10 @@ from dermkit.eval.settings import EvalConfig
 from dermkit.models.settings import BaselineConfig, ModelConfig
 from dermkit.tasks.settings import TaskConfig
 
+ClassSampling = Literal["random", "class_balanced", "sqrt_balanced"]
+"""Which rows a training epoch draws (``train.losses.sampling_weights``): shuffled, every
+class equally likely, or class probability proportional to sqrt(count)."""
+
 
 class OptimConfig(Strict):
     """AdamW + cosine schedule; learning rate scaled by the effective batch size."""
@@ -50,7 +54,7 @@ class LossConfig(Strict):
     """Imbalance strategy: loss, sampler, label smoothing."""
 
     loss: Literal["ce", "weighted_ce", "focal", "logit_adjusted"] = "weighted_ce"
-    sampler: Literal["random", "class_balanced", "sqrt_balanced"] = "random"
+    sampler: ClassSampling = "random"
     weight_power: float = Field(0.5, ge=0, le=1, description="class weight = count^-power")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     focal_gamma: float = Field(2.0, ge=0)
