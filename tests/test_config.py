@@ -38,6 +38,18 @@ def test_bad_override_syntax_and_preset():
         load_config(BaselineRunConfig, "baseline", "huge")
 
 
+def test_override_mappings_read_with_or_without_spaces_after_the_colons():
+    from dermkit.config import parse_override
+
+    for text in ("{mel:2,df:4.5}", "{mel: 2, df: 4.5}", '{"mel": 2, "df": 4.5}'):
+        assert parse_override(f"sampler.guidance={text}") == (
+            ["sampler", "guidance"],
+            {"mel": 2, "df": 4.5},
+        )
+    assert parse_override("a={x: null}")[1] == {"x": None}  # a spaced mapping stays as is
+    assert parse_override("a=http://host:80")[1] == "http://host:80"  # no mapping: untouched
+
+
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(BaselineRunConfig, "baseline", "cpu", None, ["seed=3"])
     path = save_config(cfg, tmp_path / "config.yaml")

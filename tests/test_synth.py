@@ -218,6 +218,42 @@ def test_batched_guidance_matches_the_two_call_loop():
     assert (out[1.5] - out[4.0]).abs().max() > 1e-3  # the guidance scale matters
 
 
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_per_row_guidance_equals_single_scale_runs_row_by_row(precision):
+    """One batch with a scale per row draws, row by row, what single-scale runs draw
+    (1.3 is no bf16 number: the per-row scales are rounded as a Python scale is)."""
+    from dermkit.synth.diffusion import make_sampler, sample_latents, training_scheduler
+
+    unet = _random_unet()
+    cfg = dict(training_scheduler(1000, "scaled_linear").config)
+    noise = torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 3])  # the last row is the null class
+
+    def run(g):
+        return sample_latents(unet, make_sampler("ddim", cfg, 2), noise, labels, g, 3, precision)
+
+    mixed = run(torch.tensor([1.3, 4.0, 1.3, 4.0]))
+    low, high = run(1.3), run(4.0)
+    assert torch.equal(mixed[0::2], low[0::2]) and torch.equal(mixed[1::2], high[1::2])
+    assert not torch.equal(low[0], high[0])  # the scale matters
+    assert torch.equal(run(torch.tensor([4.0] * 4)), high)  # one scale in a tensor: as a float
+
+
+def test_class_guidance_resolves_per_class_scales_and_names_bad_ones():
+    from dermkit.synth.diffusion import class_guidance
+
+    classes = ["mel", "nv", "df"]
+    assert class_guidance(3, classes) == {"mel": 3.0, "nv": 3.0, "df": 3.0}
+    assert class_guidance({"df": 4}, classes) == {"mel": 2.0, "nv": 2.0, "df": 4.0}
+    assert class_guidance({"df": 4, "default": 1}, classes) == {"mel": 1, "nv": 1, "df": 4}
+    with pytest.raises(ConfigError, match=r"\['vsac'\]"):
+        class_guidance({"vsac": 4}, classes)
+    with pytest.raises(ConfigError, match=r"sampler\.guidance"):
+        load_config(SampleConfig, "synth_sample", None, None, ["sampler.guidance={df: -1}"])
+    cfg = load_config(SampleConfig, "synth_sample", None, None, ["sampler.guidance={df: 4}"])
+    assert cfg.sampler.guidance == {"df": 4.0}
+
+
 # ----------------------------------------------------------------------------- autoencoder
 
 
@@ -413,8 +449,14 @@ def test_diffusion_class_sampling_balances_the_classes_the_model_sees(
 
 
 @pytest.mark.parametrize(
-    "schema, field, value", [(DiffusionRunConfig, "class_sampling", "class_balanced")]
-)
+    "schema, field, value",
+    [
+        (DiffusionRunConfig, "class_sampling", "class_balanced"),
+        (SampleConfig, "filter", {"classifier": "runs/finetune", "min_prob": 0.0,
+                                  "memorisation": True, "memorisation_percentile": 1.0,
+                                  "max_draw_factor": 4.0}),
+    ],
+)  # fmt: skip
 def test_new_options_at_their_default_keep_the_pipeline_stage_keys(schema, field, value):
     """Options added after pipelines cached their stages: left at the default they are not
     hashed (the cached stages of old configs stay valid); set, they change the key."""
@@ -495,6 +537,63 @@ def test_sampling_interrupted_and_rerun_gives_the_same_set(tiny_generator, tmp_p
         other = _sample_cfg(tiny_generator, tmp_path / "twice", balance=str(target))
         other.sampler.guidance = 5.0
         sample.run_sample(other)
+
+
+def test_guidance_per_class_draws_each_class_as_its_single_scale_run(tiny_generator, tmp_path):
+    """{nv: 1.5, vasc: 3}: every nv image is the guidance-1.5 run's, every vasc image the
+    guidance-3 run's (images are keyed by (seed, class, index)); the scales are recorded."""
+    import dermkit.synth.sample as sample
+    from dermkit.data.manifest import read_manifest
+
+    target = tmp_path / "target.json"
+    target.write_text(json.dumps({"generate": {"nv": 3, "vasc": 3}}))
+
+    def run(name, guidance):
+        cfg = _sample_cfg(tiny_generator, tmp_path / name, balance=str(target), batch_size=4)
+        cfg.sampler.guidance = guidance
+        return read_manifest(sample.run_sample(cfg, progress=False))
+
+    per_class = run("per_class", {"nv": 1.5, "vasc": 3})
+    low, high = run("low", 1.5), run("high", 3.0)
+    settings = json.loads((tmp_path / "per_class" / "sample.json").read_text())
+    assert settings["guidance"] == {"nv": 1.5, "vasc": 3.0}
+    assert per_class.groupby("label")["guidance"].unique().to_dict() == {
+        "nv": [1.5],
+        "vasc": [3.0],
+    }
+    from PIL import Image
+
+    def pixels(manifest, label):
+        return [np.asarray(Image.open(p)) for p in manifest.loc[manifest.label == label, "path"]]
+
+    for label, single in (("nv", low), ("vasc", high)):
+        for a, b in zip(pixels(per_class, label), pixels(single, label), strict=True):
+            assert np.array_equal(a, b)
+    assert not np.array_equal(pixels(low, "vasc")[0], pixels(high, "vasc")[0])
+
+
+def test_cli_synth_sample_guidance_from_a_json_file_or_inline(tiny_generator, tmp_path):
+    runner = CliRunner()
+    target = tmp_path / "target.json"
+    target.write_text(json.dumps({"generate": {"nv": 1, "vasc": 1}}))
+    scales = tmp_path / "guidance.json"
+    scales.write_text(json.dumps({"vasc": 4, "default": 1.5}))
+    out = tmp_path / "out"
+    args = ["synth", "sample", str(tiny_generator), "--balance", str(target), "sampler.steps=2"]
+    result = runner.invoke(app, [*args, "--out", str(out), "--guidance", str(scales)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "sample.json").read_text())["guidance"] == {"nv": 1.5, "vasc": 4.0}
+    saved = load_config(SampleConfig, "synth_sample", None, out / "config.yaml")
+    assert saved.sampler.guidance == {"vasc": 4.0, "default": 1.5}  # the scales, not a path
+    manifest = pd.read_csv(out / "manifest.csv").set_index("label")
+    assert manifest.loc["vasc", "guidance"] == 4.0 and manifest.loc["nv", "guidance"] == 1.5
+    for bad, message in (
+        (tmp_path / "missing.json", "not found"),
+        ("{vsac: 3}", "vsac"),
+        (target, "sampler.guidance"),  # a JSON file of something else
+    ):
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--guidance", str(bad)])
+        assert result.exit_code == 2 and message in result.output.replace("\n", ""), result.output
 
 
 def test_cli_synth_sample_and_bench_sampling(tiny_generator, tmp_path):

@@ -67,7 +67,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, value = item.split("=", 1)
     if not key.strip():
         raise ConfigError(f"override '{item}' has an empty key")
-    return key.strip().split("."), yaml.safe_load(value) if value != "" else ""
+    return key.strip().split("."), _unspaced_mapping(yaml.safe_load(value) if value else "")
+
+
+def _unspaced_mapping(value: Any) -> Any:
+    """YAML reads ``{mel:2,df:4}`` as {"mel:2": None, "df:4": None} (no space after the
+    colons); on a command line that can only mean {mel: 2, df: 4}."""
+    if not (isinstance(value, dict) and value):
+        return value
+    if not all(v is None and isinstance(k, str) and ":" in k for k, v in value.items()):
+        return value
+    pairs = (k.split(":", 1) for k in value)
+    return {k.strip(): yaml.safe_load(v) for k, v in pairs}
 
 
 def _read_yaml(path: Path) -> dict:

@@ -113,13 +113,15 @@ class Param:
     ``key``: the config key the value is given to, as the override ``key=value`` appended
     after the user's overrides (so the option wins); ``None`` values are not passed. With
     ``key=None`` the value is a keyword argument of the stage function instead, named
-    ``name`` (e.g. a benchmark's number of rounds, which is no config field).
+    ``name`` (e.g. a benchmark's number of rounds, which is no config field). ``convert``
+    turns the value into the override's text first (e.g. a JSON file into its content).
     """
 
     name: str
     annotation: Any
     key: str | None = None
     default: Any = None
+    convert: Callable[[Any], str] = str
 
     REQUIRED: ClassVar[Any] = inspect.Parameter.empty  # the default of a required argument
 
@@ -130,12 +132,18 @@ class Param:
 
     @classmethod
     def option(
-        cls, name: str, kind: Any, help: str, key: str | None = None, default: Any = None
+        cls,
+        name: str,
+        kind: Any,
+        help: str,
+        key: str | None = None,
+        default: Any = None,
+        convert: Callable[[Any], str] = str,
     ) -> Param:
         """``--name``: with the default None the option is ``kind | None`` and left out
         unless given."""
         kind = kind | None if default is None else kind
-        return cls(name, Annotated[kind, typer.Option(help=help)], key, default)
+        return cls(name, Annotated[kind, typer.Option(help=help)], key, default, convert)
 
 
 STANDARD_PARAMS: dict[str, tuple[Any, Any]] = {
@@ -185,11 +193,13 @@ def stage_command(
     def command(**kw: Any) -> None:
         if extras:
             needs(*extras)
-        items = [*(kw.get("overrides") or [])]
-        items += [f"{p.key}={kw[p.name]}" for p in to_config if kw[p.name] is not None]
         call = dict(run_kwargs or {}) | {name: kw[name] for name in to_run}
         call |= {"resume": kw["resume"]} if "resume" in names else {}
         with reported():
+            items = [*(kw.get("overrides") or [])]
+            items += [
+                f"{p.key}={p.convert(kw[p.name])}" for p in to_config if kw[p.name] is not None
+            ]
             cfg = load_stage_config(schema, section, kw.get("preset"), kw.get("config"), items)
             out = resolve(run)(cfg, **call)
         show(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from dermkit.cli.common import (
@@ -12,6 +13,21 @@ from dermkit.cli.common import (
     command_group,
     stage_command,
 )
+
+
+def guidance_override(value: str) -> str:
+    """``--guidance``: a scale or an inline mapping as given; a JSON file as its content
+    (JSON is YAML: the override reads it), so the run's config.yaml keeps the scales."""
+    path = Path(value)
+    if path.suffix.lower() != ".json" and not path.is_file():
+        return value
+    if not path.is_file():
+        raise FileNotFoundError(f"--guidance: {path} not found")
+    try:
+        return json.dumps(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--guidance {path}: not valid JSON: {e}") from e
+
 
 app = command_group(
     "Class-conditional latent diffusion: autoencoder, diffusion, sampling, quality."
@@ -73,6 +89,15 @@ add_commands(
                     Path,
                     "keep only images this real-trained classifier or baseline run agrees with",
                     "filter.classifier",
+                ),
+                Param.option(
+                    "guidance",
+                    str,
+                    "CFG scale: one number, or per class as an inline mapping "
+                    "('{mel: 2, df: 4, default: 3}') or a JSON file of one; classes left out "
+                    "get 'default' (else 2)",
+                    "sampler.guidance",
+                    convert=guidance_override,
                 ),
                 "preset",
                 "config",

@@ -25,7 +25,9 @@ g = 0 is unconditional sampling (the null class only: exactly eps_uncond, one UN
 g = 1 plain conditional sampling, g > 1 stronger adherence to the class. Both halves come
 from ONE batched UNet call on [x; x] with labels [c; null] (``guided_eps``): half the
 kernel launches and weight reads of the two-call loop of a plain pipeline
-(``dermkit bench sampling`` measures it).
+(``dermkit bench sampling`` measures it). g may be set per class (``SamplerConfig``): each
+row of a batch then gets its own class's scale, and equals the image a single-scale run
+at that scale draws.
 
 The run folder holds ``unet.safetensors`` (EMA weights; diffusers config in the metadata),
 a copy of ``autoencoder.safetensors``, and ``generator.json`` (classes, train counts,
@@ -37,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +60,7 @@ from dermkit.synth.autoencoder import WEIGHTS_FILE as AUTOENCODER_FILE
 from dermkit.synth.autoencoder import LatentCodec, load_codec
 from dermkit.synth.images import dihedral, save_grid
 from dermkit.synth.settings import (
+    DEFAULT_GUIDANCE,
     AutoencoderRunConfig,
     DiffusionRunConfig,
     SamplerConfig,
@@ -169,26 +173,51 @@ def guided_eps(
     x: torch.Tensor,
     t: torch.Tensor,
     labels: torch.Tensor,
-    guidance: float,
+    guidance: float | torch.Tensor,
     null_label: int,
 ) -> torch.Tensor:
     """Classifier-free guided noise estimate (B, C, h, w) from ONE UNet call.
 
-    Rows whose label is the null class get eps_uncond exactly; guidance 0 (or an all-null
-    batch) runs only the unconditional half, guidance 1 on an all-conditional batch only
-    the conditional half. Otherwise [x; x] with labels [c; null] go through the UNet
-    together and eps = eps_u + g * (eps_c - eps_u).
+    ``guidance``: one scale, or one per row (B,). Rows whose label is the null class get
+    eps_uncond exactly; guidance 0 (or an all-null batch) runs only the unconditional
+    half, guidance 1 on an all-conditional batch only the conditional half. Otherwise
+    [x; x] with labels [c; null] go through the UNet together and
+    eps = eps_u + g * (eps_c - eps_u).
     """
+    if isinstance(guidance, torch.Tensor) and bool((guidance == guidance[0]).all()):
+        guidance = float(guidance[0])  # one scale: the single-scale path, bit for bit
     null = torch.full_like(labels, null_label)
     conditional = labels != null_label
-    if guidance == 0 or not bool(conditional.any()):
-        return unet(x, t, class_labels=null).sample
-    if guidance == 1 and bool(conditional.all()):
-        return unet(x, t, class_labels=labels).sample
+    if not isinstance(guidance, torch.Tensor):
+        if guidance == 0 or not bool(conditional.any()):
+            return unet(x, t, class_labels=null).sample
+        if guidance == 1 and bool(conditional.all()):
+            return unet(x, t, class_labels=labels).sample
     out = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample
     eps_c, eps_u = out.chunk(2)
-    eps = eps_u + guidance * (eps_c - eps_u)
+    if isinstance(guidance, torch.Tensor):
+        # (B, 1, 1, 1) in fp32, the precision torch multiplies a Python scale in (bf16
+        # included), so each row equals what a single-scale run at its scale draws.
+        g = guidance.to(out.device, torch.float32).view(-1, 1, 1, 1)
+        eps = eps_u + ((eps_c - eps_u).float() * g).to(out.dtype)
+    else:
+        eps = eps_u + guidance * (eps_c - eps_u)
     return torch.where(conditional.view(-1, 1, 1, 1), eps, eps_u)
+
+
+def class_guidance(guidance: float | Mapping[str, float], classes: list[str]) -> dict[str, float]:
+    """{class: CFG scale} of ``SamplerConfig.guidance``: one scale for all, or per class
+    with ``default`` (else DEFAULT_GUIDANCE) for the classes left out."""
+    if not isinstance(guidance, Mapping):
+        return dict.fromkeys(classes, float(guidance))
+    unknown = sorted(set(guidance) - {*classes, "default"})
+    if unknown:
+        raise ConfigError(
+            f"sampler.guidance names {unknown}: not among the generator's classes {classes} "
+            "(or 'default')"
+        )
+    default = float(guidance.get("default", DEFAULT_GUIDANCE))
+    return {c: float(guidance.get(c, default)) for c in classes}
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
@@ -201,11 +230,13 @@ def sample_latents(
     scheduler,
     noise: torch.Tensor,
     labels: torch.Tensor,
-    guidance: float,
+    guidance: float | torch.Tensor,
     null_label: int,
     precision: str = "no",
 ) -> torch.Tensor:
     """Run the reverse process from ``noise`` (B, C, h, w) to latents z_0 (B, C, h, w).
+
+    ``guidance``: one CFG scale or one per row (B,) (:func:`guided_eps`).
 
     Deterministic given the noise (DDIM with eta 0, DPM-Solver++), so an image is a
     function of its own initial noise only, not of the batch it was drawn in.
@@ -262,12 +293,21 @@ class Generator:
             raise ConfigError(f"classes {unknown} are not among the generator's {self.classes}")
         return torch.tensor([self.null_label if n is None else index[n] for n in names])
 
+    def guidance_for(
+        self, guidance: float | Mapping[str, float], names: list[str]
+    ) -> float | torch.Tensor:
+        """``SamplerConfig.guidance`` for rows of these classes: the one scale, or (B,)."""
+        if not isinstance(guidance, Mapping):
+            return float(guidance)
+        scales = class_guidance(guidance, self.classes)
+        return torch.tensor([scales[n] for n in names], dtype=torch.float32)
+
     @torch.no_grad()
     def sample(
         self,
         noise: torch.Tensor,
         labels: torch.Tensor | None,
-        guidance: float,
+        guidance: float | torch.Tensor,
         sampler: str = "ddim",
         steps: int = 25,
         precision: str = "no",
@@ -275,6 +315,7 @@ class Generator:
         """uint8 images (B, 3, S, S) from initial noise (B, C, h, w) and labels (B,).
 
         ``labels=None`` (or an unconditional generator) samples the null class;
+        ``guidance`` is one scale or one per row (B,) (:meth:`guidance_for`);
         ``precision`` is the UNet's autocast (:func:`sample_latents`).
         """
         self.unet.eval()
@@ -575,11 +616,12 @@ def preview_grid(
     noise = torch.randn((len(names), *generator.latent_shape), generator=g)
     images = []
     for i in range(0, len(names), sampler.batch_size):
+        batch = names[i : i + sampler.batch_size]
         images.append(
             generator.sample(
                 noise[i : i + sampler.batch_size],
-                generator.labels_for(names[i : i + sampler.batch_size]),
-                sampler.guidance,
+                generator.labels_for(batch),
+                generator.guidance_for(sampler.guidance, batch),
                 sampler.sampler,
                 sampler.steps,
             )

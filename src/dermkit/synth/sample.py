@@ -14,6 +14,9 @@ split = "", source = "synthetic:<run>", synthetic = True) plus generator_run, se
 guidance, sampler, steps. With ``filter`` (``synth/filtering.py``) the sampler draws in
 rounds until a real-trained classifier keeps the planned count per class, and the
 manifest lists every drawn image with ``kept``, ``reject_reason`` and ``requested_prob``.
+
+``guidance`` is the scale of the row's class: ``sampler.guidance`` may be set per class
+(``sample.json`` then records every class's scale).
 """
 
 from __future__ import annotations
@@ -208,9 +211,18 @@ def _settings(generator, cfg: SampleConfig) -> dict:
         "seed": cfg.seed,
         "sampler": s.sampler,
         "steps": s.steps,
-        "guidance": float(s.guidance),
+        "guidance": _guidance_setting(generator, s.guidance),
         "precision": _precision(generator, cfg),
     }
+
+
+def _guidance_setting(generator, guidance: float | Mapping[str, float]) -> float | dict:
+    """One scale, or every class's scale ({class: scale}) when set per class."""
+    from dermkit.synth.diffusion import class_guidance
+
+    if not isinstance(guidance, Mapping):
+        return float(guidance)
+    return class_guidance(guidance, generator.classes)
 
 
 def _precision(generator, cfg: SampleConfig) -> str:
@@ -234,6 +246,10 @@ def _check_settings(path: Path, settings: dict) -> None:
         )
 
 
+def _row_guidance(guidance: float | dict, label: str) -> float:
+    return guidance[label] if isinstance(guidance, dict) else guidance
+
+
 def manifest_rows(jobs: list[Job], settings: dict, source: str) -> pd.DataFrame:
     """The manifest of the planned images whose PNG exists, in plan order."""
     rows = [
@@ -247,7 +263,7 @@ def manifest_rows(jobs: list[Job], settings: dict, source: str) -> pd.DataFrame:
             "synthetic": True,
             "generator_run": settings["generator"],
             "seed": j.seed,
-            "guidance": settings["guidance"],
+            "guidance": _row_guidance(settings["guidance"], j.label),
             "sampler": settings["sampler"],
             "steps": settings["steps"],
         }
@@ -256,6 +272,7 @@ def manifest_rows(jobs: list[Job], settings: dict, source: str) -> pd.DataFrame:
     ]
     columns = ["image_id", "path", "label", "lesion_id", "split", "source", "synthetic"]
     extra = ["generator_run", "seed", "guidance", "sampler", "steps"]
+
     return new_manifest(rows if rows else pd.DataFrame(columns=columns + extra))
 
 
@@ -301,10 +318,12 @@ def generate(
                     for j in batch
                 ]
             )
-            labels = generator.labels_for([j.label for j in batch])
+            names = [j.label for j in batch]
+            guidance = generator.guidance_for(s.guidance, names)
             images = generator.sample(
-                noise, labels, s.guidance, s.sampler, s.steps, settings["precision"]
-            )
+                noise, generator.labels_for(names), guidance, s.sampler, s.steps,
+                settings["precision"],
+            )  # fmt: skip
             for j, image in zip(batch, images.permute(0, 2, 3, 1).numpy()):
                 write_png(image, j.path)
             write_manifest(manifest_rows(jobs, settings, source), out_dir / manifest_name)
@@ -360,11 +379,14 @@ def run_sample(cfg: SampleConfig, progress: bool = True) -> Path:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = load_generator(cfg.generator, device=device)
-    if generator.unconditional or cfg.sampler.guidance == 0:
+    scales = _guidance_setting(generator, cfg.sampler.guidance)
+    blind = [c for c in generator.classes if _row_guidance(scales, c) == 0]
+    if generator.unconditional or blind:
         log.warning(
-            "%s: the images ignore their class (unconditional generator or guidance 0); "
-            "their labels are only the requested ones",
+            "%s: the images of %s ignore their class (unconditional generator or guidance "
+            "0); their labels are only the requested ones",
             cfg.generator,
+            "every class" if generator.unconditional else blind,
         )
     target = load_target(cfg.balance)
     counts = plan_counts(generator.train_counts, target)

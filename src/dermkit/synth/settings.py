@@ -8,7 +8,7 @@ optimizer/loss sections and the data/model/eval sections. Schemas only (see
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -103,16 +103,26 @@ class UNetConfig(Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
+DEFAULT_GUIDANCE = 2.0
+GuidanceScale = Annotated[float, Field(ge=0)]
+
+
 class SamplerConfig(Strict):
     """Reverse process: DDIM or DPM-Solver++ with classifier-free guidance.
 
     eps = eps_uncond + guidance * (eps_cond - eps_uncond): 0 is unconditional, 1 plain
-    conditional, > 1 stronger class adherence.
+    conditional, > 1 stronger class adherence. ``guidance`` is one scale for every class
+    or a scale per class, ``{mel: 2, df: 4, default: 3}``: a rare class the generator
+    draws poorly may need a stronger pull than the others.
     """
 
     sampler: Literal["ddim", "dpm_solver"] = "ddim"
     steps: int = Field(25, ge=1)
-    guidance: float = Field(2.0, ge=0)
+    guidance: GuidanceScale | dict[str, GuidanceScale] = Field(
+        DEFAULT_GUIDANCE,
+        description="CFG scale, or {class: scale} where the key 'default' (else "
+        f"{DEFAULT_GUIDANCE}) is the scale of the classes left out",
+    )
     batch_size: int = Field(64, ge=1)
 
 
@@ -192,7 +202,9 @@ class SampleConfig(Strict):
     )
     grid_per_class: int = Field(16, ge=0)
     filter: FilterConfig | None = Field(
-        None, description="keep only images a real-trained classifier agrees with; null: all"
+        None,
+        description="keep only images a real-trained classifier agrees with; null: all",
+        json_schema_extra=KEY_NEUTRAL_DEFAULT,
     )
 
 
