@@ -122,8 +122,26 @@ def thickness_study_cmd(
     n_boot: Annotated[int, typer.Option(help="bootstrap replicates of pooled metrics")] = 1000,
     cache_dir: Annotated[Path | None, typer.Option(help="image cache root")] = None,
     jobs: Annotated[int, typer.Option(help="outer folds run in parallel")] = 1,
+    umap: Annotated[bool, typer.Option("--umap/--no-umap", help="UMAP when installed")] = True,
+    finetune: Annotated[
+        bool, typer.Option(help="add the fine-tuning arm (ImageNet Lite0, CORN and softmax)")
+    ] = False,
+    finetune_epochs: Annotated[int | None, typer.Option(help="fine-tuning epochs")] = None,
+    finetune_size: Annotated[int | None, typer.Option(help="fine-tuning input px")] = None,
+    finetune_batch: Annotated[int | None, typer.Option(help="fine-tuning batch size")] = None,
+    finetune_heads: Annotated[
+        str | None, typer.Option(help="comma-separated fine-tuned heads: corn,softmax")
+    ] = None,
+    finetune_model: Annotated[
+        str | None,
+        typer.Option(help="fine-tuned BACKBONE[:WEIGHTS] (default tf_efficientnet_lite0:imagenet)"),
+    ] = None,
 ) -> None:
-    """Nested-CV probes (CORN vs softmax) on frozen features, analyses and report.html."""
+    """Nested-CV probes (CORN vs softmax) on frozen features, analyses and report.html.
+
+    ``--finetune`` adds fine-tuned rows on the same outer folds (explain/thickness_ft.py).
+    """
+    from dermkit.explain.thickness_ft import FinetuneArmConfig
     from dermkit.explain.thickness_study import ThicknessStudyConfig, run_thickness_study
 
     cfg = ThicknessStudyConfig(
@@ -139,11 +157,25 @@ def thickness_study_cmd(
         n_boot=n_boot,
         cache_dir=cache_dir,
         n_jobs=jobs,
+        use_umap=umap,
     )
     if features:
         cfg.features = list(features)
     if cs:
         cfg.cs = tuple(comma_list(cs, float))
+    if finetune:
+        cfg.finetune = FinetuneArmConfig()
+        if finetune_epochs is not None:
+            cfg.finetune.epochs = finetune_epochs
+        if finetune_size is not None:
+            cfg.finetune.size = finetune_size
+        if finetune_batch is not None:
+            cfg.finetune.batch_size = finetune_batch
+        if finetune_heads:
+            cfg.finetune.heads = tuple(comma_list(finetune_heads))
+        if finetune_model:
+            name, _, weights = finetune_model.partition(":")
+            cfg.finetune.backbone, cfg.finetune.weights = name, weights or None
     with reported():
         report = run_thickness_study(cfg)
     print(report)

@@ -172,8 +172,11 @@ def separability(
     return out
 
 
-def embeddings(features: np.ndarray, seed: int = 0) -> dict[str, tuple[np.ndarray, tuple]]:
-    """{"PCA": (coords (N, 2), axis labels), "UMAP": ... when umap-learn is installed}."""
+def embeddings(
+    features: np.ndarray, seed: int = 0, use_umap: bool = True
+) -> dict[str, tuple[np.ndarray, tuple]]:
+    """{"PCA": (coords (N, 2), axis labels), "UMAP": ... when ``use_umap`` and umap-learn
+    is installed}."""
     from sklearn.preprocessing import StandardScaler
 
     from dermkit.explain.features import pca_2d, umap_2d
@@ -181,7 +184,7 @@ def embeddings(features: np.ndarray, seed: int = 0) -> dict[str, tuple[np.ndarra
     z = StandardScaler().fit_transform(features)
     coords, var = pca_2d(z, seed)
     out = {"PCA": (coords, (f"PC1 ({var[0]:.0%})", f"PC2 ({var[1]:.0%})"))}
-    umap = umap_2d(z, seed)
+    umap = umap_2d(z, seed) if use_umap else None
     if umap is not None:
         out["UMAP"] = (umap, ("UMAP1", "UMAP2"))
     return out

@@ -219,7 +219,8 @@ class FamilyResult:
     Attributes:
         oof: {seed: (N, K) out-of-fold class probabilities}.
         folds: one metrics dict per (seed, fold), plus ``seed``, ``fold``, ``chosen``.
-        probes: {(seed, fold): the probe refit on that outer training fold}.
+        probes: {(seed, fold): the probe refit on that outer training fold} (probe
+            families; empty for the fine-tuned ones, ``explain/thickness_ft.py``).
         test_index: {(seed, fold): (n,) test row indices}.
     """
 
@@ -263,6 +264,27 @@ def _inner_score(
     return float(balanced_accuracy_score(y, pred)), quadratic_kappa(y, pred, k)
 
 
+def outer_splits(
+    y: np.ndarray, k: int, n_folds: int, seeds: tuple[int, ...]
+) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """(seed, fold, train rows, test rows) of the outer stratified K-fold x seeds.
+
+    Every arm of the study (probes, fine-tuning) is tested on these same folds.
+    """
+    y = np.asarray(y, np.int64)
+    if np.bincount(y, minlength=k).min() < n_folds:
+        raise ValueError(
+            f"every class needs >= {n_folds} images for {n_folds}-fold CV, "
+            f"got counts {np.bincount(y, minlength=k).tolist()}"
+        )
+    splits = []
+    for seed in seeds:
+        outer = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
+        for fold, (train, test) in enumerate(outer.split(np.zeros(len(y)), y)):
+            splits.append((seed, fold, train, test))
+    return splits
+
+
 def nested_cv(
     features: dict[str, np.ndarray],
     y: np.ndarray,
@@ -288,17 +310,8 @@ def nested_cv(
     unknown = sorted({s.features for s in grid} - set(features))
     if unknown:
         raise ValueError(f"candidates name feature sets {unknown} that were not extracted")
-    if np.bincount(y, minlength=k).min() < n_folds:
-        raise ValueError(
-            f"every class needs >= {n_folds} images for {n_folds}-fold CV, "
-            f"got counts {np.bincount(y, minlength=k).tolist()}"
-        )
     families = [*sorted({s.family for s in grid}), SELECTED]
-    tasks = []
-    for seed in seeds:
-        outer = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
-        for fold, (train, test) in enumerate(outer.split(np.zeros(len(y)), y)):
-            tasks.append((seed, fold, train, test))
+    tasks = outer_splits(y, k, n_folds, seeds)
     if n_jobs == 1:
         done = [_outer_fold(features, y, k, grid, families, inner_folds, *t) for t in tasks]
     else:

@@ -6,13 +6,17 @@ Steps (each explained in its module):
 2. extract frozen features for every feature set (``explain/thickness.py``);
 3. per grouping (3-class clinical, 4 categories): nested CV of linear probes, CORN and
    softmax heads, every choice on inner validation (``explain/thickness_cv.py``);
+   optionally (``finetune``) the fine-tuning arm on the same outer folds: the network
+   itself trained per fold, CORN and softmax heads (``explain/thickness_ft.py``);
 4. analyses of the headline (``selected``) model's pooled out-of-fold predictions (the
    mean of the seeds' out-of-fold probabilities, one row per image): confusion matrix,
    ROC of invasive vs in situ and >= 0.76 mm vs below with bootstrap CIs, error and recall
    per true category, adjacent-category AUROC (does ordering improve with thickness?),
    Spearman; PCA/UMAP of the features with separability scores and a shuffled-label
    control; Grad-CAM panels per category with the randomisation sanity check;
-5. ``report.html`` + ``metrics.json`` + ``folds.csv`` + ``oof_<grouping>.csv`` in ``out``.
+5. ``report.html`` + ``metrics.json`` + ``folds.csv`` + ``oof_<grouping>.csv`` in ``out``
+   (with the fine-tuning arm also ``oof_<grouping>_finetune_<head>.csv`` and
+   ``finetune_curves_<grouping>.json``, the holdout score of every epoch).
 
 Nothing from the data folder is copied: outputs hold image ids and numbers only, plus the
 Grad-CAM panels (a few images, drawn into the run folder, never into the project).
@@ -53,6 +57,7 @@ from dermkit.explain.thickness_cv import (
     cut_scores,
     nested_cv,
 )
+from dermkit.explain.thickness_ft import FinetuneArmConfig, finetune_cv
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,8 @@ class ThicknessStudyConfig:
     cache_dir: Path | None = None
     seed: int = 0
     n_jobs: int = 1
+    finetune: FinetuneArmConfig | None = None  # None: probes only
+    use_umap: bool = True  # UMAP beside PCA when umap-learn is installed
 
     def check(self) -> None:
         unknown = [g for g in self.groupings if g not in GROUPINGS]
@@ -97,6 +104,8 @@ class ThicknessStudyConfig:
             raise ValueError("at least one feature set is needed (--features)")
         if self.n_folds < 2 or self.inner_folds < 2 or not self.seeds:
             raise ValueError("n_folds and inner_folds must be >= 2, and seeds non-empty")
+        if self.finetune is not None:
+            self.finetune.check()
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -312,6 +321,58 @@ def _gradcam_panels(
     return figures, rhos
 
 
+def _write_oof(path: Path, manifest: pd.DataFrame, y: np.ndarray, probs: np.ndarray) -> None:
+    """One row per image: image_id, true class code, class probabilities p_0..p_{K-1}."""
+    oof = pd.DataFrame({"image_id": manifest["image_id"], "true": y})
+    for c in range(probs.shape[1]):
+        oof[f"p_{c}"] = probs[:, c]
+    oof.to_csv(path, index=False, float_format="%.5f")
+
+
+def _finetune_arm(
+    cfg: ThicknessStudyConfig, manifest: pd.DataFrame, y: np.ndarray, grouping, out: Path
+) -> tuple[dict[str, FamilyResult], dict]:
+    """The fine-tuning arm on one grouping: ({family: result}, {family: pooled analyses}).
+
+    Writes ``oof_<grouping>_finetune_<head>.csv`` (out-of-fold probabilities averaged
+    over the seeds, the format of ``oof_<grouping>.csv``) and the holdout curves.
+    """
+    ft = cfg.finetune
+    results, curves = finetune_cv(
+        ft, manifest, y, grouping.class_names, cfg.n_folds, cfg.seeds, cfg.cache_dir
+    )
+    info = {}
+    for head in ft.heads:
+        r = results[ft.family(head)]
+        name = f"oof_{grouping.name}_finetune_{head}.csv"
+        _write_oof(out / name, manifest, y, r.mean_oof())
+        info[ft.family(head)] = {
+            "oof_file": name,
+            "chosen": r.chosen_counts(),
+            "pooled": pooled_analysis(y, r.mean_oof(), cfg.n_boot, cfg.seed),
+        }
+    path = out / f"finetune_curves_{grouping.name}.json"
+    path.write_text(json.dumps(to_jsonable(curves), indent=2))
+    return results, info
+
+
+def _finetune_rows(info: dict) -> list[dict]:
+    """Pooled out-of-fold figures of the fine-tuned families (bootstrap 95% CIs)."""
+    rows = []
+    for family, entry in info.items():
+        pooled = entry["pooled"]
+        rows.append(
+            {
+                "model (family)": family,
+                "balanced accuracy": f"{pooled['balanced_accuracy']:.3f}",
+                "QWK": format_estimate(pooled["qwk"]),
+                "Spearman": format_estimate(pooled["spearman"]),
+                **{f"AUROC {k}": format_estimate(v) for k, v in pooled["auroc"].items()},
+            }
+        )
+    return rows
+
+
 def _family_rows(results: dict[str, FamilyResult]) -> list[dict]:
     rows = []
     for family, r in results.items():
@@ -329,7 +390,7 @@ def _embedding_section(
     from dermkit.explain.features import plot_embedding
 
     labels = pd.Series([THICKNESS_CATEGORIES[c] for c in category], name="category")
-    maps = embeddings(fs.features, cfg.seed)
+    maps = embeddings(fs.features, cfg.seed, cfg.use_umap)
     scores, figures = {}, {}
     for grouping in (GROUPINGS[g] for g in cfg.groupings):
         y = grouping.classes_of(category)
@@ -407,16 +468,16 @@ def run_thickness_study(cfg: ThicknessStudyConfig) -> Path:
             cfg.inner_folds,
             cfg.n_jobs,
         )
-        for family, r in results.items():
+        ft_results, ft_info = (
+            _finetune_arm(cfg, manifest, y, grouping, out) if cfg.finetune else ({}, {})
+        )
+        for family, r in {**results, **ft_results}.items():
             fold_frames.append(pd.DataFrame(r.folds).assign(grouping=gname, family=family))
         headline = results[SELECTED]
         pooled_probs = headline.mean_oof()
         pooled = pooled_analysis(y, pooled_probs, cfg.n_boot, cfg.seed)
         summary = headline.summary()
-        oof = pd.DataFrame({"image_id": manifest["image_id"], "true": y})
-        for c in range(grouping.n_classes):
-            oof[f"p_{c}"] = pooled_probs[:, c]
-        oof.to_csv(out / f"oof_{gname}.csv", index=False, float_format="%.5f")
+        _write_oof(out / f"oof_{gname}.csv", manifest, y, pooled_probs)
         pngs = {
             f"confusion_{gname}.png": plot_confusion_matrix(
                 pooled["confusion"], list(grouping.class_names)
@@ -434,14 +495,31 @@ def run_thickness_study(cfg: ThicknessStudyConfig) -> Path:
         )
         metrics["groupings"][gname] = {
             "class_names": grouping.class_names,
-            "families": {f: r.summary() for f, r in results.items()},
+            "families": {f: r.summary() for f, r in {**results, **ft_results}.items()},
             "chosen": headline.chosen_counts(),
+            "finetune": ft_info,
             "pooled": pooled,
             "gradcam_family": cam_family,
             "gradcam_sanity_rho_mean": float(np.mean(rhos)) if rhos else None,
         }
         report.add_heading(f"{gname}: {' / '.join(grouping.class_names)}")
-        report.add_table(_family_rows(results), "Fold mean [95% CI] per model family")
+        report.add_table(
+            _family_rows({**results, **ft_results}), "Fold mean [95% CI] per model family"
+        )
+        if ft_info:
+            ft = cfg.finetune
+            report.add_paragraph(
+                f"Fine-tuned rows: {ft.name} trained in each outer training fold ({ft.epochs} "
+                f"epochs, batch {ft.batch_size}, head lr {ft.head_lr:g}, layer decay "
+                f"{ft.layer_decay:g}, EMA {ft.ema_decay}, class-weighted loss, flips/rot90/"
+                f"affine/colour augmentation); the epoch kept is the best balanced accuracy "
+                f"on a stratified {ft.holdout:.0%} holdout of the training fold ('most "
+                "chosen'). The 'selected' row chooses among the probes only."
+            )
+            report.add_table(
+                _finetune_rows(ft_info),
+                "Fine-tuned: pooled out-of-fold (mean of the seeds), bootstrap 95% CI",
+            )
         report.add_table(
             [{"candidate": k, "folds chosen": v} for k, v in headline.chosen_counts().items()],
             "What the inner validation chose (selected family)",

@@ -389,24 +389,6 @@ def _stage_log(path: Path, quiet_console: bool) -> Iterator[None]:
             h.setLevel(level)
 
 
-@contextmanager
-def _thread_limit(threads: int | None) -> Iterator[None]:
-    """Limit torch and every OpenMP/BLAS pool (threadpoolctl) to ``threads`` (None: as is)."""
-    if threads is None:
-        yield
-        return
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with threadpool_limits(limits=threads):
-            yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _safe_metric(planned: Planned) -> str:
     try:
         return planned.stage.metric(planned.path)
@@ -576,6 +558,8 @@ def run_pipeline(
     seconds)`` (when given) for the summary report, whose path lands in ``result.report``.
     A failing stage is recorded, then its error re-raised.
     """
+    from dermkit.core.devices import thread_limit  # torch: only when a pipeline runs
+
     t0 = time.time()
     plans = plan_pipeline(cfg, stages)
     order = needed_stages(plans, targets)
@@ -587,7 +571,7 @@ def run_pipeline(
     }
     view = _ProgressView(order, plans, enabled=progress)
     error: BaseException | None = None
-    with view, _thread_limit(cfg.threads):
+    with view, thread_limit(cfg.threads):
         for name in order:
             planned = plans[name]
             status = stage_status(planned)

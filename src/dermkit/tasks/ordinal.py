@@ -392,14 +392,30 @@ def corn_class_probs(logits: torch.Tensor) -> torch.Tensor:
     return (upper - lower).clamp_min(0.0)
 
 
-def corn_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def corn_loss(
+    logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """CORN loss of conditional logits (B, K-1) for class codes (B,), a scalar.
 
-    The maintained implementation of the paper's authors (``coral_pytorch``).
+    Unweighted: the maintained implementation of the paper's authors (``coral_pytorch``).
+    ``class_weights`` (K,): each row's binary cross-entropies are scaled by the weight of
+    its class (a class-weighted loss for small, imbalanced sets); the sum is divided by
+    the number of (row, task) terms, as the unweighted loss is, so all-ones weights give
+    the same value.
     """
-    from coral_pytorch.losses import corn_loss as _corn_loss
+    if class_weights is None:
+        from coral_pytorch.losses import corn_loss as _corn_loss
 
-    return _corn_loss(logits.float(), labels, num_classes=logits.shape[-1] + 1)
+        return _corn_loss(logits.float(), labels, num_classes=logits.shape[-1] + 1)
+    tasks = torch.arange(logits.shape[-1], device=labels.device)
+    # Task k is trained on the rows that passed task k-1 (y > k-1), to predict y > k.
+    kept = (labels[:, None] > tasks - 1).float()  # (B, K-1)
+    target = (labels[:, None] > tasks).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits.float(), target, reduction="none"
+    )
+    weight = class_weights.to(logits.device).float()[labels][:, None]
+    return (bce * kept * weight).sum() / kept.sum().clamp_min(1.0)
 
 
 def corn_criterion(

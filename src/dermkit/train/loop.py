@@ -52,6 +52,7 @@ def score(
     logits: torch.Tensor,
     labels: torch.Tensor,
     to_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    select: str | None = None,
 ) -> dict:
     """Loss, accuracy, macro-F1 and balanced accuracy of logits (N, C) against labels (N,).
 
@@ -86,6 +87,7 @@ class Supervised:
     ``criterion(logits (b, C), targets (b,) or (b, C) after mixup, images (b, 3, S, S))``
     replaces the configured ``ClassificationLoss`` when given. ``to_probs(logits) ->
     (b, K)`` marks a non-softmax head (ordinal CORN): scoring uses it and QWK selects.
+    ``select`` names another val score of :func:`score` that picks the epoch.
     """
 
     def __init__(
@@ -99,12 +101,13 @@ class Supervised:
         counts,
         criterion=None,
         to_probs=None,
+        select=None,
     ):
         lc, device = cfg.loss, accelerator.device
         self.cfg, self.train_ds, self.val_ds = cfg, train_ds, val_ds
         self.train_eval_idx, self.accelerator = train_eval_idx, accelerator
         self.criterion, self.to_probs = criterion, to_probs
-        self.select = "val_qwk" if to_probs is not None else "val_macro_f1"
+        self.select = f"val_{select or ('qwk' if to_probs is not None else 'macro_f1')}"
         self.stats = input_stats(model)  # the weights source's (mean, std), before wrapping
         self.class_loss = ClassificationLoss(
             lc.loss, counts, lc.label_smoothing, lc.weight_power, lc.focal_gamma, lc.logit_tau
@@ -165,6 +168,7 @@ def train_classifier(
     progress: bool = True,
     criterion: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     to_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    select: str | None = None,
 ) -> dict:
     """Train ``model`` on ``train_ds``, select on ``val_ds``; returns a summary dict.
 
@@ -173,6 +177,8 @@ def train_classifier(
     normalised micro-batch, so distillation can score the teacher on the same images.
     ``to_probs(logits) -> (b, K)`` is for heads whose outputs are not softmax logits (the
     ordinal CORN head): val/train scoring uses it and the best epoch is the best val QWK.
+    ``select`` (a key of :func:`score`, e.g. ``balanced_accuracy``) picks the best epoch
+    instead (default: QWK with ``to_probs``, else macro-F1).
 
     Writes into ``run_dir``: ``checkpoints/`` (resumable), ``best.safetensors`` (weights of
     the best val macro-F1 epoch, EMA weights when EMA is on), ``log.jsonl`` and
@@ -194,7 +200,16 @@ def train_classifier(
     train_eval_idx = np.sort(rng.permutation(real)[: cfg.train_eval_images])
 
     method = Supervised(
-        cfg, model, train_ds, val_ds, train_eval_idx, accelerator, counts, criterion, to_probs
+        cfg,
+        model,
+        train_ds,
+        val_ds,
+        train_eval_idx,
+        accelerator,
+        counts,
+        criterion,
+        to_probs,
+        select,
     )
     state, _ = fit(
         method,
