@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from dermkit.cli import app
 from dermkit.config import ConfigError
+from dermkit.data.manifest import read_synthetic_rows
 from dermkit.pipeline import dermae
 from dermkit.pipeline.dermae import DERMAE_STAGES, load_pipeline
 from dermkit.pipeline.runner import (
@@ -87,10 +88,24 @@ def test_tiny_pipeline_produces_every_stage_artifact(demo_out):
     assert (f["data"] / "phantoms" / "metadata.csv").exists()
     assert (f["autoencoder"] / "autoencoder.safetensors").exists()
     assert (f["diffusion"] / "unet.safetensors").exists()
-    manifest = pd.read_csv(f["sample"] / "manifest.csv")
+    manifest = pd.read_csv(f["sample"] / "manifest.csv", keep_default_na=False)
     pngs = list((f["sample"] / "images").rglob("*.png"))
     plan = json.loads((f["sample"] / "plan.json").read_text())
-    assert len(manifest) == len(pngs) == sum(plan["generate"].values()) > 0
+    # The filter (the baseline stage judges): every drawn image is listed, kept or not.
+    assert len(manifest) == len(pngs) >= sum(plan["generate"].values()) > 0
+    kept = manifest[manifest["kept"]]
+    assert kept["label"].value_counts().to_dict() == {
+        c: n for c, n in plan["synthetic_counts"].items() if n
+    }
+    assert (kept["reject_reason"] == "").all()
+    reasons = manifest.loc[~manifest["kept"], "reject_reason"].str.split(":").str[0]
+    assert set(reasons) <= {"disagrees", "near_copy", "low_prob", "surplus"}
+    drawn = json.loads((f["sample"] / "metrics.json").read_text())["filter"]["per_class"]
+    assert {c: r["drawn"] for c, r in drawn.items() if r["drawn"]} == manifest[
+        "label"
+    ].value_counts().to_dict()
+    for r in drawn.values():  # up to the count, within the demo's 2x draw cap
+        assert r["kept"] <= r["requested"] and r["drawn"] <= 2 * r["requested"]
     for stage in ("pretrain", "finetune", "distill"):
         assert (f[stage] / "model.safetensors").exists()
     for stage in ("baseline", "finetune", "distill"):
@@ -110,6 +125,9 @@ def test_tiny_pipeline_produces_every_stage_artifact(demo_out):
     teacher = yaml.safe_load((f["finetune"] / "config.yaml").read_text())
     distill = yaml.safe_load((f["distill"] / "config.yaml").read_text())
     assert pretrain["synthetic_manifest"] == str(f["sample"] / "manifest.csv")
+    sample = yaml.safe_load((f["sample"] / "config.yaml").read_text())
+    assert sample["filter"]["classifier"] == str(f["baseline"])
+    assert "baseline" in plan_pipeline(_pipeline(demo_out), DERMAE_STAGES)["sample"].inputs
     assert pretrain["synthetic_ratio"] > 0
     assert teacher["model"]["weights"] == str(f["pretrain"])
     assert teacher["model"]["name"] == pretrain["model"]["name"]
@@ -173,6 +191,7 @@ def test_summary_report_shows_each_stage_as_pictures_and_the_config_as_yaml(demo
     assert "images and their reconstructions" in by_stage["autoencoder"]
     assert "input images, one per class first" in by_stage["data"]
     assert len(by_stage["sample"]) == len(list(_stage_dir(demo_out, "sample").glob("grid_*.png")))
+    assert "sample: synthetic images drawn and kept per class" in text  # the filter's table
     for stage in ("finetune", "distill"):
         assert {"learning curves", "confusion matrix (test)"} <= set(by_stage[stage])
     assert "accuracy and macro-F1 against compute" in by_stage["exits"]
@@ -479,7 +498,7 @@ def test_each_stage_folder_is_what_its_command_writes(demo_out, tmp_path):
     assert result.exit_code == 0, result.output
     assert _files(sample) == _files(stage["sample"]) - {"balance.json"}
     assert {"metrics.json", "report.html", "manifest.csv"} <= _files(sample)
-    same = pd.read_csv(sample / "manifest.csv")["label"].value_counts().to_dict()
+    same = read_synthetic_rows(sample / "manifest.csv")["label"].value_counts().to_dict()
     assert same == json.loads((stage["sample"] / "metrics.json").read_text())["per_class"]
 
     export = tmp_path / "export"

@@ -2,7 +2,8 @@
 
 ::
 
-    data ─┬─ baseline ─────────────────────────────────────────────────┐
+    data ─┬─ baseline ───────────────────┬──────────────────────────────┐
+          │                              │ (filter)                     │
           ├─ autoencoder ─ diffusion ─ sample ┐                         │
           └──────────────────────────────────┴─ pretrain ─ finetune ─ distill ─ exits ─ export
                                                                             └── explain  evaluate
@@ -26,8 +27,10 @@ pretraining and fine-tuning read real images only.
 
 Stage-only keys of a pipeline entry (not config fields): ``pretrain.method`` (mae or vae)
 and ``sample.balance`` (``uniform``, or per-class ``totals``/``shares`` as a mapping or a
-JSON file). ``export``, ``explain`` and ``evaluate`` take the fields of their small
-configs below.
+JSON file). ``sample.filter`` (a mapping of ``FilterConfig`` fields, ``{}`` for the
+defaults) keeps only the synthetic images that the baseline stage's classifier, trained on
+the real train split, agrees with: the wiring makes ``baseline`` an input of ``sample``.
+``export``, ``explain`` and ``evaluate`` take the fields of their small configs below.
 """
 
 from __future__ import annotations
@@ -390,6 +393,8 @@ def _build_sample(ctx: StageContext) -> SampleStageConfig:
         balance = load_target(balance)  # the target's content is hashed, not its path
     parse_target(balance)  # errors now, not after the generator is trained
     wiring = {"generator": str(ctx.input("diffusion")), "balance": "uniform"}
+    if ctx.overrides.get("filter") is not None:  # judged by the real-trained baseline
+        wiring["filter"] = {"classifier": str(ctx.input("baseline"))}
     cfg = _resolve(ctx, SampleConfig, "synth_sample", wiring)
     return SampleStageConfig(sample=cfg, balance=balance)
 
@@ -405,7 +410,24 @@ def _run_sample(cfg: SampleStageConfig, out: Path, resume: bool) -> None:
 
 
 def _metric_sample(path: Path) -> str:
-    return f"{_metrics(path)['synthetic_images']} synthetic images"
+    m = _metrics(path)
+    f = m.get("filter")
+    if not f:
+        return f"{m['synthetic_images']} synthetic images"
+    short = [
+        f"{c} {f['per_class'][c]['kept']}/{f['per_class'][c]['requested']}"
+        for c in f["short_classes"]
+    ]
+    return f"{f['kept']} synthetic images kept of {f['drawn']} drawn by the filter" + (
+        f"; short of the count: {', '.join(short)}" if short else ""
+    )
+
+
+def _table_sample(path: Path) -> tuple[str, list[dict]] | None:
+    from dermkit.synth.filtering import filter_rows
+
+    f = _metrics(path).get("filter")
+    return ("synthetic images drawn and kept per class", filter_rows(f)) if f else None
 
 
 # ----------------------------------------------------------------------------- pretrain
@@ -655,6 +677,7 @@ DERMAE_STAGES: tuple[Stage, ...] = (
         _metric_sample,
         knobs=("balance",),
         figures=(FigureSpec("grid_*.png", "synthetic {name}", "all"),),
+        table=_table_sample,
     ),
     Stage(
         "pretrain",

@@ -7,8 +7,9 @@ resumed, was reused from the cache or is off, its times, key figure and folder);
 stage its key figure as pictures, reused from the PNGs the stage already drew into its
 folder (each :class:`~dermkit.pipeline.runner.Stage`'s ``figures``: the phantom grid, the
 autoencoder's reconstructions, samples per class, learning curves, confusion matrices,
-the exits' accuracy against compute, saliency panels) and a link to its own report; last,
-the pipeline config as YAML.
+the exits' accuracy against compute, saliency panels), its table where it has one (the
+synthetic images drawn and kept per class) and a link to its own report; last, the
+pipeline config as YAML.
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ def _add_stage_sections(report: HtmlReport, result: PipelineResult) -> None:
         if r.metric:
             report.add_paragraph(r.metric, css_class="note")
         stage = result.stages.get(name)
+        table = stage.table(Path(r.path)) if stage is not None and stage.table else None
+        if table is not None:
+            report.add_table(table[1], caption=f"{name}: {table[0]}")
         figures = stage_figures(stage, Path(r.path)) if stage is not None else []
         if figures:
             report.begin_group("figures")

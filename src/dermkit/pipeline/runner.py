@@ -101,6 +101,7 @@ class Stage:
         metric: one short line (the key figure) from a finished folder.
         knobs: extra keys this stage reads from its pipeline entry (not config overrides).
         figures: the pictures of a finished folder a summary shows (:func:`stage_figures`).
+        table: (caption, rows) of a finished folder that a summary shows, or None.
     """
 
     name: str
@@ -110,6 +111,7 @@ class Stage:
     metric: Callable[[Path], str]
     knobs: tuple[str, ...] = ()
     figures: tuple[FigureSpec, ...] = ()
+    table: Callable[[Path], tuple[str, list[dict]] | None] | None = None
 
 
 @dataclass(frozen=True)
