@@ -178,6 +178,9 @@ class HeldOutGenerator:
     def labels_for(self, names):
         return torch.tensor([self.classes.index(n) for n in names])
 
+    def guidance_for(self, guidance, names):
+        return guidance
+
     def sample(self, noise, labels, guidance, sampler, steps, precision):
         out = []
         for z, label in zip(noise, labels.tolist()):
