@@ -452,6 +452,7 @@ def test_diffusion_class_sampling_balances_the_classes_the_model_sees(
     "schema, field, value",
     [
         (DiffusionRunConfig, "class_sampling", "class_balanced"),
+        (SampleConfig, "from_real", 0.5),
         (SampleConfig, "filter", {"classifier": "runs/finetune", "min_prob": 0.0,
                                   "memorisation": True, "memorisation_percentile": 1.0,
                                   "max_draw_factor": 4.0}),
@@ -835,3 +836,101 @@ def test_class_conditioning_generates_the_requested_class(two_class_root, tmp_pa
     print(f"held-out judge accuracy {held_out_acc:.2f}; conditioning accuracy {accuracy}")
     assert accuracy[3.0] >= 0.75  # chance is 0.5 (seen: 0.875)
     assert accuracy[0.0] < accuracy[3.0]  # guidance 0 ignores the requested class (seen: 0.52)
+
+
+# ----------------------------------------------------------------------------- variations
+
+
+def test_strength_schedule_starts_near_strength_times_t():
+    from dermkit.synth.diffusion import make_sampler, training_scheduler
+    from dermkit.synth.variations import strength_schedule
+
+    cfg = dict(training_scheduler(1000, "scaled_linear").config)
+    assert strength_schedule(25, 1.0, cfg) == (25, 25)  # plain sampling
+    assert strength_schedule(25, 0.4, cfg) == (25, 10)
+    assert strength_schedule(3, 0.0001, cfg) == (1000, 1)  # capped at T
+    for kind in ("ddim", "dpm_solver"):
+        for steps, s in ((25, 0.9), (25, 0.3), (10, 0.05), (3, 0.02)):
+            total, run = strength_schedule(steps, s, cfg)
+            assert run == max(1, round(steps * s))  # the budget scales with the noise left
+            t0 = int(make_sampler(kind, cfg, total).timesteps[total - run])
+            assert abs((t0 + 1) / 1000 - s) < 0.02, (kind, steps, s, t0)
+    with pytest.raises(ValueError, match="strength"):
+        strength_schedule(25, 0.0, cfg)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver"])
+def test_variations_keep_the_start_at_small_strength_and_ignore_it_at_one(sampler):
+    """Pixel space, a random UNet: at strength 0.02 the output is its start image up to a
+    little noise; at strength 1 the start image changes nothing (plain sampling)."""
+    from dermkit.synth.autoencoder import load_codec
+    from dermkit.synth.diffusion import Generator, training_scheduler
+
+    unet = _random_unet(3, (3, 8, 8))
+    sched = dict(training_scheduler(1000, "scaled_linear").config)
+    gen = Generator(unet, load_codec(None, 8), ["a", "b", "c"], {}, sched, False, Path("."))
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn((4, 3, 8, 8), generator=g)
+    start = torch.rand((4, 3, 8, 8), generator=g) * 2 - 1  # four different images
+    labels = torch.tensor([0, 1, 2, 0])
+    near = gen.sample(noise, labels, 2.0, sampler, 10, init=start, strength=0.02).float()
+    source = gen.codec.decode(start).float()
+    own = ((near - source) ** 2).mean((1, 2, 3))
+    other = ((near - source.roll(1, 0)) ** 2).mean((1, 2, 3))
+    assert (own < 0.05 * other).all(), (own, other)
+    plain = gen.sample(noise, labels, 2.0, sampler, 10)
+    assert torch.equal(gen.sample(noise, labels, 2.0, sampler, 10, init=start), plain)
+    with pytest.raises(ValueError, match="latents"):
+        gen.sample(noise, labels, 2.0, sampler, 10, strength=0.5)
+
+
+def test_from_real_variations_start_from_train_images_of_their_class(tiny_generator, tmp_path):
+    import dermkit.synth.sample as sample
+    from dermkit.data.manifest import read_manifest
+    from dermkit.synth.diffusion import generator_train_split, load_generator
+
+    target = tmp_path / "target.json"
+    target.write_text(json.dumps({"generate": {"nv": 3, "vasc": 2}}))
+
+    def run(name, strength):
+        cfg = _sample_cfg(tiny_generator, tmp_path / name, balance=str(target), batch_size=4)
+        cfg.from_real = strength
+        return read_manifest(sample.run_sample(cfg, progress=False))
+
+    plain, full, near = run("plain", None), run("full", 1.0), run("near", 0.02)
+    assert "source_image_id" not in plain.columns  # no new columns without the option
+    assert "from_real" not in json.loads((tmp_path / "plain" / "sample.json").read_text())
+    data, train = generator_train_split(tiny_generator)
+    train = train.set_index("image_id")
+    for m, s in ((full, 1.0), (near, 0.02)):
+        assert (m["strength"] == s).all()
+        assert (train.loc[m["source_image_id"], "label"].to_numpy() == m["label"]).all()
+        # each class's sources cycle through its images: no repeat before all are used
+        assert (m.groupby("label")["source_image_id"].nunique() == m["label"].value_counts()).all()
+    assert near["source_image_id"].tolist() == full["source_image_id"].tolist()
+    assert json.loads((tmp_path / "near" / "sample.json").read_text())["from_real"] == 0.02
+
+    from PIL import Image
+
+    def pixels(paths):
+        return np.stack([np.asarray(Image.open(p), np.float32) for p in paths])
+
+    # strength 1 is plain sampling: the same images, whatever their sources
+    assert np.array_equal(pixels(full["path"]), pixels(plain["path"]))
+    # strength 0.02: each image is close to its source's autoencoder reconstruction
+    gen = load_generator(tiny_generator)
+    ids = train.index.tolist()
+    real = torch.from_numpy(data.cache.load(ids)).permute(0, 3, 1, 2)
+    recon = gen.codec.decode(gen.codec.moments(real)[0]).permute(0, 2, 3, 1).float().numpy()
+    mse = ((pixels(near["path"])[:, None] - recon[None]) ** 2).mean((2, 3, 4))  # (M, N)
+    own = mse[np.arange(len(near)), [ids.index(i) for i in near["source_image_id"]]]
+    assert (own < 0.25 * np.median(mse, axis=1)).all(), (own, np.median(mse, axis=1))
+
+    with pytest.raises(ConfigError, match="from_real"):  # one folder, one setting
+        run("near", 0.5)
+    with pytest.raises(ConfigError, match="from_real"):  # the schema names the field
+        load_config(SampleConfig, "synth_sample", None, None, ["from_real=1.5"])
+    with pytest.raises(ConfigError, match="from_real"):
+        load_config(SampleConfig, "synth_sample", None, None, ["from_real=0"])
+    result = CliRunner().invoke(app, ["synth", "sample", str(tiny_generator), "--from-real", "2"])
+    assert result.exit_code == 2 and "from_real" in result.output

@@ -99,6 +99,14 @@ add_commands(
                     "sampler.guidance",
                     convert=guidance_override,
                 ),
+                Param.option(
+                    "from_real",
+                    float,
+                    "STRENGTH in (0, 1]: image-guided variations (SDEdit): start each image "
+                    "from a real train image of its class noised to t ~ STRENGTH * T; small "
+                    "keeps the lesion, 1 is plain sampling",
+                    "from_real",
+                ),
                 "preset",
                 "config",
             ),

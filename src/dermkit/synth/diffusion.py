@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
@@ -52,7 +53,7 @@ from safetensors.torch import load_file
 
 from dermkit.config import ConfigError, load_config
 from dermkit.data.dataset import CachedImageDataset
-from dermkit.data.prepare import prepare_data
+from dermkit.data.prepare import PreparedData, prepare_data
 from dermkit.eval.report import HtmlReport
 from dermkit.models.weights import save_weights
 from dermkit.runs import RunDir
@@ -75,6 +76,7 @@ from dermkit.synth.training import (
     rank_slice,
     write_json,
 )
+from dermkit.synth.variations import strength_schedule
 from dermkit.train.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from dermkit.train.engine import lr_at, make_accelerator, seed_step
 from dermkit.train.losses import sampling_weights
@@ -233,6 +235,8 @@ def sample_latents(
     guidance: float | torch.Tensor,
     null_label: int,
     precision: str = "no",
+    init: torch.Tensor | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
     """Run the reverse process from ``noise`` (B, C, h, w) to latents z_0 (B, C, h, w).
 
@@ -243,12 +247,22 @@ def sample_latents(
     ``precision`` ("bf16", "fp16" or "no") is the UNet's autocast: the UNet is trained
     under the same autocast, and on a CPU with AVX512-BF16 a bf16 UNet call is ~1.5x
     faster than fp32 (BENCHMARKS.md). The scheduler's update stays in fp32.
+
+    ``start`` > 0 (SDEdit, ``synth/variations.py``): skip the first ``start`` timesteps;
+    the latents ``init`` (B, C, h, w) are noised to the first remaining one with the
+    forward process q(z_t | z_0) and ``noise``, and denoised from there.
     """
     if precision not in AUTOCAST_DTYPES:
         raise ValueError(f"precision must be one of {list(AUTOCAST_DTYPES)}, got {precision!r}")
     dtype = AUTOCAST_DTYPES[precision]
-    x = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    timesteps = scheduler.timesteps[start:]
+    if start == 0:
+        x = noise * scheduler.init_noise_sigma
+    else:
+        if hasattr(scheduler, "set_begin_index"):  # multistep solvers index their sigmas
+            scheduler.set_begin_index(start)
+        x = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(noise)))
+    for t in timesteps:
         inp = scheduler.scale_model_input(x, t)
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             eps = guided_eps(unet, inp, t, labels, guidance, null_label)
@@ -311,28 +325,46 @@ class Generator:
         sampler: str = "ddim",
         steps: int = 25,
         precision: str = "no",
+        init: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
         """uint8 images (B, 3, S, S) from initial noise (B, C, h, w) and labels (B,).
 
         ``labels=None`` (or an unconditional generator) samples the null class;
         ``guidance`` is one scale or one per row (B,) (:meth:`guidance_for`);
-        ``precision`` is the UNet's autocast (:func:`sample_latents`).
+        ``precision`` is the UNet's autocast (:func:`sample_latents`). ``strength`` < 1
+        starts from the latents ``init`` (B, C, h, w) noised to t ~ strength * T
+        (SDEdit: :func:`dermkit.synth.variations.strength_schedule`); 1 ignores ``init``.
         """
         self.unet.eval()
         b = noise.shape[0]
         if labels is None or self.unconditional:
             labels = torch.full((b,), self.null_label, dtype=torch.long)
-        sched = make_sampler(sampler, self.scheduler_config, steps)
+        total, run = strength_schedule(steps, strength, self.scheduler_config)
+        if run < total and init is None:
+            raise ValueError(f"strength {strength} < 1 needs the latents to start from")
         z = sample_latents(
             self.unet,
-            sched,
+            make_sampler(sampler, self.scheduler_config, total),
             noise.to(self.device),
             labels.to(self.device),
             guidance,
             self.null_label,
             precision,
+            None if init is None else init.to(self.device),
+            total - run,
         )
         return self.codec.decode(z).cpu()
+
+
+def generator_train_split(run: str | Path) -> tuple[PreparedData, pd.DataFrame]:
+    """(prepared data, train rows) of the split a generator learnt from: its run folder's
+    ``config.yaml`` names the data, so a sampler reads the very same train images."""
+    config = Path(run) / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} not found: is {run} a synth diffusion run?")
+    data = prepare_data(load_config(DiffusionRunConfig, "synth_diffusion", file=config).data)
+    return data, data.part("train")
 
 
 def save_unet(unet: UNet2DModel, path: str | Path) -> Path:

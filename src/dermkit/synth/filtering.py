@@ -40,12 +40,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from dermkit.config import ConfigError
 from dermkit.data.transforms import normalize
 from dermkit.synth.metrics import nearest_neighbours
-from dermkit.synth.settings import DiffusionRunConfig, FilterConfig
+from dermkit.synth.settings import FilterConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +117,10 @@ class NearCopyCheck:
 
 def generator_train_check(generator_run: str | Path, percentile: float) -> NearCopyCheck:
     """The near-copy check against the train split the generator learnt from."""
-    from dermkit.data.prepare import images_for, prepare_data
+    from dermkit.data.prepare import images_for
+    from dermkit.synth.diffusion import generator_train_split
 
-    config = Path(generator_run) / "config.yaml"
-    cfg = DiffusionRunConfig.model_validate(yaml.safe_load(config.read_text()))
-    data = prepare_data(cfg.data)
-    train = data.part("train")
+    data, train = generator_train_split(generator_run)
     return NearCopyCheck.of_train_split(
         images_for(data, train), train["image_id"], train["lesion_id"], percentile
     )

@@ -16,7 +16,9 @@ rounds until a real-trained classifier keeps the planned count per class, and th
 manifest lists every drawn image with ``kept``, ``reject_reason`` and ``requested_prob``.
 
 ``guidance`` is the scale of the row's class: ``sampler.guidance`` may be set per class
-(``sample.json`` then records every class's scale).
+(``sample.json`` then records every class's scale). With ``from_real`` (image-guided
+variations, ``synth/variations.py``) two columns follow: source_image_id (the real train
+image an image started from) and strength.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 import math
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -191,6 +193,7 @@ class Job:
     seed: int
     image_id: str
     path: Path
+    source_image: str | None = None  # from_real: the train image it starts from
 
 
 def plan_jobs(counts: Mapping[str, int], out_dir: Path, seed: int, tag: str) -> list[Job]:
@@ -213,6 +216,8 @@ def _settings(generator, cfg: SampleConfig) -> dict:
         "steps": s.steps,
         "guidance": _guidance_setting(generator, s.guidance),
         "precision": _precision(generator, cfg),
+        # only when set: the settings name the folder's images (their tag)
+        **({} if cfg.from_real is None else {"from_real": cfg.from_real}),
     }
 
 
@@ -250,6 +255,12 @@ def _row_guidance(guidance: float | dict, label: str) -> float:
     return guidance[label] if isinstance(guidance, dict) else guidance
 
 
+def _variation_columns(job: Job, settings: dict) -> dict:
+    if "from_real" not in settings:
+        return {}
+    return {"source_image_id": job.source_image, "strength": settings["from_real"]}
+
+
 def manifest_rows(jobs: list[Job], settings: dict, source: str) -> pd.DataFrame:
     """The manifest of the planned images whose PNG exists, in plan order."""
     rows = [
@@ -266,13 +277,14 @@ def manifest_rows(jobs: list[Job], settings: dict, source: str) -> pd.DataFrame:
             "guidance": _row_guidance(settings["guidance"], j.label),
             "sampler": settings["sampler"],
             "steps": settings["steps"],
+            **_variation_columns(j, settings),
         }
         for j in jobs
         if j.path.exists()
     ]
     columns = ["image_id", "path", "label", "lesion_id", "split", "source", "synthetic"]
     extra = ["generator_run", "seed", "guidance", "sampler", "steps"]
-
+    extra += ["source_image_id", "strength"] if "from_real" in settings else []
     return new_manifest(rows if rows else pd.DataFrame(columns=columns + extra))
 
 
@@ -296,6 +308,14 @@ def generate(
     ).hexdigest()[:8]
     source = f"synthetic:{generator.run.name}"
     jobs = plan_jobs(counts, out_dir, cfg.seed, tag)
+    sources = None
+    if cfg.from_real is not None:
+        from dermkit.synth.diffusion import generator_train_split
+        from dermkit.synth.variations import RealSources
+
+        train_split = generator_train_split(generator.run)
+        sources = RealSources(*train_split, generator.classes, cfg.seed)
+        jobs = [replace(j, source_image=sources.source_of(j.label, j.index)) for j in jobs]
     todo = [j for j in jobs if not j.path.exists()]
     for label in counts:
         (out_dir / "images" / label).mkdir(parents=True, exist_ok=True)
@@ -320,9 +340,12 @@ def generate(
             )
             names = [j.label for j in batch]
             guidance = generator.guidance_for(s.guidance, names)
+            init = None
+            if sources is not None:
+                init = sources.latents(generator.codec, [j.source_image for j in batch])
             images = generator.sample(
                 noise, generator.labels_for(names), guidance, s.sampler, s.steps,
-                settings["precision"],
+                settings["precision"], init, cfg.from_real or 1.0,
             )  # fmt: skip
             for j, image in zip(batch, images.permute(0, 2, 3, 1).numpy()):
                 write_png(image, j.path)

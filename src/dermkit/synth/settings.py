@@ -206,6 +206,14 @@ class SampleConfig(Strict):
         description="keep only images a real-trained classifier agrees with; null: all",
         json_schema_extra=KEY_NEUTRAL_DEFAULT,
     )
+    from_real: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="SDEdit strength: start each image from a real train image of its class "
+        "noised to t ~ strength * T (1: plain sampling); null: from noise",
+        json_schema_extra=KEY_NEUTRAL_DEFAULT,
+    )
 
 
 class TstrConfig(Strict):
