@@ -207,6 +207,16 @@ def guided_eps(
     return torch.where(conditional.view(-1, 1, 1, 1), eps, eps_u)
 
 
+def row_guidance(
+    guidance: float | Mapping[str, float], classes: list[str], names: list[str]
+) -> float | torch.Tensor:
+    """``SamplerConfig.guidance`` for rows of classes ``names``: the one scale, or (B,)."""
+    if not isinstance(guidance, Mapping):
+        return float(guidance)
+    scales = class_guidance(guidance, classes)
+    return torch.tensor([scales[n] for n in names], dtype=torch.float32)
+
+
 def class_guidance(guidance: float | Mapping[str, float], classes: list[str]) -> dict[str, float]:
     """{class: CFG scale} of ``SamplerConfig.guidance``: one scale for all, or per class
     with ``default`` (else DEFAULT_GUIDANCE) for the classes left out."""
@@ -307,15 +317,6 @@ class Generator:
             raise ConfigError(f"classes {unknown} are not among the generator's {self.classes}")
         return torch.tensor([self.null_label if n is None else index[n] for n in names])
 
-    def guidance_for(
-        self, guidance: float | Mapping[str, float], names: list[str]
-    ) -> float | torch.Tensor:
-        """``SamplerConfig.guidance`` for rows of these classes: the one scale, or (B,)."""
-        if not isinstance(guidance, Mapping):
-            return float(guidance)
-        scales = class_guidance(guidance, self.classes)
-        return torch.tensor([scales[n] for n in names], dtype=torch.float32)
-
     @torch.no_grad()
     def sample(
         self,
@@ -331,7 +332,7 @@ class Generator:
         """uint8 images (B, 3, S, S) from initial noise (B, C, h, w) and labels (B,).
 
         ``labels=None`` (or an unconditional generator) samples the null class;
-        ``guidance`` is one scale or one per row (B,) (:meth:`guidance_for`);
+        ``guidance`` is one scale or one per row (B,) (:func:`row_guidance`);
         ``precision`` is the UNet's autocast (:func:`sample_latents`). ``strength`` < 1
         starts from the latents ``init`` (B, C, h, w) noised to t ~ strength * T
         (SDEdit: :func:`dermkit.synth.variations.strength_schedule`); 1 ignores ``init``.
@@ -653,7 +654,7 @@ def preview_grid(
             generator.sample(
                 noise[i : i + sampler.batch_size],
                 generator.labels_for(batch),
-                generator.guidance_for(sampler.guidance, batch),
+                row_guidance(sampler.guidance, generator.classes, batch),
                 sampler.sampler,
                 sampler.steps,
             )

@@ -298,6 +298,8 @@ def generate(
 ) -> pd.DataFrame:
     """Generate the planned images missing from ``out_dir``; returns the final manifest
     (also written to ``out_dir / manifest_name``)."""
+    from dermkit.synth.diffusion import row_guidance
+
     out_dir = Path(out_dir)
     settings = _settings(generator, cfg)
     _check_settings(out_dir / SETTINGS, settings)
@@ -339,13 +341,14 @@ def generate(
                 ]
             )
             names = [j.label for j in batch]
-            guidance = generator.guidance_for(s.guidance, names)
-            init = None
+            guidance = row_guidance(s.guidance, generator.classes, names)
+            start = {}  # from_real: the latents to start from and the strength
             if sources is not None:
                 init = sources.latents(generator.codec, [j.source_image for j in batch])
+                start = {"init": init, "strength": cfg.from_real}
             images = generator.sample(
                 noise, generator.labels_for(names), guidance, s.sampler, s.steps,
-                settings["precision"], init, cfg.from_real or 1.0,
+                settings["precision"], **start,
             )  # fmt: skip
             for j, image in zip(batch, images.permute(0, 2, 3, 1).numpy()):
                 write_png(image, j.path)
