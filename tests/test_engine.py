@@ -176,3 +176,13 @@ def test_pretraining_two_processes_match_one(method, phantom_root, cache_dir, tm
     h1 = json.loads((one / "history.json").read_text())
     h2 = json.loads((two / "history.json").read_text())
     assert h1[-1]["train_loss"] == pytest.approx(h2[-1]["train_loss"], abs=TOL)
+
+
+def test_one_process_can_make_accelerators_of_different_precisions_in_turn():
+    """accelerate's process-wide state refuses a second precision; a study that trains fold
+    after fold, or this suite, asks for several (core.devices.make_accelerator)."""
+    first = make_accelerator("fp32")
+    assert first.mixed_precision == "no"
+    second = make_accelerator("bf16")
+    assert second.mixed_precision == "bf16"
+    assert make_accelerator("fp32").mixed_precision == "no"

@@ -58,13 +58,22 @@ def make_accelerator(precision: str = "auto", find_unused: bool = False) -> Acce
     ``find_unused``: DDP tolerates parameters without a gradient in a step (a part of the
     model that joins the loss only after some step, e.g. a GAN discriminator).
     """
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
     cpu = not torch.cuda.is_available()
     device = torch.device("cpu" if cpu else "cuda")
+    mixed_precision = resolve_precision(precision, device)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision:
+        # accelerate keeps one process-wide state and refuses a second Accelerator with
+        # another precision. A single process that trains several models in turn (a study's
+        # folds, a notebook, the test suite) may ask for different ones: start the state
+        # afresh. The process group (PartialState) is left alone, so DDP runs are unaffected.
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=resolve_precision(precision, device),
+        mixed_precision=mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
     )
     if accelerator.num_processes > 1:
