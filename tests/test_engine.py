@@ -186,3 +186,14 @@ def test_one_process_can_make_accelerators_of_different_precisions_in_turn():
     second = make_accelerator("bf16")
     assert second.mixed_precision == "bf16"
     assert make_accelerator("fp32").mixed_precision == "no"
+
+
+@pytest.mark.slow
+def test_exit_heads_two_processes_match_one(tiny_classifier_run, cache_dir, tmp_path):
+    args = ["exits", "train", str(tiny_classifier_run), "--preset", "tiny",
+            f"cache_dir={cache_dir}", "optim.epochs=1", "exits.head_types=[linear,mlp]",
+            "exits.distill_alpha=0.5"]  # fmt: skip
+    one, two = _one_and_two(tmp_path, args)
+    for head in ("linear", "mlp"):
+        name = f"weights_{head}.safetensors"
+        _assert_same_weights(one / name, two / name)

@@ -71,8 +71,8 @@ class ExitsConfig(Strict):
 class ExitsRunConfig(RunSettings):
     """``dermkit exits train``: exit heads on a trained classifier run (finetune/distill).
 
-    ``loss`` and ``augment`` default to the base run's; ``optim.grad_accum``,
-    ``layer_decay``, ``ema_decay`` and ``patience`` do not apply (errors).
+    ``loss`` and ``augment`` default to the base run's; ``optim.layer_decay`` and
+    ``patience`` do not apply (errors: each head type keeps its own best epoch).
     """
 
     out_dir: str = "runs/exits"

@@ -15,25 +15,24 @@ Two modes:
 With ``distill_alpha`` > 0 the early exits also learn the final exit's softened outputs
 (self-distillation, ``dermkit.train.kd.KDLoss``); the final exit always learns the labels.
 
-The loop is single-process (``make_accelerator`` picks the device and mixed precision);
-each step is reseeded from (seed, step), as in ``train/loop.py``, so a run is repeatable.
-It checkpoints into ``checkpoints/`` with ``train/checkpoint.py`` (safetensors + JSON, no
-pickles) every ``checkpoint_every`` steps and at each epoch end; ``--resume`` continues
-a killed run from the latest one and ends with the same weights as an uninterrupted run.
+Training runs on the engine (``train/engine.py``): data-parallel under ``accelerate
+launch``/``torchrun`` (DDP sees the trainable parts only), each step reseeded from
+(seed, step), checkpoints (safetensors + JSON, no pickles) every ``checkpoint_every``
+steps and at each epoch end; ``--resume`` continues a killed run from the latest one and
+ends with the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from timm.optim import create_optimizer_v2
 
 from dermkit.config import ConfigError
 from dermkit.data.dataset import CachedImageDataset
@@ -52,30 +51,11 @@ from dermkit.exits.settings import ExitsRunConfig
 from dermkit.models.backbones import input_stats
 from dermkit.models.runs_io import load_run_model
 from dermkit.runs import RunDir
-from dermkit.train.checkpoint import (
-    checkpoint_to_resume,
-    load_checkpoint,
-    load_checkpoint_tensors,
-    save_checkpoint,
-)
-from dermkit.train.engine import lr_at, make_accelerator, plan_epoch, seed_step
+from dermkit.train.engine import Batch, EpochEnd, Rows, fit, make_accelerator
 from dermkit.train.kd import KDLoss
 from dermkit.train.losses import ClassificationLoss, sampling_weights
 
 log = logging.getLogger(__name__)
-
-
-def _check_optim(cfg: ExitsRunConfig) -> None:
-    oc = cfg.optim
-    unused = {
-        "grad_accum": oc.grad_accum != 1,
-        "layer_decay": oc.layer_decay is not None,
-        "ema_decay": oc.ema_decay is not None,
-        "patience": oc.patience != 0,
-    }
-    bad = [k for k, v in unused.items() if v]
-    if bad:
-        raise ConfigError(f"optim.{', optim.'.join(bad)} do(es) not apply to exits train")
 
 
 def build_exit_models(
@@ -144,39 +124,110 @@ def _val_scores(logits: np.ndarray, y: np.ndarray) -> list[float]:
     return [macro_f1(y, lg.argmax(1), lg.shape[1]) for lg in logits]
 
 
-@dataclass
-class ExitsTrainState:
-    """Everything besides tensors that a resumed exits run must know (JSON in the checkpoint).
+class ExitHeads(torch.nn.ModuleDict):
+    """What the engine trains: {head type: trainable part} (the heads, or in joint mode the
+    whole model); ``forward`` returns every head type's loss.
 
-    The best weights so far, one state per head type, travel as checkpoint tensors.
+    The full models travel beside the registered parts, so in frozen mode the shared
+    backbone is neither checkpointed nor synchronised (it does not change) and DDP sees
+    the heads only. The head types' parameters are disjoint, so the sum of their losses
+    trains each exactly as its own loss would.
     """
 
-    step: int = 0
-    epoch_loss_sums: dict[str, float] = field(default_factory=dict)  # current epoch so far
-    best_score: dict[str, float] = field(default_factory=dict)  # mean val macro-F1 over exits
-    best_epoch: dict[str, int] = field(default_factory=dict)
-    history: list[dict] = field(default_factory=list)
+    def __init__(self, models: dict[str, EarlyExitViT], cfg: ExitsRunConfig, hard, kd):
+        super().__init__({h: _trainable(m, cfg.exits.mode) for h, m in models.items()})
+        # not registered (see the class docstring); nor are the losses: the parts alone
+        # are what is trained, synchronised and checkpointed
+        self.__dict__.update(models=models, hard=hard, kd=kd)
+        self.frozen = cfg.exits.mode == "frozen"
+        n_exits = next(iter(models.values())).n_exits
+        w = np.asarray(cfg.exits.exit_loss_weights or [1.0] * n_exits, dtype=float)
+        if len(w) != n_exits:
+            raise ConfigError(f"exits.exit_loss_weights has {len(w)} entries for {n_exits} exits")
+        self.exit_w = w / w.sum()
+
+    def train(self, mode: bool = True) -> ExitHeads:
+        super().train(mode)
+        for m in self.models.values():
+            m.train(mode)
+            if self.frozen:
+                m.backbone.eval()  # no dropout / drop-path in the fixed backbone
+        return self
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Images (b, 3, S, S), labels (b,) -> {head type: scalar loss}."""
+        if self.frozen:  # the blocks run once, without gradients; every head type reads them
+            tokens, final = _shared_tokens(next(iter(self.models.values())), x)
+            return {
+                h: torch.stack(
+                    [self.kd(m.heads[j](t), final, y) for j, t in enumerate(tokens)]
+                ).mean()
+                for h, m in self.models.items()
+            }
+        losses = {}
+        for h, m in self.models.items():
+            outs = m.forward_all(x)
+            teacher = outs[-1].detach()
+            parts = [self.kd(o, teacher, y) for o in outs[:-1]] + [self.hard(outs[-1], y)]
+            losses[h] = sum(float(w) * lo for w, lo in zip(self.exit_w, parts))
+        return losses
 
 
-def _resume(
-    ckpt: Path, bundle: torch.nn.ModuleDict, optimizers: dict[str, torch.optim.Optimizer]
-) -> tuple[ExitsTrainState, dict[str, dict[str, torch.Tensor]]]:
-    """Load a checkpoint into the trainable modules {head type: module} and optimizers.
+class ExitTraining:
+    """The engine's method for exit heads: augmented images -> every head type's loss; at
+    each epoch end every exit's val macro-F1 and each head type's best weights so far
+    (selected on the mean over its exits; kept per head type, so ``select`` is None)."""
 
-    Returns (state, best weights so far {head type: state dict}).
-    """
-    try:
-        saved = load_checkpoint(ckpt, bundle, optimizers)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ConfigError(
-            f"{ckpt} does not fit this run (changed exits.head_types, exits.exit_blocks, "
-            f"exits.mode or head sizes?); use a new out_dir or drop --resume: {e}"
-        ) from e
-    best: dict[str, dict[str, torch.Tensor]] = {h: {} for h in bundle}
-    for key, value in load_checkpoint_tensors(ckpt).items():
-        head, name = key.split("/", 1)
-        best[head][name] = value
-    return ExitsTrainState(**saved["train_state"]), best
+    select = None
+
+    def __init__(self, train_ds, val_ds, augment_cfg, accelerator, stats: tuple):
+        self.train_ds, self.val_ds, self.accelerator = train_ds, val_ds, accelerator
+        self.stats = stats  # the base run's input normalisation (mean, std)
+        self.device = accelerator.device
+        fields = set(AugmentConfig.__dataclass_fields__)
+        self.augment = BatchAugment(AugmentConfig(**augment_cfg.model_dump(include=fields)))
+        self.y_val = val_ds.labels.numpy()
+        self.best: dict[str, dict[str, torch.Tensor]] = {}  # {head type: state dict}
+
+    def step(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
+        params = batch.once("augment", lambda: self.augment.sample(batch.size, batch.gen))
+        x, y = self.train_ds.__getitems__(batch.rows)
+        x = x.to(self.device).float().div_(255.0)
+        x = normalize(self.augment.apply(x, params, lo=batch.offset), *self.stats)
+        losses = model(x, y.to(self.device))
+        return sum(losses.values()), {h: float(v.detach()) for h, v in losses.items()}
+
+    def evaluate(self, model: ExitHeads, end: EpochEnd) -> dict:
+        """Score every exit on val, keep each head type's best weights (in ``notes``)."""
+        notes = end.state.notes.setdefault("best", {})  # {head type: [score, epoch]}
+        val = exit_logits_all(
+            model.models, self.val_ds, self.device, model.frozen, autocast=self.accelerator.autocast
+        )
+        row = {"lr": end.lr}
+        for h, m in model.models.items():
+            scores = _val_scores(val[h], self.y_val)
+            mean = float(np.mean(scores))
+            row[h] = {
+                "train_loss": end.means[h],
+                "val_macro_f1": scores,
+                "val_mean_macro_f1": mean,
+            }
+            if mean > notes.get(h, [-1.0])[0]:
+                notes[h] = [mean, end.epoch]
+                self.best[h] = {
+                    k: v.detach().cpu().clone()
+                    for k, v in saved_state(m, "frozen" if model.frozen else "joint").items()
+                }
+        log.info("epoch %d: %s", end.epoch, {h: round(row[h]["val_mean_macro_f1"], 4) for h in val})
+        return row
+
+    def keep_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{h}/{k}": v for h, sd in self.best.items() for k, v in sd.items()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, value in tensors.items():
+            head, name = key.split("/", 1)
+            self.best.setdefault(head, {})[name] = value
 
 
 def train_exit_models(
@@ -193,170 +244,44 @@ def train_exit_models(
 ) -> tuple[list[dict], dict[str, int]]:
     """Train the exit models in place (best val epoch restored); returns (history, best epochs).
 
-    With ``run_dir``, a checkpoint (trainable weights, one AdamW state per head type, the
-    best weights so far, history and the epoch's running loss sums) is written to
-    ``run_dir/checkpoints`` every ``cfg.checkpoint_every`` steps and at each epoch end;
-    ``resume`` continues from the latest one. The batch plan is a function of (seed,
-    epoch) and each step reseeds from (seed, step), so a resumed run replays exactly what
-    the uninterrupted run did.
+    On the engine (``train/engine.py``): with ``run_dir`` it checkpoints (trainable weights,
+    AdamW state, each head type's best weights so far) into ``run_dir/checkpoints`` every
+    ``cfg.checkpoint_every`` steps and at each epoch end, and ``resume`` continues from the
+    latest one, replaying exactly what the uninterrupted run did.
     """
-    oc, e = cfg.optim, cfg.exits
     device = accelerator.device
-    frozen = e.mode == "frozen"
     n_classes = len(train_ds.class_names)
     for m in models.values():
         m.to(device)
-    counts = train_ds.class_counts()
     weights = sampling_weights(train_ds.labels, loss_cfg.sampler, n_classes)
-    weights = None if weights is None else weights.numpy()
-    hard = ClassificationLoss.from_config(loss_cfg, counts).to(device)
-    kd = KDLoss(e.distill_alpha, e.distill_temperature, hard_loss=hard)
-    first = next(iter(models.values()))
-    n_exits = first.n_exits
-    exit_w = np.asarray(e.exit_loss_weights or [1.0] * n_exits, dtype=float)
-    if len(exit_w) != n_exits:
-        raise ConfigError(f"exits.exit_loss_weights has {len(exit_w)} entries for {n_exits} exits")
-    exit_w = exit_w / exit_w.sum()
-
-    peak_lr = oc.base_lr * oc.batch_size / 256
-    optimizers = {
-        h: create_optimizer_v2(
-            _trainable(m, e.mode), "adamw", lr=peak_lr, weight_decay=oc.weight_decay, betas=oc.betas
+    hard = ClassificationLoss.from_config(loss_cfg, train_ds.class_counts()).to(device)
+    kd = KDLoss(cfg.exits.distill_alpha, cfg.exits.distill_temperature, hard_loss=hard)
+    trainer = ExitHeads(models, cfg, hard, kd)
+    stats = input_stats(next(iter(models.values())).backbone)
+    method = ExitTraining(train_ds, val_ds, augment_cfg, accelerator, stats)
+    rows = Rows(np.arange(len(train_ds)), weights=None if weights is None else weights.numpy())
+    with tempfile.TemporaryDirectory() as tmp:  # no run folder: checkpoints are thrown away
+        state, _ = fit(
+            method,
+            trainer,
+            rows,
+            cfg.optim,
+            Path(run_dir) if run_dir is not None else Path(tmp),
+            seed=cfg.seed,
+            accelerator=accelerator,
+            resume=resume,
+            progress=progress,
+            checkpoint_every=cfg.checkpoint_every,
+            name="exit heads",
+            # each head type is clipped on its own, as if it were trained alone
+            clip_groups=lambda t: [part.parameters() for part in t.values()],
+            keep_tensors=method.keep_tensors,
+            load_tensors=method.load_tensors,
         )
-        for h, m in models.items()
-    }
-    augment = BatchAugment(
-        AugmentConfig(**augment_cfg.model_dump(include=set(AugmentConfig.__dataclass_fields__)))
-    )
-    real, none = np.arange(len(train_ds)), np.zeros(0, dtype=np.int64)
-    steps_per_epoch = plan_epoch(real, none, oc.batch_size, cfg.seed, 0, weights).shape[0]
-    total = oc.epochs * steps_per_epoch
-    warmup = round(oc.warmup_epochs * steps_per_epoch)
-    y_val = val_ds.labels.numpy()
-    stats = input_stats(first.backbone)  # the base run's input normalisation
-
-    # --- resume: what a checkpoint holds is the trainable part of each head type's model
-    bundle = torch.nn.ModuleDict({h: _trainable(m, e.mode) for h, m in models.items()})
-    ckpt_dir = None if run_dir is None else Path(run_dir) / "checkpoints"
-    state = ExitsTrainState()
-    best_state: dict[str, dict[str, torch.Tensor]] = {h: {} for h in models}
-    if ckpt_dir is not None and (ckpt := checkpoint_to_resume(ckpt_dir, resume)) is not None:
-        state, best_state = _resume(ckpt, bundle, optimizers)
-        log.info("resumed from %s (step %d)", ckpt, state.step)
-
-    bar = None
-    if progress and state.step < total:
-        from rich.progress import Progress
-
-        bar = Progress(transient=False)
-        bar.start()
-        task = bar.add_task("exit heads", total=total, completed=state.step)
-    try:
-        while state.step < total:
-            epoch = state.step // steps_per_epoch
-            for m in models.values():
-                m.train()
-                if frozen:
-                    m.backbone.eval()  # no dropout / drop-path in the fixed backbone
-            batches = plan_epoch(real, none, oc.batch_size, cfg.seed, epoch, weights)
-            if state.step % steps_per_epoch == 0:
-                state.epoch_loss_sums = dict.fromkeys(models, 0.0)
-            for b in range(state.step % steps_per_epoch, steps_per_epoch):
-                lr = lr_at(state.step, total, warmup, peak_lr, oc.min_lr_ratio)
-                gen = seed_step(cfg.seed, state.step)
-                x, y = train_ds.__getitems__(batches[b])
-                x = x.to(device).float().div_(255.0)
-                x = normalize(augment.apply(x, augment.sample(len(x), gen)), *stats)
-                y = y.to(device)
-                with accelerator.autocast():
-                    if frozen:
-                        tokens, final = _shared_tokens(first, x)
-                for h, m in models.items():
-                    with accelerator.autocast():
-                        if frozen:
-                            losses = [kd(m.heads[j](t), final, y) for j, t in enumerate(tokens)]
-                            loss = torch.stack(losses).mean()
-                        else:
-                            outs = m.forward_all(x)
-                            teacher = outs[-1].detach()
-                            losses = [kd(o, teacher, y) for o in outs[:-1]] + [hard(outs[-1], y)]
-                            loss = sum(float(w) * lo for w, lo in zip(exit_w, losses))
-                    opt = optimizers[h]
-                    for group in opt.param_groups:
-                        group["lr"] = lr
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if oc.clip_grad:
-                        torch.nn.utils.clip_grad_norm_(
-                            _trainable(m, e.mode).parameters(), oc.clip_grad
-                        )
-                    opt.step()
-                    state.epoch_loss_sums[h] += float(loss.detach())
-                state.step += 1
-                if bar is not None:
-                    bar.update(task, advance=1)
-                end_of_epoch = b == steps_per_epoch - 1
-                if end_of_epoch:
-                    _end_epoch(
-                        models,
-                        state,
-                        best_state,
-                        epoch,
-                        lr,
-                        steps_per_epoch,
-                        val_ds,
-                        y_val,
-                        accelerator,
-                        e.mode,
-                    )
-                if ckpt_dir and (state.step % cfg.checkpoint_every == 0 or end_of_epoch):
-                    save_checkpoint(
-                        ckpt_dir,
-                        state.step,
-                        bundle,
-                        optimizers,
-                        extra={"train_state": asdict(state), "epoch": epoch},
-                        tensors={
-                            f"{h}/{k}": v for h in best_state for k, v in best_state[h].items()
-                        },
-                    )
-    finally:
-        if bar is not None:
-            bar.stop()
     for h, m in models.items():
-        m.load_state_dict(best_state[h], strict=False)
-    return state.history, {h: state.best_epoch[h] for h in models}
-
-
-def _end_epoch(
-    models: dict[str, EarlyExitViT],
-    state: ExitsTrainState,
-    best_state: dict[str, dict[str, torch.Tensor]],
-    epoch: int,
-    lr: float,
-    steps_per_epoch: int,
-    val_ds: CachedImageDataset,
-    y_val: np.ndarray,
-    accelerator,
-    mode: str,
-) -> None:
-    """Score every exit on val, log the epoch's row, keep each head type's best weights."""
-    frozen = mode == "frozen"
-    val = exit_logits_all(models, val_ds, accelerator.device, frozen, autocast=accelerator.autocast)
-    row = {"epoch": epoch, "step": state.step, "lr": lr}
-    for h, m in models.items():
-        scores = _val_scores(val[h], y_val)
-        mean = float(np.mean(scores))
-        row[h] = {
-            "train_loss": state.epoch_loss_sums[h] / steps_per_epoch,
-            "val_macro_f1": scores,
-            "val_mean_macro_f1": mean,
-        }
-        if mean > state.best_score.get(h, -1.0):
-            state.best_score[h], state.best_epoch[h] = mean, epoch
-            best_state[h] = {k: v.detach().cpu().clone() for k, v in saved_state(m, mode).items()}
-    state.history.append(row)
-    log.info("epoch %d: %s", epoch, {h: round(row[h]["val_mean_macro_f1"], 4) for h in models})
+        m.load_state_dict(method.best[h], strict=False)
+    best_epoch = {h: int(state.notes["best"][h][1]) for h in models}
+    return state.history, best_epoch
 
 
 def run_exits_train(cfg: ExitsRunConfig, progress: bool = True, resume: bool = False) -> Path:
@@ -364,8 +289,6 @@ def run_exits_train(cfg: ExitsRunConfig, progress: bool = True, resume: bool = F
 
     ``resume``: continue from ``out_dir/checkpoints`` (see ``train_exit_models``).
     """
-
-    _check_optim(cfg)
     if cfg.exits.features == "cached":
         from dermkit.exits.cached import run_cached_exits_train
 
@@ -377,7 +300,8 @@ def run_exits_train(cfg: ExitsRunConfig, progress: bool = True, resume: bool = F
     except TypeError as err:
         raise ConfigError(f"{base_dir}: {base_cfg.model.name}: {err}") from err
     accelerator = make_accelerator(cfg.optim.precision)
-    with RunDir(cfg.out_dir, cfg, "exits") as run:
+    # Under DDP every process trains its slice of each batch; process 0 writes the folder.
+    with RunDir(cfg.out_dir, cfg, "exits", write=accelerator.is_main_process) as run:
         data = base_data(base_dir, base_cfg, cfg.data_path, cfg.cache_dir)
         check_classes(data, classes, base_dir)
         parts = {s: data.part(s) for s in ("train", "val", "test")}
@@ -399,6 +323,8 @@ def run_exits_train(cfg: ExitsRunConfig, progress: bool = True, resume: bool = F
             run_dir=run.path,
             resume=resume,
         )
+        if not accelerator.is_main_process:
+            return run.path
         frozen = cfg.exits.mode == "frozen"
         # Saved logits are computed in fp32, as deployed inference runs: thresholds are
         # calibrated on them and must mean the same at inference time.
