@@ -197,3 +197,21 @@ def test_exit_heads_two_processes_match_one(tiny_classifier_run, cache_dir, tmp_
     for head in ("linear", "mlp"):
         name = f"weights_{head}.safetensors"
         _assert_same_weights(one / name, two / name)
+
+
+@pytest.mark.slow
+def test_autoencoder_two_processes_match_one(phantom_root, cache_dir, tmp_path):
+    args = ["synth", "autoencoder", "--preset", "tiny", f"data.path={phantom_root}",
+            f"data.cache_dir={cache_dir}", "max_steps=3", "val_images=8",
+            "scaling_images=32"]  # fmt: skip
+    one, two = _one_and_two(tmp_path, args)
+    _assert_same_weights(one / "autoencoder.safetensors", two / "autoencoder.safetensors")
+
+
+@pytest.mark.slow
+def test_diffusion_two_processes_match_one(phantom_root, cache_dir, tmp_path):
+    args = ["synth", "diffusion", "--preset", "tiny", f"data.path={phantom_root}",
+            f"data.cache_dir={cache_dir}", "autoencoder=null", "data.image_size=16",
+            "max_steps=4", "dihedral_views=1", "preview_per_class=0"]  # fmt: skip
+    one, two = _one_and_two(tmp_path, args)
+    _assert_same_weights(one / "unet.safetensors", two / "unet.safetensors")

@@ -352,6 +352,7 @@ def test_adversarial_autoencoder_trains_the_discriminator(two_class_root, tmp_pa
 def test_diffusion_run_folder_and_resume_replays_exactly(two_class_root, tmp_path, monkeypatch):
     """Killed after its step-4 checkpoint and resumed, a run ends with the same weights."""
     import dermkit.synth.diffusion as diffusion
+    import dermkit.train.engine as engine
 
     gen_run = tmp_path / "gen"
     common = _common(two_class_root, tmp_path / "cache")
@@ -368,7 +369,7 @@ def test_diffusion_run_folder_and_resume_replays_exactly(two_class_root, tmp_pat
     unet = diffusion.load_unet(gen_run / "unet.safetensors")
     assert unet.config.num_class_embeds == 3  # n_classes + the null class
 
-    real_save = diffusion.save_checkpoint
+    real_save = engine.save_checkpoint  # the engine writes every method's checkpoints
 
     def save_then_die(ckpt_dir, step, *args, **kwargs):
         path = real_save(ckpt_dir, step, *args, **kwargs)
@@ -380,11 +381,11 @@ def test_diffusion_run_folder_and_resume_replays_exactly(two_class_root, tmp_pat
     cfg = load_config(
         DiffusionRunConfig, "synth_diffusion", "tiny", None, [*base, f"out_dir={resumed}"]
     )
-    monkeypatch.setattr(diffusion, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         diffusion.train_diffusion(cfg, progress=False)
     assert not (resumed / "unet.safetensors").exists()
-    monkeypatch.setattr(diffusion, "save_checkpoint", real_save)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
     diffusion.train_diffusion(cfg, resume=True, progress=False)
     a, b = load_file(gen_run / "unet.safetensors"), load_file(resumed / "unet.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

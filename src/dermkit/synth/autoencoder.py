@@ -44,17 +44,8 @@ from dermkit.synth.discriminator import (
 )
 from dermkit.synth.images import apply_dihedral, save_grid, to_signed, to_uint8
 from dermkit.synth.settings import AutoencoderModelConfig, AutoencoderRunConfig
-from dermkit.synth.training import (
-    TrainLog,
-    check_optim,
-    epoch_batches,
-    plan_budget,
-    progress_bar,
-    rank_slice,
-    write_json,
-)
-from dermkit.train.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
-from dermkit.train.engine import lr_at, make_accelerator, seed_step
+from dermkit.synth.training import write_json
+from dermkit.train.engine import Batch, EpochEnd, Rows, fit, make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +81,6 @@ def check_autoencoder_config(cfg: AutoencoderRunConfig) -> None:
         )
     if loss.perceptual_weights and loss.perceptual_encoder:
         raise ConfigError("set only one of loss.perceptual_weights and loss.perceptual_encoder")
-    check_optim(cfg.optim)
 
 
 def build_autoencoder(model: AutoencoderModelConfig, image_size: int) -> AutoencoderKL:
@@ -110,19 +100,87 @@ def build_autoencoder(model: AutoencoderModelConfig, image_size: int) -> Autoenc
     )
 
 
-class AutoencoderPass(nn.Module):
-    """One training pass as a module (so DDP can wrap it): x (B, 3, S, S) in [-1, 1] ->
-    (reconstruction (B, 3, S, S), KL per image (B,)). z is sampled from the posterior with
-    the global torch RNG, which the loop reseeds every step."""
+class AutoencoderGAN(nn.ModuleDict):
+    """What the engine trains: {"autoencoder": vae, "discriminator": patch D (optional)}.
 
-    def __init__(self, vae: AutoencoderKL):
-        super().__init__()
-        self.vae = vae
+    ``forward`` is one training pass (a module, so DDP can wrap it): x (B, 3, S, S) in
+    [-1, 1] -> (loss, {term: float}). With ``adversarial`` the loss also holds the
+    generator term (computed with D frozen, so it does not train D) and D's hinge loss on
+    [x; x'.detach()] (which trains D only): their sum trains each part as two separate
+    backward passes would.
+    """
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = self.vae.encode(x).latent_dist
-        recon = self.vae.decode(posterior.sample()).sample
-        return recon, posterior.kl()
+    def __init__(self, vae: AutoencoderKL, disc: nn.Module | None, cfg, perceptual=None):
+        super().__init__({"autoencoder": vae, **({"discriminator": disc} if disc else {})})
+        self.lc = cfg.loss
+        self.__dict__["perceptual"] = perceptual  # frozen: neither trained nor saved
+
+    def forward(
+        self, x: torch.Tensor, eps: torch.Tensor, adversarial: bool
+    ) -> tuple[torch.Tensor, dict]:
+        """``eps`` (B, C, h, w) standard normal: z = mean + std * eps from the posterior."""
+        lc, vae = self.lc, self["autoencoder"]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.mean + posterior.std * eps.to(x)).sample
+        rec = F.mse_loss(recon.float(), x)
+        kl_term = posterior.kl().float().mean() / x[0].numel()
+        loss = rec + lc.kl_weight * kl_term
+        terms = {"mse": rec.item(), "kl": kl_term.item()}
+        if self.perceptual is not None:
+            p = self.perceptual(recon.float(), x)
+            loss = loss + lc.perceptual_weight * p
+            terms["perceptual"] = p.item()
+        if adversarial:
+            disc = self["discriminator"]
+            disc.requires_grad_(False)  # the generator term must not train D
+            g_adv = generator_adversarial_loss(disc(recon))
+            disc.requires_grad_(True)
+            loss = loss + lc.adversarial_weight * g_adv
+            terms["g_adv"] = g_adv.item()
+            logits = disc(torch.cat([x, recon.detach()]))
+            d_loss = hinge_discriminator_loss(*logits.float().chunk(2))
+            loss = loss + d_loss
+            terms["d_loss"] = d_loss.item()
+        return loss, terms
+
+
+class AutoencoderTraining:
+    """The engine's method for the autoencoder: dihedral views of cached train images ->
+    ``AutoencoderGAN``; PSNR/SSIM on val images every ``eval_every`` epochs and at the end."""
+
+    select = None  # the last (EMA) weights are the autoencoder
+
+    def __init__(self, cfg: AutoencoderRunConfig, train_ds, val_images, accelerator):
+        self.cfg, self.train_ds, self.val_images = cfg, train_ds, val_images
+        self.accelerator = accelerator
+
+    def draws(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dihedral views (B,) and posterior noise (B, C, h, w) for the global batch."""
+        m = self.cfg.model
+        side = self.cfg.data.image_size // 2 ** (len(m.block_out_channels) - 1)
+        return (
+            torch.randint(0, 8, (batch.size,), generator=batch.gen),
+            torch.randn((batch.size, m.latent_channels, side, side), generator=batch.gen),
+        )
+
+    def step(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
+        # every draw is made for the global batch, then sliced: N processes = 1 process
+        mine = slice(batch.offset, batch.offset + len(batch.rows))
+        views, eps = (v[mine] for v in batch.once("draws", lambda: self.draws(batch)))
+        x = to_signed(self.train_ds.__getitems__(batch.rows)[0].to(self.accelerator.device))
+        if self.cfg.augment:
+            x = apply_dihedral(x, views)
+        lc = self.cfg.loss
+        return model(x, eps, lc.adversarial_weight > 0 and batch.step >= lc.adversarial_start_step)
+
+    def evaluate(self, model, end: EpochEnd) -> dict | None:
+        if not self.accelerator.is_main_process:
+            return None
+        if not ((end.epoch + 1) % self.cfg.eval_every == 0 or end.last):
+            return None
+        scores, _ = reconstruction_metrics(model["autoencoder"], self.val_images)
+        log.info("epoch %d: val PSNR %.2f SSIM %.3f", end.epoch, scores["psnr"], scores["ssim"])
+        return scores
 
 
 # ----------------------------------------------------------------------------- codec
@@ -261,7 +319,8 @@ def train_autoencoder(
     """Train the autoencoder end to end; returns the path of report.html."""
     check_autoencoder_config(cfg)
     oc, lc = cfg.optim, cfg.loss
-    accelerator = make_accelerator(oc.precision)
+    # the discriminator joins the loss at adversarial_start_step: DDP must allow that
+    accelerator = make_accelerator(oc.precision, find_unused=lc.adversarial_weight > 0)
     main = accelerator.is_main_process
     device = accelerator.device
     with RunDir(cfg.out_dir, cfg, "synth_autoencoder", write=main) as run:
@@ -277,123 +336,42 @@ def train_autoencoder(
         val_idx = np.sort(rng.permutation(len(val_ds))[: cfg.val_images])
         val_images = val_ds.__getitems__(val_idx)[0]
 
-        # --- model, losses, optimizer, EMA
+        # --- model and losses; the engine trains
         torch.manual_seed(cfg.seed)
         vae = build_autoencoder(cfg.model, cfg.data.image_size)
         disc = None
         if lc.adversarial_weight > 0:
             disc = PatchDiscriminator(lc.discriminator_channels, lc.discriminator_layers)
-        modules = nn.ModuleDict({"autoencoder": vae, **({"discriminator": disc} if disc else {})})
         perceptual = None
         if lc.loss == "mse+perceptual":
             from dermkit.synth.perceptual import PerceptualLoss
 
             perceptual = PerceptualLoss(lc.perceptual_weights, lc.perceptual_encoder).to(device)
-        budget = plan_budget(len(train_ds), oc, cfg.max_steps)
-        optimizer = torch.optim.AdamW(
-            modules.parameters(), lr=budget.peak_lr, betas=oc.betas, weight_decay=oc.weight_decay
+        if len(train_ds) < oc.batch_size:
+            raise ConfigError(
+                f"optim.batch_size={oc.batch_size} is larger than the {len(train_ds)} training rows"
+            )
+        state, trained = fit(
+            AutoencoderTraining(cfg, train_ds, val_images, accelerator),
+            AutoencoderGAN(vae, disc, cfg, perceptual),
+            Rows.of(len(train_ds)),
+            oc,
+            run.path,
+            seed=cfg.seed,
+            accelerator=accelerator,
+            resume=resume,
+            progress=progress,
+            log_every=cfg.log_every,
+            checkpoint_every=cfg.checkpoint_every,
+            name="autoencoder",
+            max_steps=cfg.max_steps,
         )
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(vae, decay=oc.ema_decay, use_warmup=True) if oc.ema_decay else None
-
-        # --- resume
-        ckpt_dir = run / "checkpoints"
-        step, history = 0, []
-        if (ckpt := checkpoint_to_resume(ckpt_dir, resume)) is not None:
-            saved = load_checkpoint(ckpt, modules, optimizer, ema.module if ema else None)
-            step, history = saved["step"], saved["history"]
-            log.info("resumed from %s (step %d)", ckpt, step)
-        train_log = TrainLog(run / "log.jsonl", main, history)
-        train_log.truncate_after(step)
-        ae_pass = AutoencoderPass(vae)
-        ae_pass, optimizer = accelerator.prepare(ae_pass, optimizer)
-        disc_ddp = accelerator.prepare(disc) if disc is not None else None
-        lo, hi = rank_slice(accelerator, oc.batch_size)
-        bar, task = progress_bar(progress and main, budget.total, step, "autoencoder")
-
-        # --- the loop
-        while step < budget.total:
-            epoch = step // budget.steps_per_epoch
-            batches = epoch_batches(len(train_ds), oc.batch_size, cfg.seed, epoch)
-            ae_pass.train()
-            for b in range(step % budget.steps_per_epoch, budget.steps_per_epoch):
-                gen = seed_step(cfg.seed, step)
-                lr = lr_at(step, budget.total, budget.warmup, budget.peak_lr, oc.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                views = torch.randint(0, 8, (oc.batch_size,), generator=gen)[lo:hi]
-                x = to_signed(train_ds.__getitems__(batches[b][lo:hi])[0].to(device))
-                if cfg.augment:
-                    x = apply_dihedral(x, views)
-                adversarial = disc is not None and step >= lc.adversarial_start_step
-                with accelerator.autocast():
-                    recon, kl = ae_pass(x)
-                    rec = F.mse_loss(recon.float(), x)
-                    kl_term = kl.float().mean() / x[0].numel()
-                    loss = rec + lc.kl_weight * kl_term
-                    terms = {"mse": rec.item(), "kl": kl_term.item()}
-                    if perceptual is not None:
-                        p = perceptual(recon.float(), x)
-                        loss = loss + lc.perceptual_weight * p
-                        terms["perceptual"] = p.item()
-                    if adversarial:
-                        disc.requires_grad_(False)  # the generator term must not train D
-                        g_adv = generator_adversarial_loss(disc(recon))
-                        disc.requires_grad_(True)
-                        loss = loss + lc.adversarial_weight * g_adv
-                        terms["g_adv"] = g_adv.item()
-                accelerator.backward(loss)
-                if adversarial:
-                    with accelerator.autocast():
-                        logits = disc_ddp(torch.cat([x, recon.detach()]))
-                        d_loss = hinge_discriminator_loss(*logits.float().chunk(2))
-                    accelerator.backward(d_loss)
-                    terms["d_loss"] = d_loss.item()
-                if oc.clip_grad:
-                    accelerator.clip_grad_norm_(modules.parameters(), oc.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(vae, step=step)
-                step += 1
-                train_log.count(oc.batch_size)
-                if bar is not None:
-                    bar.update(task, advance=1, description=f"autoencoder mse {rec.item():.4f}")
-                if step % cfg.log_every == 0:
-                    train_log.write(
-                        {"kind": "train", "step": step, "epoch": epoch, "lr": lr, **terms}
-                    )
-                last = step == budget.total
-                end_of_epoch = b == budget.steps_per_epoch - 1 or last
-                if main and end_of_epoch and ((epoch + 1) % cfg.eval_every == 0 or last):
-                    scores, _ = reconstruction_metrics(ema.module if ema else vae, val_images)
-                    row = {"kind": "epoch", "step": step, "epoch": epoch, **scores}
-                    train_log.history.append(row)
-                    train_log.write(row)
-                    log.info(
-                        "epoch %d: val PSNR %.2f SSIM %.3f", epoch, scores["psnr"], scores["ssim"]
-                    )
-                    ae_pass.train()
-                if main and (step % cfg.checkpoint_every == 0 or last):
-                    save_checkpoint(
-                        ckpt_dir,
-                        step,
-                        modules,
-                        optimizer,
-                        ema.module if ema else None,
-                        extra={"history": train_log.history, "epoch": epoch},
-                    )
-                accelerator.wait_for_everyone()
-                if step >= budget.total:
-                    break
-        if bar is not None:
-            bar.stop()
+        step = state.step
         if not main:
             return run / "report.html"
 
         # --- final weights, latent scale, metrics, report
-        final = ema.module if ema is not None else vae
+        final = trained["autoencoder"]  # the EMA weights when optim.ema_decay
         n_scale = min(cfg.scaling_images, len(train_ds))
         scale_idx = np.sort(rng.permutation(len(train_ds))[:n_scale])
         scaling = latent_scaling_factor(final, train_ds.__getitems__(scale_idx)[0])
@@ -413,7 +391,7 @@ def train_autoencoder(
             "steps": step,
             "loss": lc.loss,
             "perceptual_source": lc.perceptual_weights or lc.perceptual_encoder,
-            "history": train_log.history,
+            "history": state.history,
         }
         write_json(metrics, run / "metrics.json")
         return _write_report(run.path, cfg, metrics)

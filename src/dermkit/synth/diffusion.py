@@ -67,18 +67,9 @@ from dermkit.synth.settings import (
     SamplerConfig,
     UNetConfig,
 )
-from dermkit.synth.training import (
-    TrainLog,
-    check_optim,
-    epoch_batches,
-    plan_budget,
-    progress_bar,
-    rank_slice,
-    write_json,
-)
+from dermkit.synth.training import write_json
 from dermkit.synth.variations import strength_schedule
-from dermkit.train.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
-from dermkit.train.engine import lr_at, make_accelerator, seed_step
+from dermkit.train.engine import Batch, EpochEnd, Rows, fit, make_accelerator
 from dermkit.train.losses import sampling_weights
 
 log = logging.getLogger(__name__)
@@ -457,9 +448,56 @@ def encode_views(
     return torch.cat(out)
 
 
+class DiffusionTraining:
+    """The engine's method for latent diffusion: one epsilon-regression step per batch.
+
+    Every random draw (dihedral view, timestep, label dropout, posterior and diffusion
+    noise) is made for the whole global batch from ``Batch.gen`` and sliced, so N
+    processes train on exactly what one process would.
+    """
+
+    select = None  # no val metric: the last (EMA) weights are the generator
+
+    def __init__(self, cfg: DiffusionRunConfig, latents, labels, null, latent_shape, sched):
+        """``latents`` (N, V, 2C, h, w), ``labels`` (N,), ``null``: the null class's label."""
+        self.cfg, self.latents, self.labels, self.null = cfg, latents, labels, null
+        self.latent_shape, self.noise_sched = latent_shape, sched
+
+    def draws(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        cfg, bsz, g, shape = self.cfg, batch.size, batch.gen, self.latent_shape
+        return (
+            torch.randint(0, cfg.dihedral_views, (bsz,), generator=g),
+            torch.randint(0, cfg.num_train_timesteps, (bsz,), generator=g),
+            torch.rand(bsz, generator=g) < cfg.label_dropout,
+            torch.randn((bsz, *shape), generator=g),
+            torch.randn((bsz, *shape), generator=g),
+        )
+
+    def step(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
+        mine = slice(batch.offset, batch.offset + len(batch.rows))
+        view, t, drop, e_post, noise = (
+            v[mine] for v in batch.once("draws", lambda: self.draws(batch))
+        )
+        idx = torch.from_numpy(batch.rows)
+        c = self.latent_shape[0]
+        moments = self.latents[idx, view].float()  # (b, 2C, h, w): scaled mean, std
+        z0 = moments[:, :c] + moments[:, c:] * e_post
+        y = self.labels[idx].clone()
+        y[drop] = self.null
+        if self.cfg.unconditional:
+            y[:] = self.null
+        device = next(model.parameters()).device
+        z0, noise, t, y = (v.to(device) for v in (z0, noise, t, y))
+        zt = self.noise_sched.add_noise(z0, noise, t)  # q(z_t | z_0)
+        pred = model(zt, t, class_labels=y).sample
+        return F.mse_loss(pred.float(), noise), {}
+
+    def evaluate(self, model, end: EpochEnd) -> dict:
+        return {"train_loss": end.train_loss}
+
+
 def train_diffusion(cfg: DiffusionRunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train the latent diffusion model end to end; returns the path of report.html."""
-    check_optim(cfg.optim)
     oc = cfg.optim
     accelerator = make_accelerator(oc.precision)
     main, device = accelerator.is_main_process, accelerator.device
@@ -476,117 +514,41 @@ def train_diffusion(cfg: DiffusionRunConfig, resume: bool = False, progress: boo
                 f"{codec.image_size} px ({cfg.autoencoder})"
             )
         check_unet_config(cfg.unet, codec.latent_shape[1])
+        if len(ds) < oc.batch_size:
+            raise ConfigError(
+                f"optim.batch_size={oc.batch_size} is larger than the {len(ds)} training rows"
+            )
         latents = encode_views(codec, ds, cfg.dihedral_views)  # (N, V, 2C, h, w)
-        c = codec.latent_shape[0]
-        labels_all = ds.labels
         n_classes, null = len(data.classes), len(data.classes)
-        weights = sampling_weights(labels_all, cfg.class_sampling, n_classes)
-        weights = None if weights is None else weights.numpy()
+        weights = sampling_weights(ds.labels, cfg.class_sampling, n_classes)
+        rows = Rows(np.arange(len(ds)), weights=None if weights is None else weights.numpy())
 
-        # --- model, noise schedule, optimizer, EMA
+        # --- model, noise schedule; the engine trains
         torch.manual_seed(cfg.seed)
         unet = build_unet(cfg.unet, codec.latent_shape, n_classes)
         noise_sched = training_scheduler(cfg.num_train_timesteps, cfg.beta_schedule)
-        budget = plan_budget(len(ds), oc, cfg.max_steps)
-        optimizer = torch.optim.AdamW(
-            unet.parameters(), lr=budget.peak_lr, betas=oc.betas, weight_decay=oc.weight_decay
+        method = DiffusionTraining(cfg, latents, ds.labels, null, codec.latent_shape, noise_sched)
+        state, final = fit(
+            method,
+            unet,
+            rows,
+            oc,
+            run.path,
+            seed=cfg.seed,
+            accelerator=accelerator,
+            resume=resume,
+            progress=progress,
+            log_every=cfg.log_every,
+            checkpoint_every=cfg.checkpoint_every,
+            name="diffusion",
+            max_steps=cfg.max_steps,
         )
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(unet, decay=oc.ema_decay, use_warmup=True) if oc.ema_decay else None
-
-        # --- resume
-        ckpt_dir = run / "checkpoints"
-        step, history = 0, []
-        if (ckpt := checkpoint_to_resume(ckpt_dir, resume)) is not None:
-            saved = load_checkpoint(ckpt, unet, optimizer, ema.module if ema else None)
-            step, history = saved["step"], saved["history"]
-            log.info("resumed from %s (step %d)", ckpt, step)
-        train_log = TrainLog(run / "log.jsonl", main, history)
-        train_log.truncate_after(step)
-        model, optimizer = accelerator.prepare(unet, optimizer)
-        lo, hi = rank_slice(accelerator, oc.batch_size)
-        bar, task = progress_bar(progress and main, budget.total, step, "diffusion")
-        epoch_loss: list[float] = []
-
-        # --- the loop
-        while step < budget.total:
-            epoch = step // budget.steps_per_epoch
-            batches = epoch_batches(len(ds), oc.batch_size, cfg.seed, epoch, weights)
-            model.train()
-            for b in range(step % budget.steps_per_epoch, budget.steps_per_epoch):
-                gen = seed_step(cfg.seed, step)
-                lr = lr_at(step, budget.total, budget.warmup, budget.peak_lr, oc.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                # Every random draw is made for the whole global batch, then sliced, so
-                # N processes train on exactly what one process would.
-                bsz = oc.batch_size
-                view = torch.randint(0, cfg.dihedral_views, (bsz,), generator=gen)[lo:hi]
-                t = torch.randint(0, cfg.num_train_timesteps, (bsz,), generator=gen)[lo:hi]
-                drop = torch.rand(bsz, generator=gen)[lo:hi] < cfg.label_dropout
-                e_post = torch.randn((bsz, *codec.latent_shape), generator=gen)[lo:hi]
-                noise = torch.randn((bsz, *codec.latent_shape), generator=gen)[lo:hi]
-                idx = torch.from_numpy(batches[b][lo:hi])
-                moments = latents[idx, view].float()
-                z0 = moments[:, :c] + moments[:, c:] * e_post
-                y = labels_all[idx].clone()
-                y[drop] = null
-                if cfg.unconditional:
-                    y[:] = null
-                z0, noise, t, y = (v.to(device) for v in (z0, noise, t, y))
-                zt = noise_sched.add_noise(z0, noise, t)  # q(z_t | z_0)
-                with accelerator.autocast():
-                    pred = model(zt, t, class_labels=y).sample
-                    loss = F.mse_loss(pred.float(), noise)
-                accelerator.backward(loss)
-                if oc.clip_grad:
-                    accelerator.clip_grad_norm_(model.parameters(), oc.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(unet, step=step)
-                step += 1
-                epoch_loss.append(loss.item())
-                train_log.count(bsz)
-                if bar is not None:
-                    bar.update(task, advance=1, description=f"diffusion loss {loss.item():.4f}")
-                if step % cfg.log_every == 0:
-                    train_log.write(
-                        {
-                            "kind": "train",
-                            "step": step,
-                            "epoch": epoch,
-                            "lr": lr,
-                            "loss": loss.item(),
-                        }
-                    )
-                end_of_epoch = b == budget.steps_per_epoch - 1 or step == budget.total
-                if end_of_epoch:
-                    row = {"kind": "epoch", "step": step, "epoch": epoch}
-                    row["train_loss"] = float(np.mean(epoch_loss)) if epoch_loss else None
-                    train_log.history.append(row)
-                    train_log.write(row)
-                    epoch_loss = []
-                if main and (step % cfg.checkpoint_every == 0 or step == budget.total):
-                    save_checkpoint(
-                        ckpt_dir,
-                        step,
-                        unet,
-                        optimizer,
-                        ema.module if ema else None,
-                        extra={"history": train_log.history, "epoch": epoch},
-                    )
-                accelerator.wait_for_everyone()
-                if step >= budget.total:
-                    break
-        if bar is not None:
-            bar.stop()
+        step, history = state.step, state.history
         if not main:
             return run / "report.html"
 
         # --- save the generator, preview grid, report
-        final = (ema.module if ema is not None else unet).eval()
+        final = final.eval()  # the EMA weights when optim.ema_decay
         save_unet(final.float().cpu(), run / UNET_FILE)
         if cfg.autoencoder is not None:
             src = Path(cfg.autoencoder)
@@ -615,12 +577,12 @@ def train_diffusion(cfg: DiffusionRunConfig, resume: bool = False, progress: boo
             )
         metrics = {
             "steps": step,
-            "final_train_loss": train_log.history[-1]["train_loss"] if train_log.history else None,
+            "final_train_loss": history[-1]["train_loss"] if history else None,
             "params": sum(p.numel() for p in unet.parameters()),
             "latent_shape": list(codec.latent_shape),
             "train_images": len(ds),
             "dihedral_views": cfg.dihedral_views,
-            "history": train_log.history,
+            "history": history,
         }
         write_json(metrics, run / "metrics.json")
         report = HtmlReport("dermkit synth diffusion: class-conditional latent diffusion")
@@ -628,7 +590,7 @@ def train_diffusion(cfg: DiffusionRunConfig, resume: bool = False, progress: boo
             [{"quantity": k, "value": v} for k, v in metrics.items() if k != "history"],
             caption="Training",
         )
-        report.add_table(train_log.history, caption="Per epoch")
+        report.add_table(history, caption="Per epoch")
         if figure is not None:
             p = cfg.preview
             report.add_figure(
