@@ -90,7 +90,8 @@ def _toy(tmp_path: Path, **optim) -> tuple[torch.nn.Module, dict, list[dict]]:
     x = torch.randn(64, 4)
     y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
     model = torch.nn.Linear(4, 1)
-    oc = OptimConfig(epochs=3, batch_size=16, base_lr=0.5, warmup_epochs=0.5, **optim)
+    settings = {"epochs": 3, "batch_size": 16, "base_lr": 0.5, "warmup_epochs": 0.5}
+    oc = OptimConfig(**(settings | optim))
     state, final = fit(
         _Regression(x, y), model, Rows.of(64), oc, tmp_path, seed=0,
         accelerator=make_accelerator("fp32"), progress=False, log_every=1, checkpoint_every=5,
@@ -146,6 +147,25 @@ def test_resume_replays_the_uninterrupted_run(tmp_path):
     )  # fmt: skip
     for p, q in zip(whole.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_checkpoints_come_as_asked_at_the_end_and_after_long_epochs(tmp_path, monkeypatch):
+    """checkpoint_every=5: 4-step epochs get no checkpoint of their own (a run of tiny
+    epochs would checkpoint every step or two), 8-step epochs do."""
+    import dermkit.train.engine as engine
+
+    steps, real = [], engine.save_checkpoint
+
+    def record(ckpt_dir, step, *args, **kwargs):
+        steps.append(step)
+        return real(ckpt_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "save_checkpoint", record)
+    _toy(tmp_path / "short")  # 64 rows, batch 16: 4 steps per epoch, 12 in all
+    assert steps == [5, 10, 12]
+    steps.clear()
+    _toy(tmp_path / "long", batch_size=8)  # 8 steps per epoch, 24 in all
+    assert steps == [5, 8, 10, 15, 16, 20, 24]
 
 
 def test_settings_a_method_cannot_use_are_named(tmp_path):

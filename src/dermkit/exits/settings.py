@@ -87,5 +87,5 @@ class ExitsRunConfig(RunSettings):
     augment: AugmentSettings | None = Field(None, description="null: the base run's")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint_every: int = Field(
-        200, ge=1, description="optimizer steps between checkpoints (and every epoch end)"
+        200, ge=1, description="optimizer steps between checkpoints (and epoch ends, if as long)"
     )

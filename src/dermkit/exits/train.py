@@ -246,8 +246,9 @@ def train_exit_models(
 
     On the engine (``train/engine.py``): with ``run_dir`` it checkpoints (trainable weights,
     AdamW state, each head type's best weights so far) into ``run_dir/checkpoints`` every
-    ``cfg.checkpoint_every`` steps and at each epoch end, and ``resume`` continues from the
-    latest one, replaying exactly what the uninterrupted run did.
+    ``cfg.checkpoint_every`` steps, at the end and at epoch ends (``fit``'s rule), and
+    ``resume`` continues from the latest one, replaying exactly what the uninterrupted run
+    did.
     """
     device = accelerator.device
     n_classes = len(train_ds.class_names)

@@ -4,7 +4,7 @@ prepare data (the train split of real images, plus synthetic rows at ``synthetic
 when a synthetic manifest is given; labels are not used for training) -> model (MAE on a
 timm ViT, or a convolutional VAE) -> the loop: per step reseed from (seed, step), set the
 lr (linear warm-up, cosine), gather the batch from the cache, flip/rotate it, loss,
-backward, (clip), AdamW step -> every ``checkpoint_every`` steps and at each epoch end an
+backward, (clip), AdamW step -> every ``checkpoint_every`` steps (and at epoch ends, see ``fit``) an
 atomic checkpoint -> at epoch ends a reconstruction grid (every ``grid_every`` epochs)
 and a frozen-feature probe (every ``probe_every`` epochs, and always at the end) ->
 export the encoder.

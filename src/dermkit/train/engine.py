@@ -327,9 +327,10 @@ def fit(
     (default: all parameters together). ``keep_tensors()``/``load_tensors(t)`` carry the
     method's own tensors (e.g. best weights per head) through checkpoints.
 
-    Writes into ``run_dir``: ``checkpoints/`` (resumable), ``log.jsonl`` (rows of kind
-    "train" every ``log_every`` steps and "epoch" at epoch ends) and, when the method
-    selects, ``best.safetensors`` (EMA weights when EMA is on).
+    Writes into ``run_dir``: ``checkpoints/`` (resumable; every ``checkpoint_every`` steps,
+    at the end, and at each epoch end when epochs are at least that long), ``log.jsonl``
+    (rows of kind "train" every ``log_every`` steps and "epoch" at epoch ends) and, when
+    the method selects, ``best.safetensors`` (EMA weights when EMA is on).
     """
     oc, run_dir = optim, Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -441,7 +442,12 @@ def fit(
                 if row is not None:
                     metrics_log.write(row)
                 model.train()
-            if state.step % checkpoint_every == 0 or end_of_epoch:
+            # Checkpoints every checkpoint_every steps, when the run ends, and at the epoch
+            # ends of epochs no shorter than that (a kill then redoes no epoch evaluation);
+            # at every end of short epochs they would come far more often than asked.
+            run_ends = state.step == total_steps or state.stopped_early
+            long_epoch_end = end_of_epoch and steps_per_epoch >= checkpoint_every
+            if state.step % checkpoint_every == 0 or run_ends or long_epoch_end:
                 if accelerator.is_main_process:
                     save_checkpoint(
                         ckpt_dir,
