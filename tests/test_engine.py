@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dermkit.train.engine import Batch, EpochEnd, Rows, fit, make_accelerator
+from dermkit.train.engine import Batch, EpochEnd, Rows, fit, make_accelerator, run_options
 from dermkit.train.settings import OptimConfig
 
 TOL = 1e-4
@@ -177,10 +177,24 @@ def test_settings_a_method_cannot_use_are_named(tmp_path):
     x, y = torch.randn(16, 4), torch.randn(16, 1)
     acc = make_accelerator("fp32")
     for optim, field in ((OptimConfig(patience=2), "patience"), (OptimConfig(layer_decay=0.7),
-                         "layer_decay")):  # fmt: skip
+                         "layer_decay"), (OptimConfig(batch_size=32), "batch_size")):  # fmt: skip
         with pytest.raises(ConfigError, match=field):
             fit(NoSelection(x, y), torch.nn.Linear(4, 1), Rows.of(16), optim, tmp_path, seed=0,
                 accelerator=acc, progress=False)  # fmt: skip
+
+
+def test_run_options_are_the_run_configs():
+    """A command's fit keywords come from its run config; what it lacks keeps fit's default."""
+    from dermkit.exits.settings import ExitsRunConfig
+    from dermkit.synth.settings import DiffusionRunConfig
+
+    diffusion = DiffusionRunConfig(seed=3, max_steps=7, log_every=5, checkpoint_every=9)
+    assert run_options(diffusion, resume=True, progress=False) == {
+        "seed": 3, "resume": True, "progress": False, "log_every": 5, "checkpoint_every": 9,
+        "max_steps": 7,
+    }  # fmt: skip
+    exits = run_options(ExitsRunConfig(base_run="x", checkpoint_every=4))
+    assert exits == {"seed": 0, "resume": False, "progress": True, "checkpoint_every": 4}
 
 
 # ----------------------------------------------------------------------------- 2 vs 1 process

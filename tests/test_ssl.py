@@ -389,17 +389,8 @@ def test_gpu_preset_mae_one_step_on_cpu():
     from timm.optim import create_optimizer_v2
 
     cfg = load_config(MaePretrainRunConfig, "pretrain_mae", "gpu")
-    m = cfg.mae
     torch.manual_seed(0)
-    mae = MaskedAutoencoder(
-        cfg.model.name,
-        cfg.data.image_size,
-        mask_ratio=m.mask_ratio,
-        decoder_dim=m.decoder_dim,
-        decoder_depth=m.decoder_depth,
-        decoder_heads=m.decoder_heads,
-        norm_pix_loss=m.norm_pix_loss,
-    )
+    mae = MaskedAutoencoder.from_config(cfg)
     encoder_params = sum(p.numel() for p in mae.encoder.parameters())
     assert 630e6 < encoder_params < 634e6
     opt = create_optimizer_v2(

@@ -70,17 +70,12 @@ def bench_mae(
     ds = CachedImageDataset(data.cache, data.part("train"), data.classes)
     B, m = cfg.optim.batch_size, cfg.mae
     torch.manual_seed(cfg.seed)
-    mae = MaskedAutoencoder(
-        cfg.model.name,
-        cfg.data.image_size,
-        mask_ratio=m.mask_ratio,
-        decoder_dim=m.decoder_dim,
-        decoder_depth=m.decoder_depth,
-        decoder_heads=m.decoder_heads,
-        norm_pix_loss=m.norm_pix_loss,
-    ).to(device)
+    mae = MaskedAutoencoder.from_config(cfg).to(device)  # the model pretraining trains
     supervised = create_backbone(
-        cfg.model.name, num_classes=len(data.classes), img_size=cfg.data.image_size
+        cfg.model.name,
+        num_classes=len(data.classes),
+        img_size=cfg.data.image_size,
+        drop_path_rate=cfg.model.drop_path_rate,  # as the MAE's encoder: the same ViT
     ).to(device)
     kinds = {set_attention(mae, attention), set_attention(supervised, attention)}
     if len(kinds) != 1:

@@ -36,7 +36,7 @@ import torch
 
 from dermkit.config import ConfigError
 from dermkit.data.dataset import CachedImageDataset
-from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize, to_float
+from dermkit.data.transforms import AugmentConfig, BatchAugment, to_float
 from dermkit.exits.backbones import backbone_parts
 from dermkit.exits.model import EarlyExitViT
 from dermkit.exits.policy import macro_f1
@@ -51,7 +51,7 @@ from dermkit.exits.settings import ExitsRunConfig
 from dermkit.models.backbones import input_stats
 from dermkit.models.runs_io import load_run_model
 from dermkit.runs import RunDir
-from dermkit.train.engine import Batch, EpochEnd, Rows, fit, make_accelerator
+from dermkit.train.engine import Batch, EpochEnd, Rows, fit, make_accelerator, run_options
 from dermkit.train.kd import KDLoss
 from dermkit.train.losses import ClassificationLoss, sampling_weights
 
@@ -190,11 +190,7 @@ class ExitTraining:
         self.best: dict[str, dict[str, torch.Tensor]] = {}  # {head type: state dict}
 
     def step(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
-        params = batch.once("augment", lambda: self.augment.sample(batch.size, batch.gen))
-        x, y = self.train_ds.__getitems__(batch.rows)
-        x = x.to(self.device).float().div_(255.0)
-        x = normalize(self.augment.apply(x, params, lo=batch.offset), *self.stats)
-        losses = model(x, y.to(self.device))
+        losses = model(*batch.augmented(self.train_ds, self.augment, self.device, self.stats))
         return sum(losses.values()), {h: float(v.detach()) for h, v in losses.items()}
 
     def evaluate(self, model: ExitHeads, end: EpochEnd) -> dict:
@@ -268,12 +264,9 @@ def train_exit_models(
             rows,
             cfg.optim,
             Path(run_dir) if run_dir is not None else Path(tmp),
-            seed=cfg.seed,
             accelerator=accelerator,
-            resume=resume,
-            progress=progress,
-            checkpoint_every=cfg.checkpoint_every,
             name="exit heads",
+            **run_options(cfg, resume=resume, progress=progress),
             # each head type is clipped on its own, as if it were trained alone
             clip_groups=lambda t: [part.parameters() for part in t.values()],
             keep_tensors=method.keep_tensors,

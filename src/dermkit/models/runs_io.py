@@ -95,14 +95,22 @@ def build_run_model(cfg: FinetuneRunConfig, n_classes: int) -> torch.nn.Module:
     create = create_backbone
     if isinstance(cfg, DistillRunConfig) and cfg.distill.dist_token:
         from dermkit.models.distilled import create_distilled_vit as create
-    return create(
-        cfg.model.name,
-        num_classes=n_classes,
-        img_size=cfg.data.image_size,
-        drop_path_rate=cfg.model.drop_path_rate,
-        drop_rate=cfg.model.drop_rate,
-        input_norm=run_input_norm(cfg),
-    )
+    return create(cfg.model.name, **architecture_kwargs(cfg, n_classes, run_input_norm(cfg)))
+
+
+def architecture_kwargs(cfg: FinetuneRunConfig, n_outputs: int, input_norm: str) -> dict:
+    """Keywords of ``create_backbone``/``create_distilled_vit`` for a run config's model.
+
+    The head width ``n_outputs``, the input size, the dropout rates and ``input_norm``
+    (training passes the configured one; a finished run the one it trained with).
+    """
+    return {
+        "num_classes": n_outputs,
+        "img_size": cfg.data.image_size,
+        "drop_path_rate": cfg.model.drop_path_rate,
+        "drop_rate": cfg.model.drop_rate,
+        "input_norm": input_norm,
+    }
 
 
 def run_input_norm(cfg: FinetuneRunConfig) -> str:

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dermkit.models.backbones import create_backbone
+from dermkit.ssl.settings import MaePretrainRunConfig
 
 
 def random_masking(
@@ -181,6 +182,22 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch**2 * in_chans)
         self._init_decoder()
+
+    @classmethod
+    def from_config(cls, cfg: MaePretrainRunConfig) -> MaskedAutoencoder:
+        """The MAE of a pretraining run config: ``model`` (name, drop path), the image size
+        and the ``mae`` section."""
+        m = cfg.mae
+        return cls(
+            cfg.model.name,
+            cfg.data.image_size,
+            mask_ratio=m.mask_ratio,
+            decoder_dim=m.decoder_dim,
+            decoder_depth=m.decoder_depth,
+            decoder_heads=m.decoder_heads,
+            norm_pix_loss=m.norm_pix_loss,
+            drop_path_rate=cfg.model.drop_path_rate,
+        )
 
     def _init_decoder(self) -> None:
         # The paper's init (xavier linear layers, N(0, .02) mask token); the encoder keeps

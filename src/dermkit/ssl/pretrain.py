@@ -29,6 +29,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,6 @@ from dermkit.data.transforms import (
     IMAGENET_STD,
     AugmentConfig,
     BatchAugment,
-    normalize,
     to_float,
 )
 from dermkit.eval.probe import probe_encoder
@@ -53,7 +53,15 @@ from dermkit.eval.report import HtmlReport
 from dermkit.models.weights import load_pretrained, save_weights
 from dermkit.runs import RunDir
 from dermkit.ssl.settings import MaePretrainRunConfig, VaePretrainRunConfig
-from dermkit.train.engine import Batch, EpochEnd, FitState, Rows, fit, make_accelerator
+from dermkit.train.engine import (
+    Batch,
+    EpochEnd,
+    FitState,
+    Rows,
+    fit,
+    make_accelerator,
+    run_options,
+)
 from dermkit.train.finetune import load_training_data
 
 log = logging.getLogger(__name__)
@@ -168,10 +176,7 @@ class Pretraining:
         self.augment = BatchAugment(light)
 
     def step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
-        params = batch.once("augment", lambda: self.augment.sample(batch.size, batch.gen))
-        x, _ = self.train_ds.__getitems__(batch.rows)  # uint8 (b, 3, S, S); labels unused
-        x = x.to(self.accelerator.device, non_blocking=True).float().div_(255)
-        x = normalize(self.augment.apply(x, params, lo=batch.offset))
+        x, _ = batch.augmented(self.train_ds, self.augment, self.accelerator.device)  # no labels
         return self.method.loss(model, x, batch)
 
     def evaluate(self, model: nn.Module, end: EpochEnd) -> dict:
@@ -206,13 +211,9 @@ def pretrain_loop(
         Rows(real, synthetic, synthetic_ratio=cfg.synthetic_ratio),
         cfg.optim,
         run_dir,
-        seed=cfg.seed,
         accelerator=accelerator,
-        resume=resume,
-        progress=progress,
-        log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every,
         name=method.stage,
+        **run_options(cfg, resume=resume, progress=progress),
     )
 
 
@@ -368,19 +369,6 @@ def run_pretrain_mae(
     """MAE pretraining end to end; returns the path of report.html."""
     from dermkit.ssl.mae import MaskedAutoencoder
 
-    def build() -> nn.Module:
-        m = cfg.mae
-        return MaskedAutoencoder(
-            cfg.model.name,
-            cfg.data.image_size,
-            mask_ratio=m.mask_ratio,
-            decoder_dim=m.decoder_dim,
-            decoder_depth=m.decoder_depth,
-            decoder_heads=m.decoder_heads,
-            norm_pix_loss=m.norm_pix_loss,
-            drop_path_rate=cfg.model.drop_path_rate,
-        )
-
     def loss(model: nn.Module, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
         # masks drawn for the global batch, then sliced: N processes mask as 1 does
         n = getattr(model, "module", model).num_patches  # model may be DDP-wrapped
@@ -394,6 +382,7 @@ def run_pretrain_mae(
         grid_caption=f"rows: original / {cfg.mae.mask_ratio:.0%} of patches masked / "
         "reconstruction (visible patches pasted back)",
     )
+    build = partial(MaskedAutoencoder.from_config, cfg)
     return _run_pretrain(cfg, method, build, lambda m: m.encoder, resume, progress, ("loss",))
 
 

@@ -19,7 +19,6 @@ unit-variance latents) in its metadata; nothing else is needed to load it.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -27,15 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from dermkit.config import ConfigError
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import prepare_data
 from dermkit.eval.report import HtmlReport
-from dermkit.models.weights import save_weights
 from dermkit.runs import RunDir
 from dermkit.synth.discriminator import (
     PatchDiscriminator,
@@ -44,8 +40,8 @@ from dermkit.synth.discriminator import (
 )
 from dermkit.synth.images import apply_dihedral, save_grid, to_signed, to_uint8
 from dermkit.synth.settings import AutoencoderModelConfig, AutoencoderRunConfig
-from dermkit.synth.training import write_json
-from dermkit.train.engine import Batch, EpochEnd, Rows, fit, make_accelerator
+from dermkit.synth.training import load_diffusers, save_diffusers, write_json
+from dermkit.train.engine import Batch, EpochEnd, Rows, fit, make_accelerator, run_options
 
 log = logging.getLogger(__name__)
 
@@ -232,16 +228,12 @@ class LatentCodec:
 def save_autoencoder(vae: AutoencoderKL, scaling_factor: float, path: str | Path) -> Path:
     """Weights + diffusers config + scaling factor in one .safetensors file."""
     vae.register_to_config(scaling_factor=float(scaling_factor))
-    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
-    return save_weights(
+    return save_diffusers(
         vae,
         path,
-        metadata={
-            "dermkit_kind": "autoencoder_kl",
-            "diffusers_config": json.dumps(config),
-            "scaling_factor": repr(float(scaling_factor)),
-            "image_size": str(vae.config.sample_size),
-        },
+        "autoencoder_kl",
+        scaling_factor=repr(float(scaling_factor)),
+        image_size=str(vae.config.sample_size),
     )
 
 
@@ -254,14 +246,7 @@ def load_codec(source: str | Path | None, image_size: int | None = None) -> Late
         return LatentCodec(None, 1.0, image_size)
     path = Path(source)
     path = path / WEIGHTS_FILE if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"autoencoder weights not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("dermkit_kind") != "autoencoder_kl":
-        raise ConfigError(f"{path}: not a dermkit autoencoder (metadata dermkit_kind)")
-    vae = AutoencoderKL.from_config(json.loads(meta["diffusers_config"]))
-    vae.load_state_dict(load_file(path))
+    vae, meta = load_diffusers(path, AutoencoderKL, "autoencoder_kl", "autoencoder")
     return LatentCodec(vae, float(meta["scaling_factor"]), int(meta["image_size"]))
 
 
@@ -347,24 +332,15 @@ def train_autoencoder(
             from dermkit.synth.perceptual import PerceptualLoss
 
             perceptual = PerceptualLoss(lc.perceptual_weights, lc.perceptual_encoder).to(device)
-        if len(train_ds) < oc.batch_size:
-            raise ConfigError(
-                f"optim.batch_size={oc.batch_size} is larger than the {len(train_ds)} training rows"
-            )
         state, trained = fit(
             AutoencoderTraining(cfg, train_ds, val_images, accelerator),
             AutoencoderGAN(vae, disc, cfg, perceptual),
             Rows.of(len(train_ds)),
             oc,
             run.path,
-            seed=cfg.seed,
             accelerator=accelerator,
-            resume=resume,
-            progress=progress,
-            log_every=cfg.log_every,
-            checkpoint_every=cfg.checkpoint_every,
             name="autoencoder",
-            max_steps=cfg.max_steps,
+            **run_options(cfg, resume=resume, progress=progress),
         )
         step = state.step
         if not main:

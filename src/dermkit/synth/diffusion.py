@@ -48,14 +48,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from dermkit.config import ConfigError, load_config
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import PreparedData, prepare_data
 from dermkit.eval.report import HtmlReport
-from dermkit.models.weights import save_weights
 from dermkit.runs import RunDir
 from dermkit.synth.autoencoder import WEIGHTS_FILE as AUTOENCODER_FILE
 from dermkit.synth.autoencoder import LatentCodec, load_codec
@@ -67,9 +64,9 @@ from dermkit.synth.settings import (
     SamplerConfig,
     UNetConfig,
 )
-from dermkit.synth.training import write_json
+from dermkit.synth.training import load_diffusers, save_diffusers, write_json
 from dermkit.synth.variations import strength_schedule
-from dermkit.train.engine import Batch, EpochEnd, Rows, fit, make_accelerator
+from dermkit.train.engine import Batch, EpochEnd, Rows, fit, make_accelerator, run_options
 from dermkit.train.losses import sampling_weights
 
 log = logging.getLogger(__name__)
@@ -360,22 +357,11 @@ def generator_train_split(run: str | Path) -> tuple[PreparedData, pd.DataFrame]:
 
 
 def save_unet(unet: UNet2DModel, path: str | Path) -> Path:
-    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-    return save_weights(
-        unet, path, metadata={"dermkit_kind": "unet2d", "diffusers_config": json.dumps(config)}
-    )
+    return save_diffusers(unet, path, "unet2d")
 
 
 def load_unet(path: str | Path) -> UNet2DModel:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"UNet weights not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("dermkit_kind") != "unet2d":
-        raise ConfigError(f"{path}: not a dermkit UNet (metadata dermkit_kind)")
-    unet = UNet2DModel.from_config(json.loads(meta["diffusers_config"]))
-    unet.load_state_dict(load_file(path))
+    unet, _ = load_diffusers(path, UNet2DModel, "unet2d", "UNet")
     return unet.eval().requires_grad_(False)
 
 
@@ -514,10 +500,6 @@ def train_diffusion(cfg: DiffusionRunConfig, resume: bool = False, progress: boo
                 f"{codec.image_size} px ({cfg.autoencoder})"
             )
         check_unet_config(cfg.unet, codec.latent_shape[1])
-        if len(ds) < oc.batch_size:
-            raise ConfigError(
-                f"optim.batch_size={oc.batch_size} is larger than the {len(ds)} training rows"
-            )
         latents = encode_views(codec, ds, cfg.dihedral_views)  # (N, V, 2C, h, w)
         n_classes, null = len(data.classes), len(data.classes)
         weights = sampling_weights(ds.labels, cfg.class_sampling, n_classes)
@@ -534,14 +516,9 @@ def train_diffusion(cfg: DiffusionRunConfig, resume: bool = False, progress: boo
             rows,
             oc,
             run.path,
-            seed=cfg.seed,
             accelerator=accelerator,
-            resume=resume,
-            progress=progress,
-            log_every=cfg.log_every,
-            checkpoint_every=cfg.checkpoint_every,
             name="diffusion",
-            max_steps=cfg.max_steps,
+            **run_options(cfg, resume=resume, progress=progress),
         )
         step, history = state.step, state.history
         if not main:

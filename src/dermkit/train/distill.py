@@ -54,7 +54,7 @@ from dermkit.eval.inference import predict_logits
 from dermkit.eval.report import format_estimate
 from dermkit.models.backbones import feature_dim, input_norm_of, input_stats
 from dermkit.models.packaged import INPUT_NORMS
-from dermkit.models.runs_io import WEIGHTS_FILE, read_run_config
+from dermkit.models.runs_io import WEIGHTS_FILE, architecture_kwargs, read_run_config
 from dermkit.models.weights import save_weights
 from dermkit.runs import RunDir
 from dermkit.tasks import OrdinalTask, Task, summary_rows, task_from_config
@@ -303,12 +303,7 @@ def build_student(cfg: DistillRunConfig, n_outputs: int) -> tuple[nn.Module, str
     m = cfg.model
     try:
         distilled = create_distilled_vit(
-            m.name,
-            num_classes=n_outputs,
-            img_size=cfg.data.image_size,
-            drop_path_rate=m.drop_path_rate,
-            drop_rate=m.drop_rate,
-            input_norm=m.input_norm,
+            m.name, **architecture_kwargs(cfg, n_outputs, m.input_norm)
         )
     except ValueError as e:
         raise ConfigError(f"distill.dist_token=true, model.name={m.name}: {e}") from e

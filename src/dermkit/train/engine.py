@@ -39,9 +39,10 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch import nn
 
-from dermkit.config import ConfigError
+from dermkit.config import ConfigError, RunSettings
 from dermkit.core.devices import make_accelerator, resolve_precision  # noqa: F401  (re-exported)
 from dermkit.core.files import atomic_path
+from dermkit.data.transforms import BatchAugment, normalize
 from dermkit.train.checkpoint import (
     checkpoint_to_resume,
     load_checkpoint,
@@ -97,7 +98,10 @@ def plan_epoch(
     n_real = batch_size - n_syn
     steps = len(real) // n_real
     if steps == 0:
-        raise ValueError(f"{len(real)} training images are fewer than one batch of {n_real}")
+        raise ConfigError(
+            f"optim.batch_size={batch_size}: a batch holds {n_real} real training rows, "
+            f"there are only {len(real)}"
+        )
     if weights is None:
         order = real[rng.permutation(len(real))]
     else:
@@ -167,6 +171,21 @@ class Batch:
         if key not in self.memo:
             self.memo[key] = draw()
         return self.memo[key]
+
+    def augmented(
+        self, dataset, augment: BatchAugment, device: torch.device, stats: tuple = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This micro-batch's rows of an image dataset, augmented and normalised.
+
+        ``dataset.__getitems__(rows)`` -> uint8 (b, 3, S, S), labels (b,). ``augment``
+        (``BatchAugment``) draws its parameters once for the global batch and applies
+        this slice's; ``stats`` (mean, std) normalise, ImageNet's by default. Returns
+        float images (b, 3, S, S) and labels (b,), both on ``device``.
+        """
+        params = self.once("augment", lambda: augment.sample(self.size, self.gen))
+        x, y = dataset.__getitems__(self.rows)
+        x = x.to(device, non_blocking=True).float().div_(255)
+        return normalize(augment.apply(x, params, lo=self.offset), *stats), y.to(device)
 
 
 @dataclass
@@ -298,6 +317,20 @@ def peak_lr(optim: OptimConfig) -> float:
     return optim.base_lr * optim.batch_size / 256
 
 
+def run_options(cfg: RunSettings, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """``fit``'s keywords that a command's run config sets, with its resume/progress flags.
+
+    ``seed`` always; ``log_every``, ``checkpoint_every`` and ``max_steps`` where the config
+    has them (else ``fit``'s defaults). A command calls
+    ``fit(method, model, rows, cfg.optim, run_dir, accelerator=..., **run_options(cfg, ...))``.
+    """
+    options = {"seed": cfg.seed, "resume": resume, "progress": progress}
+    for key in ("log_every", "checkpoint_every", "max_steps"):
+        if hasattr(cfg, key):
+            options[key] = getattr(cfg, key)
+    return options
+
+
 def fit(
     method: Method,
     model: nn.Module,
@@ -345,6 +378,7 @@ def fit(
         raise ConfigError(f"optim.layer_decay: {type(model).__name__} has no layers (set null)")
     if oc.patience and method.select is None:
         raise ConfigError("optim.patience: this method selects no epoch on a val metric (set 0)")
+    steps_per_epoch = rows.plan(oc.batch_size, seed, 0).shape[0]  # refuses a too-large batch
     from timm.utils import ModelEmaV3
 
     optimizer = build_optimizer(model, oc)
@@ -367,7 +401,6 @@ def fit(
     raw_model = accelerator.unwrap_model(model)
     eval_model = ema.module if ema else raw_model
 
-    steps_per_epoch = rows.plan(oc.batch_size, seed, 0).shape[0]
     total_steps = oc.epochs * steps_per_epoch
     total_steps = total_steps if max_steps is None else min(total_steps, max_steps)
     warmup = round(oc.warmup_epochs * steps_per_epoch)

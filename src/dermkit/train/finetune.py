@@ -27,6 +27,7 @@ from dermkit.data.prepare import PreparedData, prepare_data, write_split_file
 from dermkit.eval.curves import plot_learning_curves
 from dermkit.eval.inference import predict_logits
 from dermkit.models.backbones import create_backbone
+from dermkit.models.runs_io import architecture_kwargs
 from dermkit.runs import RunDir
 from dermkit.tasks import summary_rows, task_from_config
 from dermkit.train.loop import load_best, train_classifier
@@ -38,14 +39,7 @@ log = logging.getLogger(__name__)
 def build_model(cfg: FinetuneRunConfig, n_classes: int) -> tuple[torch.nn.Module, str]:
     """The configured backbone with a fresh head; returns (model, weights report text)."""
     m = cfg.model
-    model = create_backbone(
-        m.name,
-        num_classes=n_classes,
-        img_size=cfg.data.image_size,
-        drop_path_rate=m.drop_path_rate,
-        drop_rate=m.drop_rate,
-        input_norm=m.input_norm,
-    )
+    model = create_backbone(m.name, **architecture_kwargs(cfg, n_classes, m.input_norm))
     report = "random initialisation"
     if m.weights:
         from dermkit.models.weights import load_pretrained

@@ -26,7 +26,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from dermkit.core.metrics import macro_f1
 from dermkit.data.dataset import CachedImageDataset
-from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize
+from dermkit.data.transforms import AugmentConfig, BatchAugment
 from dermkit.eval.inference import predict_logits
 from dermkit.models.backbones import input_stats
 from dermkit.train.engine import (  # noqa: F401  (lr_at, plan_epoch: re-exported)
@@ -38,6 +38,7 @@ from dermkit.train.engine import (  # noqa: F401  (lr_at, plan_epoch: re-exporte
     make_accelerator,
     peak_lr,
     plan_epoch,
+    run_options,
 )
 from dermkit.train.losses import ClassificationLoss, sampling_weights
 from dermkit.train.settings import FinetuneRunConfig
@@ -126,11 +127,8 @@ class Supervised:
             )
 
     def step(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
-        params = batch.once("augment", lambda: self.augment.sample(batch.size, batch.gen))
-        x, y = self.train_ds.__getitems__(batch.rows)  # uint8 (b, 3, S, S), (b,)
-        x = x.to(self.accelerator.device, non_blocking=True).float().div_(255)
-        x = normalize(self.augment.apply(x, params, lo=batch.offset), *self.stats)
-        y = y.to(self.accelerator.device)
+        device = self.accelerator.device
+        x, y = batch.augmented(self.train_ds, self.augment, device, self.stats)
         if self.mixup is not None:
             x, y = self.mixup(x, y)  # y: (b, C) soft targets
         logits = model(x)
@@ -217,12 +215,8 @@ def train_classifier(
         rows,
         oc,
         run_dir,
-        seed=cfg.seed,
         accelerator=accelerator,
-        resume=resume,
-        progress=progress,
-        log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every,
+        **run_options(cfg, resume=resume, progress=progress),
     )
     if accelerator.is_main_process:
         (run_dir / "history.json").write_text(json.dumps(state.history, indent=2))
