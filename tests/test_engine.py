@@ -168,6 +168,17 @@ def test_checkpoints_come_as_asked_at_the_end_and_after_long_epochs(tmp_path, mo
     assert steps == [5, 8, 10, 15, 16, 20, 24]
 
 
+def test_resuming_a_checkpoint_of_another_model_is_refused(tmp_path):
+    from dermkit.train.engine import CheckpointMismatchError
+
+    _toy(tmp_path)
+    x, y = torch.randn(64, 4), torch.randn(64, 2)
+    oc = OptimConfig(epochs=1, batch_size=16)
+    with pytest.raises(CheckpointMismatchError, match="does not fit this run"):
+        fit(_Regression(x, y), torch.nn.Linear(4, 2), Rows.of(64), oc, tmp_path, seed=0,
+            accelerator=make_accelerator("fp32"), resume=True, progress=False)  # fmt: skip
+
+
 def test_settings_a_method_cannot_use_are_named(tmp_path):
     from dermkit.config import ConfigError
 

@@ -51,7 +51,15 @@ from dermkit.exits.settings import ExitsRunConfig
 from dermkit.models.backbones import input_stats
 from dermkit.models.runs_io import load_run_model
 from dermkit.runs import RunDir
-from dermkit.train.engine import Batch, EpochEnd, Rows, fit, make_accelerator, run_options
+from dermkit.train.engine import (
+    Batch,
+    CheckpointMismatchError,
+    EpochEnd,
+    Rows,
+    fit,
+    make_accelerator,
+    run_options,
+)
 from dermkit.train.kd import KDLoss
 from dermkit.train.losses import ClassificationLoss, sampling_weights
 
@@ -258,20 +266,26 @@ def train_exit_models(
     method = ExitTraining(train_ds, val_ds, augment_cfg, accelerator, stats)
     rows = Rows(np.arange(len(train_ds)), weights=None if weights is None else weights.numpy())
     with tempfile.TemporaryDirectory() as tmp:  # no run folder: checkpoints are thrown away
-        state, _ = fit(
-            method,
-            trainer,
-            rows,
-            cfg.optim,
-            Path(run_dir) if run_dir is not None else Path(tmp),
-            accelerator=accelerator,
-            name="exit heads",
-            **run_options(cfg, resume=resume, progress=progress),
-            # each head type is clipped on its own, as if it were trained alone
-            clip_groups=lambda t: [part.parameters() for part in t.values()],
-            keep_tensors=method.keep_tensors,
-            load_tensors=method.load_tensors,
-        )
+        try:
+            state, _ = fit(
+                method,
+                trainer,
+                rows,
+                cfg.optim,
+                Path(run_dir) if run_dir is not None else Path(tmp),
+                accelerator=accelerator,
+                name="exit heads",
+                **run_options(cfg, resume=resume, progress=progress),
+                # each head type is clipped on its own, as if it were trained alone
+                clip_groups=lambda t: [part.parameters() for part in t.values()],
+                keep_tensors=method.keep_tensors,
+                load_tensors=method.load_tensors,
+            )
+        except CheckpointMismatchError as e:
+            raise ConfigError(
+                f"{e} (exits.head_types, exits.exit_blocks, exits.mode and the head sizes "
+                "fix what is trained)"
+            ) from e
     for h, m in models.items():
         m.load_state_dict(method.best[h], strict=False)
     best_epoch = {h: int(state.notes["best"][h][1]) for h in models}

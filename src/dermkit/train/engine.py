@@ -225,6 +225,10 @@ class Method(Protocol):
         ...
 
 
+class CheckpointMismatchError(ConfigError):
+    """The checkpoint a run resumes from does not fit the model or optimizer it trains."""
+
+
 @dataclass
 class FitState:
     """Everything besides tensors that a resumed run must know (JSON in the checkpoint).
@@ -390,7 +394,13 @@ def fit(
     ckpt_dir = run_dir / "checkpoints"
     state = FitState()
     if (ckpt := checkpoint_to_resume(ckpt_dir, resume)) is not None:
-        saved = load_checkpoint(ckpt, model, optimizer, ema.module if ema else None)
+        try:
+            saved = load_checkpoint(ckpt, model, optimizer, ema.module if ema else None)
+        except (RuntimeError, ValueError, KeyError) as e:  # its tensors do not fit the model
+            raise CheckpointMismatchError(
+                f"{ckpt} does not fit this run (changed model settings?); use a new out_dir "
+                f"or drop --resume: {e}"
+            ) from e
         state = FitState.from_json(saved["train_state"])
         if load_tensors is not None:
             load_tensors(load_checkpoint_tensors(ckpt))
