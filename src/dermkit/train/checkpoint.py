@@ -8,7 +8,6 @@ checkpoint here is a folder
       model.safetensors       weights
       ema.safetensors         EMA weights (if any)
       optimizer.safetensors   every optimizer state tensor, keyed "<param index>.<name>"
-                              (several named optimizers: optimizer-<name>.safetensors)
       tensors.safetensors     other tensors the loop keeps (e.g. best weights so far)
       rng.safetensors         torch CPU (and CUDA) generator states
       state.json              step, epoch, best metric, optimizer scalars and param-group
@@ -44,10 +43,6 @@ TENSORS_FILE = "tensors.safetensors"
 TMP_PREFIX = ".tmp-step-"
 
 log = logging.getLogger(__name__)
-
-
-def _optimizer_file(name: str) -> str:
-    return f"optimizer-{name}.safetensors"
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -110,7 +105,7 @@ def save_checkpoint(
     ckpt_dir: str | Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
     ema: torch.nn.Module | None = None,
     extra: dict | None = None,
     keep: int = 1,
@@ -118,9 +113,7 @@ def save_checkpoint(
 ) -> Path:
     """Write ``ckpt_dir/step-<step>/`` atomically, point ``latest`` at it, prune old ones.
 
-    ``optimizer`` may be a dict {name: optimizer} for a loop that steps several (one per
-    exit-head type); ``tensors`` are stored as they are (read back with
-    ``load_checkpoint_tensors``).
+    ``tensors`` are stored as they are (read back with ``load_checkpoint_tensors``).
     """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -132,13 +125,7 @@ def save_checkpoint(
     if ema is not None:
         save_file(_contiguous(ema.state_dict()), tmp / "ema.safetensors")
     state = {"step": step, "dermkit": __version__, **(extra or {})}
-    if isinstance(optimizer, dict):
-        state["optimizers"] = {}
-        for name, opt in optimizer.items():
-            flat, meta = optimizer_to_flat(opt)
-            save_file(_contiguous(flat), tmp / _optimizer_file(name))
-            state["optimizers"][name] = meta
-    elif optimizer is not None:
+    if optimizer is not None:
         flat, meta = optimizer_to_flat(optimizer)
         save_file(_contiguous(flat), tmp / "optimizer.safetensors")
         state["optimizer"] = meta
@@ -236,7 +223,7 @@ def checkpoint_to_resume(ckpt_dir: str | Path, resume: bool) -> Path | None:
 def load_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
     ema: torch.nn.Module | None = None,
     restore_rng: bool = True,
 ) -> dict:
@@ -246,15 +233,7 @@ def load_checkpoint(
     model.load_state_dict(load_file(path / "model.safetensors"))
     if ema is not None and (path / "ema.safetensors").exists():
         ema.load_state_dict(load_file(path / "ema.safetensors"))
-    if isinstance(optimizer, dict):
-        saved = state.get("optimizers", {})
-        if set(saved) != set(optimizer):
-            raise ValueError(
-                f"{path}: holds optimizers {sorted(saved)}, this run has {sorted(optimizer)}"
-            )
-        for name, opt in optimizer.items():
-            optimizer_from_flat(opt, load_file(path / _optimizer_file(name)), saved[name])
-    elif optimizer is not None and "optimizer" in state:
+    if optimizer is not None and "optimizer" in state:
         optimizer_from_flat(
             optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"]
         )
