@@ -149,3 +149,64 @@ def test_cached_pooled_features_give_the_model_logits():
     with torch.no_grad():  # the model's symmetric input norm, not ImageNet's
         want = torch.stack(model.forward_all(to_float(images, *input_stats(model.backbone))))
     np.testing.assert_allclose(exit_logits(model, feats), want.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def _separable_features(blocks, dims, n, gen, means):
+    """Pooled features of n rows whose class shifts each exit's mean; random final logits."""
+    y = np.arange(n) % C
+    feats = {
+        f"block_{b}": (means[b][y] + gen.normal(size=(n, d))).astype(np.float32)
+        for b, d in zip(blocks, dims)
+    }
+    feats["final"] = gen.normal(size=(n, C)).astype(np.float32)
+    return feats, y
+
+
+def test_pooled_heads_train_on_the_engine_keep_each_best_epoch_and_resume(tmp_path):
+    from dermkit.exits.cached import train_pooled_heads
+    from dermkit.exits.policy import macro_f1
+    from dermkit.exits.settings import ExitsRunConfig
+    from dermkit.train.engine import make_accelerator
+    from dermkit.train.settings import LossConfig
+
+    heads = ("linear", "mlp")
+    models = {h: _model(head_type=h) for h in heads}
+    blocks = list(models["linear"].exit_blocks)
+    dims = [head.classifier[0].normalized_shape[0] for head in models["linear"].heads]
+    gen = np.random.default_rng(0)
+    means = {b: 3 * gen.normal(size=(C, d)) for b, d in zip(blocks, dims)}
+    feats, labels = {}, {}
+    for split, n in (("train", 280), ("val", 70), ("test", 70)):
+        feats[split], labels[split] = _separable_features(blocks, dims, n, gen, means)
+    cfg = ExitsRunConfig(
+        base_run="unused",
+        exits={"head_types": list(heads), "exit_blocks": blocks, "features": "cached"},
+        optim={"epochs": 3, "batch_size": 14, "base_lr": 0.2, "warmup_epochs": 0},
+    )
+
+    def train(resume=False):
+        fresh = {h: _model(head_type=h) for h in heads}
+        history, best = train_pooled_heads(
+            fresh, cfg, feats, labels, LossConfig(loss="ce"), make_accelerator("fp32"),
+            tmp_path, progress=False, resume=resume,
+        )  # fmt: skip
+        return fresh, history, best
+
+    trained, history, best = train()
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    for h, m in trained.items():
+        means_by_epoch = [r[h]["val_mean_macro_f1"] for r in history]
+        assert history[best[h]][h]["val_mean_macro_f1"] == max(means_by_epoch)
+        # the heads are the best epoch's: their val logits give that epoch's scores
+        early = exit_logits(m, feats["val"])[:-1]
+        scores = [macro_f1(labels["val"], lg.argmax(1), C) for lg in early]
+        assert scores == pytest.approx(history[best[h]][h]["val_macro_f1"][:-1])
+        assert min(scores) > 0.6  # the class shifts are learnt (chance: 1/7)
+    assert any((tmp_path / "checkpoints").iterdir())
+    # resuming the finished run trains nothing and restores each head type's best heads
+    resumed, again, best_again = train(resume=True)
+    assert (again, best_again) == (history, best)
+    for h in heads:
+        np.testing.assert_array_equal(
+            exit_logits(resumed[h], feats["test"]), exit_logits(trained[h], feats["test"])
+        )

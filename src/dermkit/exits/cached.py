@@ -14,9 +14,11 @@ logits, exported from the model itself), about 3x faster than PyTorch eager for 
 depthwise-convolution network on the 2-core CPU. Its features are cached in the run
 folder (``features.safetensors``, per block depth, so any exit placement reuses them).
 
-Training mirrors ``exits/train.py``: the base run's loss (hard labels, optionally
-self-distillation from the final exit), AdamW with warm-up + cosine, the base run's
-sampler, and the epoch with the best val macro-F1 averaged over the exits kept.
+Training runs on the engine as in ``exits/train.py`` (``exits/fitting.py``): the base
+run's loss (hard labels, optionally self-distillation from the final exit), AdamW with
+warm-up + cosine, the base run's sampler, checkpoints and ``--resume``, and per head type
+the epoch with the best val macro-F1 averaged over the exits kept. It runs in one
+process: an epoch of heads on pooled vectors takes milliseconds, nothing to share out.
 """
 
 from __future__ import annotations
@@ -29,21 +31,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from timm.optim import create_optimizer_v2
 from torch import nn
 
 from dermkit.config import ConfigError
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import to_float
+from dermkit.exits.fitting import BestPerHeadType, fit_exit_heads
 from dermkit.exits.heads import PooledMapHead
 from dermkit.exits.model import EarlyExitModel
-from dermkit.exits.policy import macro_f1
 from dermkit.exits.run_io import base_data, check_classes, head_kwargs, write_exit_run
 from dermkit.exits.settings import ExitsRunConfig
 from dermkit.models.backbones import input_stats
 from dermkit.models.runs_io import load_run_model
 from dermkit.runs import RunDir
-from dermkit.train.engine import lr_at, plan_epoch
+from dermkit.train.engine import Batch, EpochEnd, Rows, make_accelerator
 from dermkit.train.kd import KDLoss
 from dermkit.train.losses import ClassificationLoss, sampling_weights
 
@@ -144,12 +145,62 @@ def _check(models: dict[str, EarlyExitModel], cfg: ExitsRunConfig) -> None:
 def exit_logits(model: EarlyExitModel, feats: dict[str, np.ndarray]) -> np.ndarray:
     """Every exit's logits (E, N, C) from one split's pooled features: the heads'
     classifiers on them, then the cached final logits."""
-    with torch.no_grad():
-        early = [
-            head.classifier(torch.from_numpy(feats[f"block_{d}"])).numpy()
-            for head, d in zip(model.heads, model.exit_blocks)
-        ]
+    return _logits(model.heads, model.exit_blocks, feats)
+
+
+@torch.no_grad()
+def _logits(heads: nn.ModuleList, blocks: list[int], feats: dict[str, np.ndarray]) -> np.ndarray:
+    device = next(heads.parameters()).device
+    early = [
+        head.classifier(torch.from_numpy(feats[f"block_{d}"]).to(device)).float().cpu().numpy()
+        for head, d in zip(heads, blocks)
+    ]
     return np.stack([*early, feats["final"]]).astype(np.float32)
+
+
+class PooledHeads(nn.ModuleDict):
+    """What the engine trains: {head type: its exit heads}; ``forward`` returns every head
+    type's loss, the mean over its early exits (as frozen live training does)."""
+
+    def __init__(self, models: dict[str, EarlyExitModel], kd: KDLoss):
+        super().__init__({h: m.heads for h, m in models.items()})
+        self.__dict__["kd"] = kd  # not registered: the heads alone are trained and saved
+
+    def forward(
+        self, pooled: list[torch.Tensor], final: torch.Tensor, y: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Pooled features per early exit [(b, C_j)], final logits (b, C), labels (b,)."""
+        return {
+            h: torch.stack(
+                [self.kd(head.classifier(p), final, y) for head, p in zip(heads, pooled)]
+            ).mean()
+            for h, heads in self.items()
+        }
+
+
+class CachedHeadTraining(BestPerHeadType):
+    """The engine's method for pooled heads on cached features: a batch of rows -> every
+    head type's loss; at each epoch end every exit's val macro-F1 and each head type's
+    best heads so far."""
+
+    def __init__(self, feats, labels, blocks: list[int], device: torch.device):
+        super().__init__(labels["val"])
+        self.x = {k: torch.from_numpy(v) for k, v in feats["train"].items()}
+        self.y = torch.from_numpy(labels["train"]).long()
+        self.val, self.blocks, self.device = feats["val"], blocks, device
+
+    def step(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
+        idx = torch.from_numpy(batch.rows)
+        pooled = [self.x[f"block_{d}"][idx].to(self.device) for d in self.blocks]
+        final, y = self.x["final"][idx].to(self.device), self.y[idx].to(self.device)
+        losses = model(pooled, final, y)
+        return sum(losses.values()), {h: float(v.detach()) for h, v in losses.items()}
+
+    def evaluate(self, model: nn.ModuleDict, end: EpochEnd) -> dict:
+        """Score every exit on val, keep each head type's best heads."""
+        model.eval()
+        val = {h: _logits(heads, self.blocks, self.val) for h, heads in model.items()}
+        return self.scored_row(end, val, lambda h: model[h].state_dict())
 
 
 def train_pooled_heads(
@@ -158,65 +209,32 @@ def train_pooled_heads(
     feats: dict[str, dict[str, np.ndarray]],
     labels: dict[str, np.ndarray],
     loss_cfg,
+    accelerator,
+    run_dir: Path,
+    progress: bool = True,
+    resume: bool = False,
 ) -> tuple[list[dict], dict[str, int]]:
     """Train every model's heads on the cached features in place (best val epoch restored).
 
-    Returns (history: a row per epoch with each head type's train loss and val macro-F1
-    per exit, best epoch per head type).
+    Checkpoints go to ``run_dir/checkpoints`` (``fit``'s rule); ``resume`` continues from
+    the latest one. Returns (history: a row per epoch with each head type's train loss and
+    val macro-F1 per exit, best epoch per head type).
     """
-    oc, e = cfg.optim, cfg.exits
     y_train = torch.from_numpy(labels["train"]).long()
     n_classes = feats["train"]["final"].shape[1]
     counts = torch.bincount(y_train, minlength=n_classes)
-    hard = ClassificationLoss.from_config(loss_cfg, counts)
-    kd = KDLoss(e.distill_alpha, e.distill_temperature, hard_loss=hard)
+    hard = ClassificationLoss.from_config(loss_cfg, counts).to(accelerator.device)
+    kd = KDLoss(cfg.exits.distill_alpha, cfg.exits.distill_temperature, hard_loss=hard)
     weights = sampling_weights(y_train, loss_cfg.sampler, n_classes)
-    weights = None if weights is None else weights.numpy()
-    x_train = {k: torch.from_numpy(v) for k, v in feats["train"].items()}
-    rows, none = np.arange(len(y_train)), np.zeros(0, dtype=np.int64)
-    steps = plan_epoch(rows, none, oc.batch_size, cfg.seed, 0, weights).shape[0]
-    total, warmup = oc.epochs * steps, round(oc.warmup_epochs * steps)
-    peak_lr = oc.base_lr * oc.batch_size / 256
-    history: list[dict] = [{"epoch": ep} for ep in range(oc.epochs)]
-    best_epoch = {}
-    for h, model in models.items():
-        opt = create_optimizer_v2(
-            model.heads, "adamw", lr=peak_lr, weight_decay=oc.weight_decay, betas=oc.betas
-        )
-        best, best_state = -1.0, None
-        for epoch in range(oc.epochs):
-            model.heads.train()
-            loss_sum = 0.0
-            for b, idx in enumerate(
-                plan_epoch(rows, none, oc.batch_size, cfg.seed, epoch, weights)
-            ):
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(epoch * steps + b, total, warmup, peak_lr, oc.min_lr_ratio)
-                idx = torch.from_numpy(idx)
-                y, final = y_train[idx], x_train["final"][idx]
-                losses = [
-                    kd(head.classifier(x_train[f"block_{d}"][idx]), final, y)
-                    for head, d in zip(model.heads, model.exit_blocks)
-                ]
-                loss = torch.stack(losses).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if oc.clip_grad:
-                    nn.utils.clip_grad_norm_(model.heads.parameters(), oc.clip_grad)
-                opt.step()
-                loss_sum += float(loss.detach())
-            model.heads.eval()
-            val = exit_logits(model, feats["val"])
-            scores = [macro_f1(labels["val"], lg.argmax(1), n_classes) for lg in val]
-            history[epoch][h] = {
-                "train_loss": loss_sum / steps,
-                "val_macro_f1": scores,
-                "val_mean_macro_f1": float(np.mean(scores)),
-            }
-            if np.mean(scores) > best:
-                best, best_epoch[h] = float(np.mean(scores)), epoch
-                best_state = {k: v.clone() for k, v in model.heads.state_dict().items()}
-        model.heads.load_state_dict(best_state)
+    rows = Rows(np.arange(len(y_train)), weights=None if weights is None else weights.numpy())
+    blocks = list(next(iter(models.values())).exit_blocks)
+    method = CachedHeadTraining(feats, labels, blocks, accelerator.device)
+    history, best_epoch = fit_exit_heads(
+        method, PooledHeads(models, kd), rows, cfg, run_dir, accelerator, resume, progress
+    )
+    for h, m in models.items():
+        m.heads.load_state_dict(method.best[h])
+        m.heads.cpu().eval()
         log.info(
             "%s: best epoch %d, val macro-F1 per exit %s",
             h,
@@ -226,8 +244,17 @@ def train_pooled_heads(
     return history, best_epoch
 
 
-def run_cached_exits_train(cfg: ExitsRunConfig) -> Path:
-    """``dermkit exits train`` with ``exits.features=cached``; returns the exit-run folder."""
+def run_cached_exits_train(
+    cfg: ExitsRunConfig, progress: bool = True, resume: bool = False
+) -> Path:
+    """``dermkit exits train`` with ``exits.features=cached``; returns the exit-run folder.
+
+    ``resume``: continue the heads' training from ``out_dir/checkpoints`` (the features
+    are reused from the folder).
+    """
+    accelerator = make_accelerator(cfg.optim.precision)
+    if accelerator.num_processes > 1:  # each would compute and write the features again
+        raise ConfigError("exits.features=cached runs in one process (an epoch takes milliseconds)")
     base_dir = Path(cfg.base_run)
     backbone, base_cfg, classes = load_run_model(base_dir, purpose="early exits")
     torch.manual_seed(cfg.seed)
@@ -246,8 +273,9 @@ def run_cached_exits_train(cfg: ExitsRunConfig) -> Path:
         ds = {s: CachedImageDataset(data.cache, data.part(s), data.classes) for s in SPLITS}
         labels = {s: ds[s].labels.numpy() for s in SPLITS}
         feats = cached_features(run.path, next(iter(models.values())), ds)
+        loss_cfg = cfg.loss or base_cfg.loss
         history, best_epoch = train_pooled_heads(
-            models, cfg, feats, labels, cfg.loss or base_cfg.loss
+            models, cfg, feats, labels, loss_cfg, accelerator, run.path, progress, resume
         )
         logits = {
             s: {h: exit_logits(m, feats[s]) for h, m in models.items()} for s in ("val", "test")

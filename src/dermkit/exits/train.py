@@ -38,8 +38,8 @@ from dermkit.config import ConfigError
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.transforms import AugmentConfig, BatchAugment, to_float
 from dermkit.exits.backbones import backbone_parts
+from dermkit.exits.fitting import BestPerHeadType, fit_exit_heads
 from dermkit.exits.model import EarlyExitViT
-from dermkit.exits.policy import macro_f1
 from dermkit.exits.run_io import (
     base_data,
     check_classes,
@@ -51,15 +51,7 @@ from dermkit.exits.settings import ExitsRunConfig
 from dermkit.models.backbones import input_stats
 from dermkit.models.runs_io import load_run_model
 from dermkit.runs import RunDir
-from dermkit.train.engine import (
-    Batch,
-    CheckpointMismatchError,
-    EpochEnd,
-    Rows,
-    fit,
-    make_accelerator,
-    run_options,
-)
+from dermkit.train.engine import Batch, EpochEnd, Rows, make_accelerator
 from dermkit.train.kd import KDLoss
 from dermkit.train.losses import ClassificationLoss, sampling_weights
 
@@ -127,11 +119,6 @@ def exit_logits_all(
     return {h: torch.cat(v, dim=1).numpy() for h, v in out.items()}
 
 
-def _val_scores(logits: np.ndarray, y: np.ndarray) -> list[float]:
-    """Macro-F1 of each exit's logits (E, N, C) against y (N,)."""
-    return [macro_f1(y, lg.argmax(1), lg.shape[1]) for lg in logits]
-
-
 class ExitHeads(torch.nn.ModuleDict):
     """What the engine trains: {head type: trainable part} (the heads, or in joint mode the
     whole model); ``forward`` returns every head type's loss.
@@ -181,57 +168,29 @@ class ExitHeads(torch.nn.ModuleDict):
         return losses
 
 
-class ExitTraining:
+class ExitTraining(BestPerHeadType):
     """The engine's method for exit heads: augmented images -> every head type's loss; at
-    each epoch end every exit's val macro-F1 and each head type's best weights so far
-    (selected on the mean over its exits; kept per head type, so ``select`` is None)."""
-
-    select = None
+    each epoch end every exit's val macro-F1 and each head type's best weights so far."""
 
     def __init__(self, train_ds, val_ds, augment_cfg, accelerator, stats: tuple):
+        super().__init__(val_ds.labels.numpy())
         self.train_ds, self.val_ds, self.accelerator = train_ds, val_ds, accelerator
         self.stats = stats  # the base run's input normalisation (mean, std)
         self.device = accelerator.device
         fields = set(AugmentConfig.__dataclass_fields__)
         self.augment = BatchAugment(AugmentConfig(**augment_cfg.model_dump(include=fields)))
-        self.y_val = val_ds.labels.numpy()
-        self.best: dict[str, dict[str, torch.Tensor]] = {}  # {head type: state dict}
 
     def step(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
         losses = model(*batch.augmented(self.train_ds, self.augment, self.device, self.stats))
         return sum(losses.values()), {h: float(v.detach()) for h, v in losses.items()}
 
     def evaluate(self, model: ExitHeads, end: EpochEnd) -> dict:
-        """Score every exit on val, keep each head type's best weights (in ``notes``)."""
-        notes = end.state.notes.setdefault("best", {})  # {head type: [score, epoch]}
+        """Score every exit on val, keep each head type's best weights."""
         val = exit_logits_all(
             model.models, self.val_ds, self.device, model.frozen, autocast=self.accelerator.autocast
         )
-        row = {"lr": end.lr}
-        for h, m in model.models.items():
-            scores = _val_scores(val[h], self.y_val)
-            mean = float(np.mean(scores))
-            row[h] = {
-                "train_loss": end.means[h],
-                "val_macro_f1": scores,
-                "val_mean_macro_f1": mean,
-            }
-            if mean > notes.get(h, [-1.0])[0]:
-                notes[h] = [mean, end.epoch]
-                self.best[h] = {
-                    k: v.detach().cpu().clone()
-                    for k, v in saved_state(m, "frozen" if model.frozen else "joint").items()
-                }
-        log.info("epoch %d: %s", end.epoch, {h: round(row[h]["val_mean_macro_f1"], 4) for h in val})
-        return row
-
-    def keep_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{h}/{k}": v for h, sd in self.best.items() for k, v in sd.items()}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for key, value in tensors.items():
-            head, name = key.split("/", 1)
-            self.best.setdefault(head, {})[name] = value
+        mode = "frozen" if model.frozen else "joint"
+        return self.scored_row(end, val, lambda h: saved_state(model.models[h], mode))
 
 
 def train_exit_models(
@@ -266,30 +225,19 @@ def train_exit_models(
     method = ExitTraining(train_ds, val_ds, augment_cfg, accelerator, stats)
     rows = Rows(np.arange(len(train_ds)), weights=None if weights is None else weights.numpy())
     with tempfile.TemporaryDirectory() as tmp:  # no run folder: checkpoints are thrown away
-        try:
-            state, _ = fit(
-                method,
-                trainer,
-                rows,
-                cfg.optim,
-                Path(run_dir) if run_dir is not None else Path(tmp),
-                accelerator=accelerator,
-                name="exit heads",
-                **run_options(cfg, resume=resume, progress=progress),
-                # each head type is clipped on its own, as if it were trained alone
-                clip_groups=lambda t: [part.parameters() for part in t.values()],
-                keep_tensors=method.keep_tensors,
-                load_tensors=method.load_tensors,
-            )
-        except CheckpointMismatchError as e:
-            raise ConfigError(
-                f"{e} (exits.head_types, exits.exit_blocks, exits.mode and the head sizes "
-                "fix what is trained)"
-            ) from e
+        history, best_epoch = fit_exit_heads(
+            method,
+            trainer,
+            rows,
+            cfg,
+            Path(run_dir) if run_dir is not None else Path(tmp),
+            accelerator,
+            resume,
+            progress,
+        )
     for h, m in models.items():
         m.load_state_dict(method.best[h], strict=False)
-    best_epoch = {h: int(state.notes["best"][h][1]) for h in models}
-    return state.history, best_epoch
+    return history, best_epoch
 
 
 def run_exits_train(cfg: ExitsRunConfig, progress: bool = True, resume: bool = False) -> Path:
@@ -300,7 +248,7 @@ def run_exits_train(cfg: ExitsRunConfig, progress: bool = True, resume: bool = F
     if cfg.exits.features == "cached":
         from dermkit.exits.cached import run_cached_exits_train
 
-        return run_cached_exits_train(cfg)
+        return run_cached_exits_train(cfg, progress, resume)
     base_dir = Path(cfg.base_run)
     backbone, base_cfg, classes = load_run_model(base_dir, purpose="early exits")
     try:
