@@ -21,6 +21,22 @@ def ham10000_root() -> Path:
     return HAM10000
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Torch and OpenMP/BLAS on one thread for the whole session.
+
+    Why: the suite's models are tiny (32 px, a few blocks), so every op is short and a
+    second thread mostly waits at the op's barrier; on a 2-core machine that is also
+    running something else, that wait made training ~4x slower in CPU time and ~4x in wall
+    time (issue 18). One setting for the session also keeps a test's speed independent of
+    which earlier test happened to change the thread count.
+    """
+    from dermkit.core.devices import thread_limit
+
+    with thread_limit(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
     """A small deterministic phantom dataset in HAM10000 layout (120 lesions, 160x120)."""

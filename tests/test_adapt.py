@@ -134,16 +134,11 @@ def bn_net():
     )
     x, y = _blob_images(384, g)
     opt = torch.optim.Adam(net.parameters(), 1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: more threads only wait on each other
-    try:
-        for _ in range(8):
-            for i in range(0, len(x), 64):
-                opt.zero_grad()
-                nn.functional.cross_entropy(net(x[i : i + 64]), y[i : i + 64]).backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(8):
+        for i in range(0, len(x), 64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x[i : i + 64]), y[i : i + 64]).backward()
+            opt.step()
     return net.eval()
 
 
