@@ -12,7 +12,8 @@ from dermkit.data.cache import (
 )
 from dermkit.data.dataset import CachedImageDataset, batch_collate
 from dermkit.data.manifest import new_manifest
-from dermkit.data.transforms import AugmentConfig, BatchAugment, to_float
+from dermkit.data.settings import AugmentSettings
+from dermkit.data.transforms import BatchAugment, to_float
 
 
 def _write_images(folder, n=6, size=(40, 30)):
@@ -107,7 +108,7 @@ def test_augment_is_label_free_random_and_reproducible():
 
 def test_flips_and_rotations_only_permute_pixels():
     x = torch.rand(16, 3, 12, 12)
-    cfg = AugmentConfig(
+    cfg = AugmentSettings(
         max_rotate_deg=0,
         max_scale=0,
         max_translate=0,

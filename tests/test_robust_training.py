@@ -16,7 +16,8 @@ from PIL import Image
 from dermkit.config import ConfigError, load_config
 from dermkit.data.cache import build_cache, cache_key, crop_image, shades_of_gray
 from dermkit.data.manifest import new_manifest
-from dermkit.data.transforms import AugmentConfig, BatchAugment
+from dermkit.data.settings import AugmentSettings
+from dermkit.data.transforms import BatchAugment
 from dermkit.deploy.loadtest import BackgroundServer
 from dermkit.train.settings import FinetuneRunConfig
 from test_web import (  # the browser fixture and page helpers of the main web test
@@ -124,11 +125,11 @@ def test_config_options_and_their_checks():
 # ----------------------------------------------------------------- augmentation
 
 
-def _still(**kw) -> AugmentConfig:
+def _still(**kw) -> AugmentSettings:
     """No flips, rotations, affine or colour: only what ``kw`` switches on."""
     off = dict(flip=False, rot90=False, max_rotate_deg=0.0, max_scale=0.0, max_translate=0.0)
     colour = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
-    return AugmentConfig(**(off | colour | kw))
+    return AugmentSettings(**(off | colour | kw))
 
 
 def _disc_batch(b: int = 8, size: int = 48, radius: float = 8.0) -> torch.Tensor:
@@ -170,9 +171,9 @@ def test_scale_range_zooms_in_and_out():
 
 def test_new_options_leave_the_default_random_stream_alone():
     """A config without the new options draws exactly what it drew before them."""
-    default = BatchAugment(AugmentConfig()).sample(16, torch.Generator().manual_seed(3))
+    default = BatchAugment(AugmentSettings()).sample(16, torch.Generator().manual_seed(3))
     assert not {"zoom", "white_balance"} & set(default)
-    more = BatchAugment(AugmentConfig(white_balance=0.1, scale_range=(0.7, 1.4)))
+    more = BatchAugment(AugmentSettings(white_balance=0.1, scale_range=(0.7, 1.4)))
     extended = more.sample(16, torch.Generator().manual_seed(3))
     for key, value in default.items():
         if key != "scale":

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import prepare_data
-from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize
+from dermkit.data.settings import AugmentSettings
+from dermkit.data.transforms import BatchAugment, normalize
 from dermkit.models.backbones import create_backbone
 from dermkit.runs import machine_info
 from dermkit.ssl.mae import MaskedAutoencoder
@@ -93,7 +94,8 @@ def bench_mae(
 
     # Pre-built inputs (normalised, flipped/rotated) so only the model step is timed.
     no_warp = dict(max_rotate_deg=0, max_scale=0, max_translate=0)
-    augment = BatchAugment(AugmentConfig(**no_warp, brightness=0, contrast=0, saturation=0, hue=0))
+    no_colour = dict(brightness=0, contrast=0, saturation=0, hue=0)
+    augment = BatchAugment(AugmentSettings(**no_warp, **no_colour))
     plan = plan_epoch(np.arange(len(ds)), np.array([], int), B, cfg.seed, 0)
     batches = []
     for b in range(steps):

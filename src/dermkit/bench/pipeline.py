@@ -20,7 +20,7 @@ import torch
 
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import prepare_data
-from dermkit.data.transforms import AugmentConfig, BatchAugment, normalize
+from dermkit.data.transforms import BatchAugment, normalize
 from dermkit.models.backbones import create_backbone
 from dermkit.runs import machine_info
 from dermkit.train.engine import bare_step, plan_epoch, resolve_precision, seed_step
@@ -38,9 +38,7 @@ def bench_pipeline(cfg: FinetuneRunConfig, steps: int = 10, rounds: int = 3) -> 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     precision = resolve_precision(cfg.optim.precision, torch.device("cpu"))
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    augment = BatchAugment(
-        AugmentConfig(**cfg.augment.model_dump(include=set(AugmentConfig.__dataclass_fields__)))
-    )
+    augment = BatchAugment(cfg.augment)
     B = cfg.optim.batch_size
     batches = plan_epoch(np.arange(len(ds)), np.array([], int), B, cfg.seed, 0)[:steps]
     ready = []

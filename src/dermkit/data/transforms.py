@@ -10,10 +10,13 @@ diagnostic (blue-grey veil, red vessels).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+# The strengths come straight from the run config's validated ``augment`` section (one
+# definition of each field; mixup/TTA fields there are not this module's business).
+from dermkit.data.settings import AugmentSettings
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,31 +34,6 @@ def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Te
     return x.sub_(m).div_(s)
 
 
-@dataclass
-class AugmentConfig:
-    """Strengths of the training-time augmentations (0 disables one)."""
-
-    flip: bool = True
-    rot90: bool = True
-    max_rotate_deg: float = 15.0
-    max_scale: float = 0.1
-    max_translate: float = 0.05
-    brightness: float = 0.1
-    contrast: float = 0.1
-    saturation: float = 0.1
-    hue: float = 0.02
-    # Robustness to other cameras and framings (all off by default; settings.AugmentSettings):
-    # zoom drawn log-uniformly in [lo, hi] (> 1 in, < 1 out), replacing max_scale.
-    scale_range: tuple[float, float] | None = None
-    white_balance: float = 0.0  # red x e^t, blue x e^-t, t ~ U(-w, w)
-    tint: float = 0.0  # green x e^g, g ~ U(-v, v)
-    gamma: float = 0.0  # x^(e^u), u ~ U(-g, g)
-    # Out-of-focus images: half the images get a Gaussian blur, sigma ~ U(0, blur) x the
-    # short side (the shift benchmark's middle blur is 0.02; Lite0 lost 0.48 balanced
-    # accuracy there without this).
-    blur: float = 0.0
-
-
 class BatchAugment:
     """Random dermoscopy augmentation of a float batch (B, 3, H, W) in [0, 1].
 
@@ -65,8 +43,8 @@ class BatchAugment:
     1-process and N-process training equivalent. Call it on training batches only.
     """
 
-    def __init__(self, cfg: AugmentConfig | None = None):
-        self.cfg = cfg or AugmentConfig()
+    def __init__(self, cfg: AugmentSettings | None = None):
+        self.cfg = cfg or AugmentSettings()
 
     def sample(self, batch: int, generator: torch.Generator | None = None) -> dict:
         """Per-image parameters for a batch of ``batch`` images, each a (batch, ...) tensor."""

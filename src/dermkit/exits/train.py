@@ -36,7 +36,7 @@ import torch
 
 from dermkit.config import ConfigError
 from dermkit.data.dataset import CachedImageDataset
-from dermkit.data.transforms import AugmentConfig, BatchAugment, to_float
+from dermkit.data.transforms import BatchAugment, to_float
 from dermkit.exits.backbones import backbone_parts
 from dermkit.exits.fitting import BestPerHeadType, fit_exit_heads
 from dermkit.exits.model import EarlyExitViT
@@ -177,8 +177,7 @@ class ExitTraining(BestPerHeadType):
         self.train_ds, self.val_ds, self.accelerator = train_ds, val_ds, accelerator
         self.stats = stats  # the base run's input normalisation (mean, std)
         self.device = accelerator.device
-        fields = set(AugmentConfig.__dataclass_fields__)
-        self.augment = BatchAugment(AugmentConfig(**augment_cfg.model_dump(include=fields)))
+        self.augment = BatchAugment(augment_cfg)
 
     def step(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
         losses = model(*batch.augmented(self.train_ds, self.augment, self.device, self.stats))

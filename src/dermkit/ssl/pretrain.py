@@ -41,10 +41,10 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from dermkit.data.dataset import CachedImageDataset
+from dermkit.data.settings import AugmentSettings
 from dermkit.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    AugmentConfig,
     BatchAugment,
     to_float,
 )
@@ -162,7 +162,7 @@ class Pretraining:
         self.end_epoch = end_epoch
         # Light augmentation only: dermoscopy has no orientation, so flips and 90-degree
         # rotations are free; masking (MAE) or the bottleneck (VAE) is the actual pretext.
-        light = AugmentConfig(
+        light = AugmentSettings(
             flip=cfg.augment,
             rot90=cfg.augment,
             max_rotate_deg=0,

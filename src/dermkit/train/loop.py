@@ -26,7 +26,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from dermkit.core.metrics import macro_f1
 from dermkit.data.dataset import CachedImageDataset
-from dermkit.data.transforms import AugmentConfig, BatchAugment
+from dermkit.data.transforms import BatchAugment
 from dermkit.eval.inference import predict_logits
 from dermkit.models.backbones import input_stats
 from dermkit.train.engine import (  # noqa: F401  (lr_at, plan_epoch: re-exported)
@@ -110,11 +110,8 @@ class Supervised:
         self.criterion, self.to_probs = criterion, to_probs
         self.select = f"val_{select or ('qwk' if to_probs is not None else 'macro_f1')}"
         self.stats = input_stats(model)  # the weights source's (mean, std), before wrapping
-        self.class_loss = ClassificationLoss(
-            lc.loss, counts, lc.label_smoothing, lc.weight_power, lc.focal_gamma, lc.logit_tau
-        ).to(device)
-        fields = set(AugmentConfig.__dataclass_fields__)
-        self.augment = BatchAugment(AugmentConfig(**cfg.augment.model_dump(include=fields)))
+        self.class_loss = ClassificationLoss.from_config(lc, counts).to(device)
+        self.augment = BatchAugment(cfg.augment)
         self.mixup = None
         if cfg.augment.mixup_alpha or cfg.augment.cutmix_alpha:
             from timm.data import Mixup
