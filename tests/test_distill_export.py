@@ -305,6 +305,86 @@ def test_distill_refuses_a_teacher_with_other_classes(
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_an_ensemble_folder_teaches_as_its_predictions_say(
+    teacher_run, student_run, phantom_root, cache_dir, tmp_path
+):
+    """`dermkit ensemble A B` is a teacher: the distill run re-scores the ensemble on the
+    test images and gets the ensemble's own test metrics (so the module reproduces the
+    geometric mean of the members' decision-rule probabilities), and its cost is the sum
+    of the members'. A broken member path is named with its field."""
+    ens = tmp_path / "ens"
+    _invoke("ensemble", teacher_run, student_run, "--out", ens, "--select", "all", "--n-boot", 20)
+    out = tmp_path / "out"
+    _invoke(*_distill_args(ens, phantom_root, cache_dir, out))
+    info = json.loads((out / "metrics.json").read_text())["distillation"]
+    assert info["teacher_model"].startswith("ensemble(") and " + " in info["teacher_model"]
+    assert [m["weight"] for m in info["teacher_members"]] == [1, 1]
+    ensemble_metrics = json.loads((ens / "metrics.json").read_text())["metrics"]
+    for name in ("macro_f1", "balanced_accuracy", "accuracy"):
+        assert info["teacher_metrics"][name]["value"] == pytest.approx(
+            ensemble_metrics[name]["value"], abs=1e-6
+        )
+    single = json.loads((student_run / "metrics.json").read_text())["distillation"]["cost"]
+    assert info["cost"]["teacher"]["gflops"] == pytest.approx(
+        single["teacher"]["gflops"] + single["student"]["gflops"]
+    )
+
+    spec = json.loads((ens / "ensemble.json").read_text())
+    spec["members"][1]["run"] = str(tmp_path / "gone")
+    (ens / "ensemble.json").write_text(json.dumps(spec))
+    bad = runner.invoke(app, _distill_args(ens, phantom_root, cache_dir, tmp_path / "out2"))
+    assert bad.exit_code != 0
+    text = _unwrapped(bad.output)
+    assert "members[1].run" in text and "gone" in text
+
+
+def test_an_ensemble_teacher_refuses_feature_matching(
+    teacher_run, student_run, phantom_root, cache_dir, tmp_path
+):
+    ens = tmp_path / "ens"
+    _invoke("ensemble", teacher_run, student_run, "--out", ens, "--select", "all", "--n-boot", 20)
+    args = _distill_args(ens, phantom_root, cache_dir, tmp_path / "out", "distill.feature_weight=1")
+    bad = runner.invoke(app, args)
+    assert bad.exit_code == 2, bad.output
+    assert "is an ensemble" in _unwrapped(bad.output)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_the_dihedral_mean_teacher_is_the_same_for_every_flip_and_rotation(teacher_run):
+    from dermkit.eval.inference import dihedral_views
+    from dermkit.train.teacher import open_teacher
+
+    teacher = open_teacher(teacher_run).module("imagenet").eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        mean = torch.stack([teacher(v) for v in dihedral_views(x)]).mean(0)
+        for view in dihedral_views(x)[1:]:
+            other = torch.stack([teacher(v) for v in dihedral_views(view)]).mean(0)
+            torch.testing.assert_close(other, mean, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(teacher(x), mean, atol=1e-3)  # the mean is not one view
+
+
+def test_cached_dihedral_logits_train_with_flips_and_refuse_other_augmentation(
+    teacher_run, phantom_root, cache_dir, tmp_path
+):
+    """The run's once-per-run check compares the cache with the live dihedral mean of a
+    flipped/rotated batch, so a wrong table fails the run; colour jitter is refused."""
+    dihedral_only = [a for a in NO_AUGMENT if not a.startswith(("augment.flip", "augment.rot90"))]
+    mode = "distill.teacher_logits=cached-dihedral"
+    out = tmp_path / "dihedral"
+    _invoke(*_distill_args(teacher_run, phantom_root, cache_dir, out, *dihedral_only, mode))
+    info = json.loads((out / "metrics.json").read_text())["distillation"]
+    assert info["teacher_logits"] == "cached-dihedral"
+    assert (out / info["teacher_logits_file"]).exists()
+    jitter = [a for a in dihedral_only if not a.startswith("augment.brightness")]
+    bad = runner.invoke(
+        app, _distill_args(teacher_run, phantom_root, cache_dir, tmp_path / "bad", *jitter, mode)
+    )
+    assert bad.exit_code == 2
+    assert "brightness" in _unwrapped(bad.output) and "flip/rot90" in _unwrapped(bad.output)
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.slow
 def test_cached_teacher_logits_train_the_same_student_as_online(
     teacher_run, phantom_root, cache_dir, tmp_path

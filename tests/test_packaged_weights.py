@@ -138,7 +138,7 @@ def test_input_norm_travels_from_the_source():
 
 def test_teacher_wrapper_converts_normalisation():
     """A [-1, 1] teacher fed ImageNet-normalised student batches sees its own normalisation."""
-    from dermkit.train.distill import ResizeInput
+    from dermkit.train.teacher import ResizeInput
 
     teacher = create_backbone("tf_efficientnet_lite0", num_classes=7, img_size=32)
     teacher.dermkit_spec["input_norm"] = "symmetric"

@@ -15,7 +15,7 @@ from dermkit.data.transforms import to_float
 from dermkit.models.backbones import input_stats
 
 
-def _tta_views(x: torch.Tensor) -> list[torch.Tensor]:
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
     """Flips and 90-degree rotations: 8 views of (B, 3, S, S)."""
     views = []
     for k in range(4):
@@ -50,7 +50,7 @@ def predict_logits(
         x = to_float(x.to(accelerator.device), *stats)
         with accelerator.autocast():
             if tta:
-                logits = torch.stack([model(v).float() for v in _tta_views(x)]).mean(0)
+                logits = torch.stack([model(v).float() for v in dihedral_views(x)]).mean(0)
             else:
                 logits = model(x).float()
         out.append(logits)

@@ -1,10 +1,10 @@
 """``dermkit distill``: train a small student on a teacher run's soft targets and the labels.
 
-teacher run folder (``tasks.runs.open_run``: model and task) -> same data preparation and
-task (``dermkit.tasks``) as fine-tuning (synthetic rows via ``synthetic_ratio`` too) -> the
-supervised loop ``train_classifier`` with a criterion that adds the KD term
-(``train/kd.py``) -> best student on the task's val metric -> test once -> teacher and
-student metrics side by side (same test images, same bootstrap seed).
+teacher run folder, or a ``dermkit ensemble`` folder (``train/teacher.py``) -> same data
+preparation and task (``dermkit.tasks``) as fine-tuning (synthetic rows via
+``synthetic_ratio`` too) -> the supervised loop ``train_classifier`` with a criterion that
+adds the KD term (``train/kd.py``) -> best student on the task's val metric -> test once ->
+teacher and student metrics side by side (same test images, same bootstrap seed).
 
 Teacher logits come from one of two places (``distill.teacher_logits``):
 
@@ -14,6 +14,11 @@ Teacher logits come from one of two places (``distill.teacher_logits``):
   stored in the run folder as ``teacher_logits_<key>.safetensors``, keyed by the teacher's
   weights and the image ids, and reused by resumed runs. Valid only when augmentation is
   off (the student would otherwise learn the clean image's target for an augmented view).
+* ``cached-dihedral``: as ``cached``, but each image's logits are the teacher's mean over
+  its 8 flips and 90-degree rotations (``eval.inference`` TTA). That mean is the same for
+  every flip/rotation of the image, so the stored target is exact for a student whose only
+  augmentations are ``flip`` and ``rot90``: one cached pass replaces a teacher forward per
+  step, which matters when the teacher is an ensemble costing several times the student.
 * ``auto``: cached when augmentation is off, else online; the choice and its reason are
   logged and written into the report.
 
@@ -36,7 +41,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from safetensors import safe_open
@@ -45,20 +49,18 @@ from torch import nn
 
 from dermkit.config import ConfigError
 from dermkit.core.devices import make_accelerator
-from dermkit.core.files import sha256_file
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import write_split_file
 from dermkit.data.settings import AugmentSettings
 from dermkit.eval.curves import plot_learning_curves
-from dermkit.eval.inference import predict_logits
+from dermkit.eval.inference import dihedral_views, predict_logits
 from dermkit.eval.report import format_estimate
-from dermkit.models.backbones import feature_dim, input_norm_of, input_stats
-from dermkit.models.packaged import INPUT_NORMS
+from dermkit.models.backbones import feature_dim, input_norm_of
 from dermkit.models.runs_io import WEIGHTS_FILE, architecture_kwargs, read_run_config
 from dermkit.models.weights import save_weights
 from dermkit.runs import RunDir
 from dermkit.tasks import OrdinalTask, Task, summary_rows, task_from_config
-from dermkit.tasks.runs import TaskRun, open_run
+from dermkit.tasks.runs import TaskRun
 from dermkit.train.distill_student import (
     DistillStudent,
     attention_kl,
@@ -72,6 +74,7 @@ from dermkit.train.kd import KDLoss, OrdinalKDLoss
 from dermkit.train.loop import load_best, train_classifier
 from dermkit.train.losses import ClassificationLoss
 from dermkit.train.settings import DistillRunConfig
+from dermkit.train.teacher import Teacher, open_teacher, teacher_run_dirs
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,8 @@ _PIXEL_AUGMENTS = (
     "mixup_alpha",
     "cutmix_alpha",
 )
+# The augmentations the dihedral-mean teacher is invariant to (``cached-dihedral``).
+_DIHEDRAL_AUGMENTS = ("flip", "rot90")
 
 
 def augmentation_is_off(augment: AugmentSettings) -> bool:
@@ -97,9 +102,18 @@ def augmentation_is_off(augment: AugmentSettings) -> bool:
 
 
 def resolve_teacher_logits(cfg: DistillRunConfig) -> tuple[str, str]:
-    """('online' | 'cached', reason) for ``distill.teacher_logits``; 'cached' needs no aug."""
+    """('online' | 'cached' | 'cached-dihedral', reason) for ``distill.teacher_logits``.
+
+    'cached' needs augmentation off; 'cached-dihedral' allows flip and rot90 only.
+    """
     mode, off = cfg.distill.teacher_logits, augmentation_is_off(cfg.augment)
     on = [n for n in _PIXEL_AUGMENTS if getattr(cfg.augment, n)]
+    not_dihedral = [n for n in on if n not in _DIHEDRAL_AUGMENTS]
+    if mode == "cached-dihedral" and not_dihedral:
+        raise ConfigError(
+            "distill.teacher_logits=cached-dihedral is exact only for flip/rot90 views, but "
+            f"augment has {', '.join(not_dihedral)} on: switch those off or use online"
+        )
     if mode == "cached" and not off:
         raise ConfigError(
             "distill.teacher_logits=cached needs augmentation off, but augment has "
@@ -110,9 +124,9 @@ def resolve_teacher_logits(cfg: DistillRunConfig) -> tuple[str, str]:
         for n in ("feature_weight", "attention_weight")
         if getattr(cfg.distill, n) > 0
     ]
-    if matching and mode == "cached":
+    if matching and mode in ("cached", "cached-dihedral"):
         raise ConfigError(
-            f"distill.teacher_logits=cached stores logits only, but {', '.join(matching)} "
+            f"distill.teacher_logits={mode} stores logits only, but {', '.join(matching)} "
             "reads the teacher's features of every batch: use online (or auto)"
         )
     if matching and mode == "auto":
@@ -124,53 +138,14 @@ def resolve_teacher_logits(cfg: DistillRunConfig) -> tuple[str, str]:
             if off
             else f"auto: augmentation is on ({', '.join(on)}), the teacher scores each batch"
         )
+    elif mode == "cached-dihedral":
+        reason = (
+            "set by distill.teacher_logits=cached-dihedral: the teacher's mean over 8 "
+            "flips/rotations, exact for the student's flip/rot90 views"
+        )
     else:
         reason = f"set by distill.teacher_logits={mode}"
     return mode, reason
-
-
-class ResizeInput(nn.Module):
-    """Feed a model trained at another resolution and normalisation: x -> renorm -> resize.
-
-    Bilinear resizing of normalised images equals resizing then normalising (both linear),
-    so a 224 px teacher can score the batches of a student trained at 112 px. Likewise the
-    change of normalisation is a per-channel affine map: images normalised for the student
-    (``input_norm``, e.g. ImageNet mean/std) are mapped to the teacher's own (e.g. [-1, 1]).
-    The wrapper records ``input_norm`` as its own, so ``predict_logits`` feeds it images
-    normalised the student's way.
-    """
-
-    def __init__(self, model: nn.Module, size: int, input_norm: str = "imagenet"):
-        super().__init__()
-        self.model, self.size = model, size
-        self.dermkit_spec = {"input_norm": input_norm}
-        (m_in, s_in), (m_out, s_out) = INPUT_NORMS[input_norm], input_stats(model)
-        # x_out = (x_in * s_in + m_in - m_out) / s_out = x_in * scale + shift
-        scale = torch.tensor(s_in) / torch.tensor(s_out)
-        shift = (torch.tensor(m_in) - torch.tensor(m_out)) / torch.tensor(s_out)
-        self.identity = bool((scale == 1).all() and (shift == 0).all())
-        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
-
-    @property
-    def num_classes(self) -> int | None:
-        """The model's outputs per image (K-1 for a CORN head): ``predict_logits`` reads it."""
-        return getattr(self.model, "num_classes", None)
-
-    def resize(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, s, s) -> (B, 3, S, S) at the model's size (unchanged when it already is)."""
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
-        return x
-
-    def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        """Student-normalised (B, 3, s, s) -> the model's normalisation and size (B, 3, S, S)."""
-        if not self.identity:
-            x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
-        return self.resize(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.adapt(x))
 
 
 class _IndexRecorder:
@@ -198,29 +173,32 @@ class _IndexRecorder:
 
 def cached_teacher_logits(
     teacher: nn.Module,
-    teacher_dir: Path,
+    source: Teacher,
     dataset: CachedImageDataset,
     run_dir: Path,
     accelerator,
+    dihedral: bool = False,
 ) -> tuple[torch.Tensor, Path]:
     """Teacher logits (N, C) of every clean training image, computed once and stored.
 
-    The file name carries a hash of (teacher weights, image ids), so a changed teacher or
-    data never reuses stale logits, and a resumed run skips the teacher pass.
+    ``dihedral``: the mean over each image's 8 flips/rotations instead of the image alone.
+    The file name carries a hash of (teacher weights, image ids, dihedral), so a changed
+    teacher or data never reuses stale logits, and a resumed run skips the teacher pass.
     """
-    weights_sha = sha256_file(teacher_dir / WEIGHTS_FILE)
+    weights_sha = source.fingerprint()
     ids = [str(i) for i in dataset.image_ids]
-    key = hashlib.sha256((weights_sha + "\n" + "\n".join(ids)).encode()).hexdigest()[:16]
+    text = weights_sha + ("\ndihedral" if dihedral else "") + "\n" + "\n".join(ids)
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
     path = run_dir / f"teacher_logits_{key}.safetensors"
     if path.exists():
         with safe_open(str(path), "pt") as f:
             if json.loads(f.metadata()["image_ids"]) == ids:
                 log.info("teacher logits: reusing %s", path)
                 return f.get_tensor("logits"), path
-    logits = predict_logits(teacher, dataset, np.arange(len(dataset)), accelerator)
+    logits = predict_logits(teacher, dataset, np.arange(len(dataset)), accelerator, tta=dihedral)
     if accelerator.is_main_process:
         metadata = {
-            "teacher_run": str(teacher_dir.resolve()),
+            "teacher_run": str(source.path.resolve()),
             "teacher_weights_sha256": weights_sha,
             "image_ids": json.dumps(ids),
         }
@@ -382,10 +360,7 @@ def make_kd_loss(cfg: DistillRunConfig, task: Task, train_ds, real: np.ndarray, 
         return OrdinalKDLoss(dc.alpha, dc.temperature, teacher_target=dc.dist_target)
     n_classes = len(train_ds.class_names)
     counts = torch.bincount(train_ds.labels[real], minlength=n_classes)
-    lc = cfg.loss
-    hard = ClassificationLoss(
-        lc.loss, counts, lc.label_smoothing, lc.weight_power, lc.focal_gamma, lc.logit_tau
-    ).to(device)
+    hard = ClassificationLoss.from_config(cfg.loss, counts).to(device)
     return KDLoss(dc.alpha, dc.temperature, hard_loss=hard, teacher_target=dc.dist_target)
 
 
@@ -394,8 +369,8 @@ def train_student(
     run_dir: Path,
     accelerator,
     student: nn.Module,
-    teacher: ResizeInput,
-    teacher_dir: Path,
+    teacher: nn.Module,
+    source: Teacher,
     datasets: dict,
     synthetic_mask: np.ndarray,
     mode: str,
@@ -404,6 +379,9 @@ def train_student(
     task: Task,
 ) -> tuple[nn.Module, dict, Path | None]:
     """Train ``student`` on the teacher's targets in the shared loop.
+
+    ``teacher`` is ``source.module(...)``: a ``ResizeInput`` around one run's model, or an
+    ``EnsembleTeacher`` (logits only: feature/attention matching need a single teacher).
 
     Returns (the selected student in eval mode, the loop's summary, the cached teacher
     logits file or None). With a distillation token or feature/attention matching the loop
@@ -421,9 +399,10 @@ def train_student(
         trainee = DistillStudent(student, teacher_features=width, attention=attention)
 
     cache_file = None
-    if mode == "cached":
+    if mode in ("cached", "cached-dihedral"):
+        dihedral = mode == "cached-dihedral"
         table, cache_file = cached_teacher_logits(
-            teacher, teacher_dir, train_ds, run_dir, accelerator
+            teacher, source, train_ds, run_dir, accelerator, dihedral
         )
         table = table.to(device)
         recorder = _IndexRecorder(train_ds)
@@ -435,8 +414,9 @@ def train_student(
                 raise RuntimeError("cached teacher logits: batch rows unknown")
             soft = table[torch.as_tensor(rows, device=device)]
             if not checked:  # once: the recorded rows really are these images
-                with torch.no_grad():
-                    live = teacher(images).float()
+                with torch.no_grad():  # a flipped/rotated view: the dihedral mean is the same
+                    views = dihedral_views(images) if dihedral else [images]
+                    live = torch.stack([teacher(v).float() for v in views]).mean(0)
                 tol = 0.05 * (1 + float(live.abs().max()))
                 if float((live - soft).abs().max()) > tol:
                     raise RuntimeError("cached teacher logits do not match the batch")
@@ -484,12 +464,16 @@ def train_student(
     return best.eval(), summary, cache_file
 
 
-def distillation_info(cfg: DistillRunConfig, teacher_dir: Path, teacher_cfg, mode, reason) -> dict:
+def distillation_info(cfg: DistillRunConfig, source: Teacher, mode, reason) -> dict:
     """The distillation settings recorded in metrics.json."""
     dc = cfg.distill
     return {
-        "teacher_run": str(teacher_dir),
-        "teacher_model": teacher_cfg.model.name,
+        "teacher_run": str(source.path),
+        "teacher_model": source.name,
+        "teacher_members": [
+            {"run": str(m.path), "model": m.cfg.model.name, "weight": w}
+            for m, w in zip(source.members, source.weights)
+        ],
         "student_model": cfg.model.name,
         "alpha": dc.alpha,
         "temperature": dc.temperature,
@@ -518,7 +502,7 @@ def options_text(cfg: DistillRunConfig) -> str:
 def teacher_student_figures(
     run_dir: Path,
     cfg: DistillRunConfig,
-    teacher_cfg,
+    teacher_name: str,
     teacher_result: dict,
     result: dict,
     history: list[dict],
@@ -531,7 +515,7 @@ def teacher_student_figures(
     plot_learning_curves({cfg.model.name: history}).savefig(
         run_dir / "learning_curves.png", dpi=110
     )
-    labels = (f"teacher {teacher_cfg.model.name}", f"student {cfg.model.name}")
+    labels = (f"teacher {teacher_name}", f"student {cfg.model.name}")
     plot_teacher_vs_student(teacher_result, result, labels).savefig(
         run_dir / "teacher_vs_student.png", dpi=110
     )
@@ -544,16 +528,23 @@ def teacher_student_figures(
 
 def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Distil end to end; returns the path of report.html."""
-    teacher_dir = Path(cfg.teacher)
     resolve_model_config(cfg)
-    check_teacher_task(cfg, teacher_dir)
+    member_dirs, _, is_ensemble = teacher_run_dirs(cfg.teacher)
+    for d in member_dirs:
+        check_teacher_task(cfg, d)
     mode, reason = resolve_teacher_logits(cfg)
-    teacher_run = open_run(teacher_dir)
-    teacher_model, teacher_cfg = teacher_run.model, teacher_run.cfg
+    if is_ensemble and (cfg.distill.feature_weight > 0 or cfg.distill.attention_weight > 0):
+        raise ConfigError(
+            f"distill.teacher={cfg.teacher} is an ensemble: it has logits but no one feature "
+            "map or attention map to match; set distill.feature_weight=0 and "
+            "distill.attention_weight=0, or distil from one of its member runs"
+        )
+    source = open_teacher(cfg.teacher)
+    teacher_cfg = source.cfg
     task = task_from_config(cfg.task)
     torch.manual_seed(cfg.seed)
-    student, weights_report = build_student(cfg, teacher_run.task.n_outputs)
-    check_matching_options(cfg, student, teacher_model, teacher_cfg)
+    student, weights_report = build_student(cfg, source.task.n_outputs)
+    check_matching_options(cfg, student, source.members[0].model, teacher_cfg)
     task.check_config(cfg)
     log.info("teacher logits: %s (%s)", mode, reason)
     accelerator = make_accelerator(cfg.optim.precision)
@@ -564,18 +555,15 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
         with accelerator.main_process_first():
             data, synthetic_mask = load_training_data(cfg, run)
         parts, synthetic_mask = task.prepare(data, synthetic_mask, cfg.task.drop_missing)
-        check_teacher_classes(teacher_run, task)
-        check_teacher_split(teacher_dir, data.manifest)
+        for member in source.members:
+            check_teacher_classes(member, task)
+            check_teacher_split(member.path, data.manifest)
         if accelerator.is_main_process:
             write_split_file(data.manifest, run / "split.csv")
         classes = task.class_names
         datasets = {s: CachedImageDataset(data.cache, p, classes) for s, p in parts.items()}
 
-        teacher = (
-            ResizeInput(teacher_model, teacher_cfg.data.image_size, input_norm_of(student))
-            .to(device)
-            .eval()
-        )
+        teacher = source.module(input_norm_of(student)).to(device).eval()
         teacher.requires_grad_(False)
         student, summary, cache_file = train_student(
             cfg,
@@ -583,7 +571,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
             accelerator,
             student,
             teacher,
-            teacher_dir,
+            source,
             datasets,
             synthetic_mask,
             mode,
@@ -596,8 +584,10 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
         # As in fine-tuning: the decision rule is fitted on val only; the teacher keeps its own.
         task.fit_probs(logits["val"], datasets["val"].labels.numpy(), cfg.decision_rule)
         probs = {s: task.probs(v) for s, v in logits.items()}
-        teacher_logits = split_logits(teacher, eval_sets, accelerator, teacher_cfg.augment.tta)
-        teacher_probs = {s: teacher_run.task.probs(v) for s, v in teacher_logits.items()}
+        # The teacher is reported as the student saw it: with the dihedral mean if cached so.
+        teacher_tta = source.tta or mode == "cached-dihedral"
+        teacher_logits = split_logits(teacher, eval_sets, accelerator, teacher_tta)
+        teacher_probs = {s: source.task.probs(v) for s, v in teacher_logits.items()}
         if not accelerator.is_main_process:
             return run / "report.html"
         save_weights(student, run / WEIGHTS_FILE)  # the student alone, never a projection
@@ -613,11 +603,11 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
         from dermkit.models.cost import model_cost
 
         cost = {
-            "teacher": model_cost(teacher_model, teacher_cfg.data.image_size),
+            "teacher": source.cost(),
             "student": model_cost(student, cfg.data.image_size),
         }
         result["distillation"] = {
-            **distillation_info(cfg, teacher_dir, teacher_cfg, mode, reason),
+            **distillation_info(cfg, source, mode, reason),
             "teacher_logits_file": cache_file.name if cache_file else None,
             "cost": cost,
             "teacher_metrics": teacher_result["metrics"],
@@ -625,7 +615,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
         result["training"] = {k: v for k, v in summary.items() if k != "history"}
         result["history"] = summary["history"]
         side_by_side = teacher_student_figures(
-            run.path, cfg, teacher_cfg, teacher_result, result, summary["history"]
+            run.path, cfg, source.name, teacher_result, result, summary["history"]
         )
         rule_rows = task.probs_rows(cfg.decision_rule, logits["test"], y_test, {}, cfg.seed)
         kind = "" if task.kind == "classification" else f" ({task.kind} '{cfg.task.column}')"
@@ -636,10 +626,9 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
             probs["test"],
             parts["test"],
             run.path,
-            title=f"dermkit distill{kind}: {teacher_cfg.model.name} -> {cfg.model.name} "
-            "(test split)",
+            title=f"dermkit distill{kind}: {source.name} -> {cfg.model.name} (test split)",
             extra={
-                "teacher run": str(teacher_dir),
+                "teacher run": str(source.path),
                 "teacher logits": f"{mode} ({reason})",
                 "alpha / temperature": f"{cfg.distill.alpha} / {cfg.distill.temperature}",
                 "distillation terms": options_text(cfg),

@@ -123,10 +123,12 @@ class DistillConfig(Strict):
 
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the KL term; 1-alpha on CE")
     temperature: float = Field(4.0, gt=0, description="softmax temperature of both models")
-    teacher_logits: Literal["online", "cached", "auto"] = Field(
+    teacher_logits: Literal["online", "cached", "cached-dihedral", "auto"] = Field(
         "auto",
         description="online: teacher on each augmented batch; cached: once on the clean "
-        "images (augmentation off only); auto: cached when augmentation is off",
+        "images (augmentation off only); cached-dihedral: once, the mean over each image's 8 "
+        "flips/rotations (exact when flip/rot90 are the only augmentations); auto: cached "
+        "when augmentation is off",
     )
     dist_token: bool = Field(
         False,
@@ -153,7 +155,10 @@ class DistillRunConfig(FinetuneRunConfig):
     """
 
     out_dir: str = "runs/distill"
-    teacher: str = Field("runs/finetune", description="teacher run folder (finetune/distill)")
+    teacher: str = Field(
+        "runs/finetune",
+        description="teacher run folder (finetune/distill), or a `dermkit ensemble` folder",
+    )
     model: ModelConfig = Field(
         default_factory=lambda: ModelConfig(name="vit_student_patch8_64"),
         description="the student",
