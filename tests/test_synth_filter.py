@@ -105,6 +105,35 @@ def test_judge_keeps_agreement_and_names_each_rejection(tmp_path):
     assert strict["reason"].tolist() == [low, "disagrees:vasc", low, low]
 
 
+def test_a_judge_sees_images_normalised_and_sized_as_its_run_was_trained(tmp_path):
+    """An ImageNet-Lite-style run ([-1, 1] inputs) must not be fed ImageNet mean/std, and a
+    64 px synthetic image is upsampled (bilinear) for a judge trained at 96 px."""
+    from dermkit.data.transforms import normalize
+    from dermkit.models.backbones import create_backbone
+    from dermkit.models.packaged import INPUT_NORMS
+    from dermkit.models.settings import ModelConfig
+    from dermkit.models.weights import save_weights
+    from dermkit.train.settings import FinetuneRunConfig
+
+    torch.manual_seed(0)
+    model = create_backbone("resnet18_64", num_classes=2, img_size=96).eval()
+    save_weights(model, tmp_path / "model.safetensors")
+    cfg = FinetuneRunConfig(model=ModelConfig(name="resnet18_64", input_norm="symmetric"))
+    cfg.data.image_size = 96
+    save_config(cfg, tmp_path / "config.yaml")
+    (tmp_path / "classes.json").write_text(json.dumps(["nv", "vasc"]))
+
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = torch.nn.functional.interpolate(x, size=(96, 96), mode="bilinear")
+    with torch.no_grad():
+        right = model(normalize(x.clone(), *INPUT_NORMS["symmetric"])).softmax(1).numpy()
+        wrong = model(normalize(x.clone())).softmax(1).numpy()
+    got = load_real_classifier(tmp_path).probabilities(images)
+    np.testing.assert_allclose(got, right, atol=1e-5)
+    assert np.abs(got - wrong).max() > 1e-3
+
+
 def test_rounds_keep_the_first_passes_and_stop_at_the_cap():
     judged = pd.DataFrame(
         {

@@ -56,11 +56,14 @@ THRESHOLD_QUERIES = 2000  # real images whose nearest other lesion sets the near
 
 
 def resize_images(images: np.ndarray, side: int) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, side, side) in [0, 1], area-downsampled."""
+    """uint8 (N, H, W, 3) -> float (N, 3, side, side) in [0, 1]: area-downsampled, or
+    bilinear-upsampled for a judge that runs at a higher resolution (area would be nearest)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-    if x.shape[-2:] != (side, side):
-        x = torch.nn.functional.interpolate(x, size=(side, side), mode="area")
-    return x
+    if x.shape[-2:] == (side, side):
+        return x
+    if x.shape[-1] > side:
+        return torch.nn.functional.interpolate(x, size=(side, side), mode="area")
+    return torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear").clamp_(0, 1)
 
 
 def thumbnails(images: np.ndarray) -> np.ndarray:
@@ -167,17 +170,18 @@ def load_real_classifier(run: str | Path, purpose: str = "the synthetic-image fi
     """
     run = Path(run)
     if is_classifier_run(run):
+        from dermkit.models.backbones import input_stats
         from dermkit.models.runs_io import load_run_model
 
         model, cfg, classes = load_run_model(run, purpose=purpose)
-        side = cfg.data.image_size
+        side, stats = cfg.data.image_size, input_stats(model)  # e.g. [-1, 1] for ImageNet Lite
 
         @torch.no_grad()
         def torch_probs(images: np.ndarray, batch_size: int = 256) -> np.ndarray:
             out = [np.zeros((0, len(classes)), np.float32)]
             for i in range(0, len(images), batch_size):
                 x = resize_images(images[i : i + batch_size], side)
-                out.append(model(normalize(x)).softmax(1).numpy())
+                out.append(model(normalize(x, *stats)).softmax(1).numpy())
             return np.concatenate(out)
 
         return RealClassifier(run, "classifier", list(classes), torch_probs)
