@@ -492,6 +492,21 @@ def test_model_card_validates_and_a_missing_field_fails(teacher_export):
 # ----------------------------------------------------------------------------- latency
 
 
+def test_bench_latency_times_an_ensemble_teacher_as_all_its_members(
+    teacher_run, student_run, tmp_path
+):
+    ens = tmp_path / "ens"
+    _invoke("ensemble", teacher_run, student_run, "--out", ens, "--select", "all", "--n-boot", 20)
+    out = tmp_path / "latency"
+    args = ["--teacher", ens, "--student", student_run, "--out", out, "--rounds", 1, "--calls", 1]
+    _invoke("bench", "latency", *args)
+    teacher, student = json.loads((out / "latency.json").read_text())["rows"][:2]
+    single = json.loads((student_run / "metrics.json").read_text())["distillation"]["cost"]
+    assert teacher["architecture"].startswith("ensemble(")
+    assert teacher["params"] == single["teacher"]["params"] + single["student"]["params"]
+    assert teacher["params"] > student["params"]
+
+
 def test_bench_latency_has_all_four_rows(teacher_run, student_run, tmp_path):
     out = tmp_path / "latency"
     result = _invoke(

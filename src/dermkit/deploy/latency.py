@@ -81,6 +81,17 @@ def _student_files(student: Path, int8: str, work: Path) -> tuple[Path, Path, Pa
     return student, work / FP32_FILE, work / INT8_FILES[int8]
 
 
+def _teacher_model(source) -> tuple[torch.nn.Module, int]:
+    """(model, input size) to time: a run's own model, or the ensemble module fed at its
+    largest member's size (each member resizes to its own, as in distillation)."""
+    if not source.ensemble:
+        return source.members[0].model.eval(), source.cfg.data.image_size
+    from dermkit.models.backbones import input_norm_of
+
+    size = max(m.cfg.data.image_size for m in source.members)
+    return source.module(input_norm_of(source.members[0].model)).eval(), size
+
+
 def bench_latency(
     teacher_run: str | Path,
     student: str | Path,
@@ -95,7 +106,8 @@ def bench_latency(
     """Time the four models interleaved; returns {"rows": [...], "settings": ..., ...}.
 
     Args:
-        teacher_run: teacher classifier run folder.
+        teacher_run: teacher classifier run folder, or a ``dermkit ensemble`` folder (all
+            members timed in one call, each at its own resolution).
         student: student run folder (exported on the fly) or ``dermkit export`` folder.
         int8: which INT8 file to time: "dynamic" or "static".
         rounds: interleaved rounds; calls: batch-1 calls per model per round.
@@ -104,6 +116,7 @@ def bench_latency(
     """
     from dermkit.models.runs_io import WEIGHTS_FILE, load_run_model
     from dermkit.runs import machine_info
+    from dermkit.train.teacher import open_teacher
 
     if int8 not in ("dynamic", "static"):
         raise ValueError(f"int8 must be dynamic or static, got {int8!r}")
@@ -113,19 +126,21 @@ def bench_latency(
     try:
         with tempfile.TemporaryDirectory(prefix="dermkit-latency-") as tmp:
             student_run, fp32, q = _student_files(student, int8, Path(tmp))
-            teacher, t_cfg, _ = load_run_model(teacher_run)
+            source = open_teacher(teacher_run)
+            teacher, t_size = _teacher_model(source)
             pupil, s_cfg, _ = load_run_model(student_run)
-            t_size, s_size = t_cfg.data.image_size, s_cfg.data.image_size
-            t_cost, s_cost = model_cost(teacher, t_size), model_cost(pupil, s_size)
+            s_size = s_cfg.data.image_size
+            t_cost, s_cost = source.cost(), model_cost(pupil, s_size)
+            t_bytes = sum((m.path / WEIGHTS_FILE).stat().st_size for m in source.members)
             s_name, s_bytes = s_cfg.model.name, (student_run / WEIGHTS_FILE).stat().st_size
             models = [
                 _Timed(
                     "teacher PyTorch FP32",
-                    t_cfg.model.name,
+                    source.name,
                     _torch_runner(teacher),
                     t_size,
                     t_cost,
-                    (teacher_run / WEIGHTS_FILE).stat().st_size,
+                    t_bytes,
                 ),
                 _Timed(
                     "student PyTorch FP32", s_name, _torch_runner(pupil), s_size, s_cost, s_bytes
