@@ -221,8 +221,18 @@ def test_changing_distill_temperature_reruns_distill_and_later_stages_only(demo_
         )
         for s in UPSTREAM_OF_DISTILL
     }
+    # The temperature alone gives distill and every later stage a new key, nothing earlier.
+    changed = plan_pipeline(
+        _pipeline(demo_out, "stages.distill.distill.temperature=2.0"), DERMAE_STAGES
+    )
+    assert [s for s in STAGES if changed[s].path != before[s]] == DOWNSTREAM_OF_DISTILL
+    # The run that shows what is executed also shortens the distillation (another distill
+    # setting, so the same stages rerun): 2 epochs instead of the demo's 40.
     result = dermae.run(
-        _pipeline(demo_out, "stages.distill.distill.temperature=2.0"), progress=False
+        _pipeline(
+            demo_out, "stages.distill.distill.temperature=2.0", "stages.distill.optim.epochs=2"
+        ),
+        progress=False,
     )
     assert result.executed == DOWNSTREAM_OF_DISTILL
     for s in UPSTREAM_OF_DISTILL:
@@ -244,9 +254,10 @@ def test_changing_distill_temperature_reruns_distill_and_later_stages_only(demo_
 
 
 def test_killed_during_sampling_resumes_without_redoing_or_duplicating(demo_out, tmp_path):
-    # Another sampling variant (one image per batch: slow enough to be caught mid-way);
-    # data, autoencoder and diffusion are the demo's.
-    overrides = ["stages.sample.sampler.batch_size=1"]
+    # Another sampling variant (4 images per batch: about 85 batches, slow enough to be
+    # caught mid-way, and a quarter of the denoiser calls of one image per batch when it
+    # resumes); data, autoencoder and diffusion are the demo's.
+    overrides = ["stages.sample.sampler.batch_size=4"]
     before = {s: _stage_dir(demo_out, s) for s in ("data", "autoencoder", "diffusion")}
     markers = {s: (d / MARKER).stat().st_mtime_ns for s, d in before.items()}
     plan = plan_pipeline(_pipeline(demo_out, *overrides), DERMAE_STAGES)
