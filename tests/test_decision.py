@@ -42,3 +42,24 @@ def test_rule_round_trips_through_json_and_missing_file_means_identity(tmp_path)
     assert DecisionRule.load(tmp_path / "absent.json") == DecisionRule()
     assert DecisionRule.fit(val_logits, y_val, "none") == DecisionRule()
     np.testing.assert_allclose(DecisionRule().probs(val_logits).sum(1), 1.0)
+
+
+def test_auto_keeps_class_scales_only_where_they_help_held_out_images(tmp_path):
+    """A model that under-calls one class gains from scales on held-out halves of val, so
+    auto keeps them; a fair model only overfits val with them, so auto drops them."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    fair = 2 * np.eye(3)[y] + rng.normal(0, 1.2, (600, 3))
+    biased = fair.copy()
+    biased[:, 2] -= 2.5  # class 2 under-called: scales that raise it help everywhere
+
+    kept = DecisionRule.fit(biased, y, "auto")
+    assert kept.class_scales_gain > 0.05 and kept.class_scales is not None
+    assert kept.class_scales[2] > 2 * max(kept.class_scales[0], kept.class_scales[1])
+    dropped = DecisionRule.fit(fair, y, "auto")
+    assert dropped.class_scales_gain < 0 and dropped.class_scales is None
+    # the forced mode still fits scales on the fair model (the overfitting auto avoids)
+    assert DecisionRule.fit(fair, y, "temperature+class_scales").class_scales is not None
+
+    kept.save(tmp_path / "decision.json")
+    assert DecisionRule.load(tmp_path / "decision.json") == kept

@@ -21,7 +21,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
-from dermkit.core.metrics import tune_class_scales
+from dermkit.core.metrics import macro_f1, tune_class_scales
 
 # Search range for the inverse temperature 1/T (T from 0.01 to 100). The NLL is convex in
 # 1/T, so a bounded scalar search over this range finds the global minimum inside it.
@@ -147,6 +147,35 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     return float(np.exp(-result.x))
 
 
+def cross_fitted_scale_gain(
+    probs: np.ndarray, y: np.ndarray, repeats: int = 10, seed: int = 0
+) -> float:
+    """Val macro-F1 gain of class scales tuned on one half of val, scored on the other half.
+
+    Both directions of ``repeats`` random halvings, averaged. Scales tuned on all of val
+    always look good on val (they were fitted there); this estimates, from val alone,
+    whether they help on images they were not fitted on. Why it matters: a student
+    distilled from an ensemble's rule-applied probabilities already carries that ensemble's
+    class balance, and val-tuned scales on top of it lost 0.020 test macro-F1
+    (BENCHMARKS.md, "The chain's student"); this estimate was -0.031 for it and positive for
+    the two fine-tuned models whose scales helped on test.
+
+    Args:
+        probs: (N, C) val probabilities before scaling; y: (N,) int labels.
+    """
+    n, c = probs.shape
+    rng = np.random.default_rng(seed)
+    gains = []
+    for _ in range(repeats):
+        first = np.zeros(n, dtype=bool)
+        first[rng.permutation(n)[: n // 2]] = True
+        for fit, held in ((first, ~first), (~first, first)):
+            scales = tune_class_scales(probs[fit], y[fit])
+            scaled = macro_f1(y[held], (probs[held] * scales).argmax(1), c)
+            gains.append(scaled - macro_f1(y[held], probs[held].argmax(1), c))
+    return float(np.mean(gains))
+
+
 @dataclass
 class DecisionRule:
     """How a trained classifier's logits become reported probabilities, fitted on val only.
@@ -163,6 +192,8 @@ class DecisionRule:
     # A minimum-recall operating point folded into class_scales (eval/operating_point.py):
     # {"class", "target", "factor"}; recorded so a refit can undo it and the card can say so.
     min_recall: dict | None = None
+    # mode "auto": the cross-fitted val gain that decided whether class scales were kept.
+    class_scales_gain: float | None = None
 
     def probs(self, logits: np.ndarray) -> np.ndarray:
         """(N, C) logits -> (N, C) probabilities (rows sum to 1)."""
@@ -174,18 +205,22 @@ class DecisionRule:
 
     @classmethod
     def fit(cls, val_logits: np.ndarray, y_val: np.ndarray, mode: str) -> DecisionRule:
-        """Fit on val: ``mode`` is 'none', 'temperature' or 'temperature+class_scales'."""
+        """Fit on val: ``mode`` is 'none', 'temperature', 'temperature+class_scales' or
+        'auto' (class scales only when their cross-fitted val gain is positive)."""
         if mode == "none":
             return cls()
         rule = cls(temperature=fit_temperature(val_logits, y_val))
-        if mode == "temperature+class_scales":
+        if mode == "auto":
+            rule.class_scales_gain = cross_fitted_scale_gain(rule.probs(val_logits), y_val)
+        if mode == "temperature+class_scales" or (mode == "auto" and rule.class_scales_gain > 0):
             rule.class_scales = tune_class_scales(rule.probs(val_logits), y_val).tolist()
         return rule
 
     def save(self, path: str | Path) -> None:
         rule = asdict(self)
-        if rule["min_recall"] is None:  # files without a point stay as they always were
-            del rule["min_recall"]
+        for optional in ("min_recall", "class_scales_gain"):
+            if rule[optional] is None:  # files without them stay as they always were
+                del rule[optional]
         Path(path).write_text(json.dumps(rule, indent=2))
 
     @classmethod

@@ -617,7 +617,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
         side_by_side = teacher_student_figures(
             run.path, cfg, source.name, teacher_result, result, summary["history"]
         )
-        rule_rows = task.probs_rows(cfg.decision_rule, logits["test"], y_test, {}, cfg.seed)
+        rule_rows = task.probs_rows(cfg.decision_rule, logits["test"], y_test, result, cfg.seed)
         kind = "" if task.kind == "classification" else f" ({task.kind} '{cfg.task.column}')"
         label = task.selection_label
         return task.write_report(

@@ -80,9 +80,11 @@ class FinetuneRunConfig(DataRunSettings):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     synthetic_ratio: SyntheticRatio = 0.0
     synthetic_manifest: SyntheticManifest = None
-    decision_rule: Literal["none", "temperature", "temperature+class_scales"] = Field(
+    decision_rule: Literal["none", "temperature", "temperature+class_scales", "auto"] = Field(
         "temperature+class_scales",
-        description="post-hoc rule fitted on val logits (never test), saved as decision.json",
+        description="post-hoc rule fitted on val logits (never test), saved as decision.json; "
+        "auto: temperature, plus class scales only when scales tuned on half of val raise "
+        "macro-F1 on the other half",
     )
     checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints")
     log_every: int = Field(10, ge=1)
