@@ -22,6 +22,7 @@ from dermkit.synth.filtering import (
     keep_first,
     load_real_classifier,
     next_draws,
+    resize_images,
 )
 
 CLASSES = {"nv": 1.0, "vasc": 1.0}  # brown nevi and red vascular lesions: colour tells them
@@ -106,8 +107,8 @@ def test_judge_keeps_agreement_and_names_each_rejection(tmp_path):
 
 
 def test_a_judge_sees_images_normalised_and_sized_as_its_run_was_trained(tmp_path):
-    """An ImageNet-Lite-style run ([-1, 1] inputs) must not be fed ImageNet mean/std, and a
-    64 px synthetic image is upsampled (bilinear) for a judge trained at 96 px."""
+    """An ImageNet-Lite-style run ([-1, 1] inputs) must not be fed ImageNet mean/std; a
+    64 px synthetic image is resized to the 96 px the judge was trained at."""
     from dermkit.data.transforms import normalize
     from dermkit.models.backbones import create_backbone
     from dermkit.models.packaged import INPUT_NORMS
@@ -124,8 +125,8 @@ def test_a_judge_sees_images_normalised_and_sized_as_its_run_was_trained(tmp_pat
     (tmp_path / "classes.json").write_text(json.dumps(["nv", "vasc"]))
 
     images = np.random.default_rng(0).integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    x = torch.nn.functional.interpolate(x, size=(96, 96), mode="bilinear")
+    x = resize_images(images, 96)
+    assert x.shape == (3, 3, 96, 96)
     with torch.no_grad():
         right = model(normalize(x.clone(), *INPUT_NORMS["symmetric"])).softmax(1).numpy()
         wrong = model(normalize(x.clone())).softmax(1).numpy()

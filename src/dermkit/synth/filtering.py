@@ -56,14 +56,11 @@ THRESHOLD_QUERIES = 2000  # real images whose nearest other lesion sets the near
 
 
 def resize_images(images: np.ndarray, side: int) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, side, side) in [0, 1]: area-downsampled, or
-    bilinear-upsampled for a judge that runs at a higher resolution (area would be nearest)."""
+    """uint8 (N, H, W, 3) -> float (N, 3, side, side) in [0, 1], area-downsampled."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-    if x.shape[-2:] == (side, side):
-        return x
-    if x.shape[-1] > side:
-        return torch.nn.functional.interpolate(x, size=(side, side), mode="area")
-    return torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear").clamp_(0, 1)
+    if x.shape[-2:] != (side, side):
+        x = torch.nn.functional.interpolate(x, size=(side, side), mode="area")
+    return x
 
 
 def thumbnails(images: np.ndarray) -> np.ndarray:
