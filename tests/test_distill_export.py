@@ -338,6 +338,25 @@ def test_an_ensemble_folder_teaches_as_its_predictions_say(
     assert "members[1].run" in text and "gone" in text
 
 
+def test_an_ensemble_fingerprint_follows_its_members_rules(teacher_run, student_run, tmp_path):
+    """Cached teacher logits are keyed by the fingerprint: an ensemble's output goes through
+    each member's decision rule, so a refitted rule must change it (stale logits otherwise)."""
+    import shutil
+
+    from dermkit.train.teacher import open_teacher
+
+    members = [shutil.copytree(r, tmp_path / r.name) for r in (teacher_run, student_run)]
+    ens = tmp_path / "ens"
+    _invoke("ensemble", *members, "--out", ens, "--select", "all", "--n-boot", 20)
+    before = open_teacher(ens).fingerprint()
+    assert open_teacher(ens).fingerprint() == before  # deterministic
+    rule_file = members[0] / "decision.json"
+    rule = json.loads(rule_file.read_text())
+    rule["temperature"] *= 2
+    rule_file.write_text(json.dumps(rule))
+    assert open_teacher(ens).fingerprint() != before
+
+
 def test_an_ensemble_teacher_refuses_feature_matching(
     teacher_run, student_run, phantom_root, cache_dir, tmp_path
 ):

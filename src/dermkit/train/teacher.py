@@ -153,11 +153,16 @@ class Teacher:
         return EnsembleTeacher(wrapped, rules, [float(w) for w in self.weights])
 
     def fingerprint(self) -> str:
-        """sha256 of the members' weight files and weights: a changed teacher changes it."""
+        """sha256 of what the teacher's outputs depend on: a changed teacher changes it.
+
+        One run: its weights (its raw logits are the targets). An ensemble: each member's
+        weights, decision rule (it enters the output) and weight in the ensemble.
+        """
         if not self.ensemble:  # a single run's fingerprint is its weights' sha256 (as before)
             return sha256_file(self.members[0].path / WEIGHTS_FILE)
         text = "\n".join(
-            f"{sha256_file(m.path / WEIGHTS_FILE)} x{w}" for m, w in zip(self.members, self.weights)
+            f"{sha256_file(m.path / WEIGHTS_FILE)} {m.task.rule} x{w}"
+            for m, w in zip(self.members, self.weights)
         )
         return hashlib.sha256(text.encode()).hexdigest()
 
