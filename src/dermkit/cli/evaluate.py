@@ -76,6 +76,13 @@ def evaluate(
     limit: Annotated[
         int | None, typer.Option(help="with --shift-bench/--ood-shifts: first N test images")
     ] = None,
+    tta: Annotated[
+        bool,
+        typer.Option(
+            help="re-score RUN's own val/test as the mean of 8 dihedral views, its decision "
+            "rule refitted on val (into --out, default RUN/tta)"
+        ),
+    ] = False,
 ) -> None:
     """Metrics with lesion-level bootstrap CIs and an HTML report from a predictions file.
 
@@ -91,9 +98,14 @@ def evaluate(
     --ood-shifts: the flag's AUROC for each shift of the shift benchmark against clean.
     --adapt ... --shift-bench scores RUN's test split under the shifts of `dermkit bench
     shift`, as is and adapted to each shift's images (adapt_shift.json and .md).
+    --tta re-scores RUN's own val and test images with 8-view test-time augmentation
+    (eval/run_tta.py); the output folder pairs with --against like any run.
     """
     from dermkit.eval.evaluate import evaluate_file
 
+    if tta:
+        _tta(predictions, out, seed, data, against)
+        return
     if fit_operating_point is not None:
         _fit_operating_point(predictions, fit_operating_point)
         return
@@ -304,3 +316,21 @@ def _ood_shift_aurocs(run: Path, shifts: str | None, severities: str, limit: int
                 )
         console.print(" | ".join(cells), highlight=False)
     print_json(result)
+
+
+def _tta(run: Path, out: Path | None, seed: int, data: Path | None, against: Path | None) -> None:
+    from dermkit.eval.run_tta import evaluate_run_tta
+
+    if data is not None or against is not None:
+        fail("--tta re-scores RUN's own split: pair its output folder with --against afterwards")
+    if not (run / "config.yaml").is_file():
+        fail(f"--tta needs a run folder (config.yaml, model.safetensors); {run} is not one")
+    with reported():
+        result = evaluate_run_tta(run, out, seed=seed)
+    from dermkit.eval.report import format_estimate
+
+    single = result.get("single_view") or {}
+    for name in ("macro_f1", "balanced_accuracy"):
+        was = f" (single view {format_estimate(single[name])})" if name in single else ""
+        console.print(f"{name}: {format_estimate(result['metrics'][name])}{was}")
+    print(out or run / "tta")
