@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from dermkit.cli import app
@@ -359,7 +360,8 @@ def test_tiny_ablation_has_every_row_and_column(demo_out):
     assert records["baseline_meta"]["folder"] != records["baseline"]["folder"]
     ensemble = records["ensemble"]
     weights = ensemble["ensemble"]["weights"]
-    assert list(weights) == [r for r in records if r not in ("student_exits", "ensemble")]
+    later = ("student_exits", "ensemble", "teacher_ensemble", "student_of_ensemble")
+    assert list(weights) == [r for r in records if r not in later]
     assert sum(weights.values()) >= 1 and ensemble["computed"] == ["ensemble"]
     # greedy starts from the best member on val and only adds what raises val macro-F1
     best_single = max(_val_macro_f1(Path(records[m]["folder"])) for m in weights)
@@ -372,6 +374,19 @@ def test_tiny_ablation_has_every_row_and_column(demo_out):
     assert ensemble["summary"]["params"] == (
         pytest.approx(sum(chosen_params)) if chosen_params else None
     )
+    # A row with a teacher row distils from that row's ensemble folder, not the finetune
+    # stage: its run names the ensemble and both members, and it trained no teacher.
+    student = records["student_of_ensemble"]
+    ensemble_dir = Path(records["teacher_ensemble"]["folder"])
+    assert records["teacher_ensemble"]["ensemble"]["weights"] == {"cnn_scratch": 1, "mae_synth": 1}
+    student_cfg = yaml.safe_load((Path(student["folder"]) / "config.yaml").read_text())
+    assert Path(student_cfg["teacher"]) == ensemble_dir
+    kd = json.loads((Path(student["folder"]) / "metrics.json").read_text())["distillation"]
+    assert kd["teacher_model"].startswith("ensemble(")
+    members = {Path(m["run"]).resolve() for m in kd["teacher_members"]}
+    assert members == {Path(records[i]["folder"]).resolve() for i in ("cnn_scratch", "mae_synth")}
+    assert "finetune" not in student["computed"]
+    assert Path(student["folder"]) != Path(records["student"]["folder"])
     # A reused row still carries what its stages cost; the total counts each stage once.
     from dermkit.bench.ablation import total_stage_seconds
 
@@ -455,6 +470,41 @@ def test_ablation_ensemble_rows_are_checked_and_bring_their_members():
             AblationConfig(
                 pipeline="dermae-tiny", rows=[*rows[:3], {"id": "x", "name": "X", **extra}]
             )
+    # a row with a teacher brings the teacher row, and an ensemble teacher its members
+    student = {"id": "s", "name": "S", "target": "distill", "teacher": "ens"}
+    ablation = AblationConfig(pipeline="dermae-tiny", rows=[*rows, student])
+    assert [r.id for r in select_rows(ablation, ["s"])] == ["a", "b", "ens", "s"]
+    for extra, message in [
+        ({"target": "distill", "teacher": "zz"}, "teacher 'zz' is not a row above it"),
+        ({"ensemble": ["a", "b"], "teacher": "b"}, "takes no overrides or teacher"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            AblationConfig(pipeline="dermae-tiny", rows=[*rows, {"id": "x", "name": "X", **extra}])
+
+
+def test_distill_teacher_knob_keys_the_teacher_by_content(tmp_path):
+    """``stages.distill.teacher``: a folder from outside the pipeline replaces the finetune
+    stage as the student's teacher, and the stage key follows the folder's content."""
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "model.safetensors").write_bytes(b"weights one")
+    (teacher / "decision.json").write_text('{"temperature": 1.5}')
+
+    def plan(*items):
+        return plan_pipeline(_pipeline(tmp_path / "out", *items), DERMAE_STAGES)["distill"]
+
+    own, knob = plan(), plan(f"stages.distill.teacher={teacher}")
+    assert "finetune" in own.inputs and "finetune" not in knob.inputs
+    assert knob.config.teacher == str(teacher) and knob.config.teacher_content not in (None, "")
+    assert own.config.teacher_content is None and own.key != knob.key
+    assert plan(f"stages.distill.teacher={teacher}").key == knob.key  # deterministic
+    (teacher / "decision.json").write_text('{"temperature": 2.0}')  # a refitted rule
+    refitted = plan(f"stages.distill.teacher={teacher}")
+    assert refitted.key != knob.key
+    (teacher / "model.safetensors").write_bytes(b"weights two")  # a retrained teacher
+    assert plan(f"stages.distill.teacher={teacher}").key not in (knob.key, refitted.key)
+    missing = plan(f"stages.distill.teacher={tmp_path / 'not-yet'}")
+    assert missing.config.teacher_content == "missing"
 
 
 @pytest.mark.ham10000

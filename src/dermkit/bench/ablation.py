@@ -10,6 +10,8 @@ it stopped, and rows already finished cost nothing. All rows share the data stag
 one lesion-grouped split and one seed. A row may instead be an ensemble of rows above it
 (``ensemble: [ids]``): their folders' probabilities combined with weights chosen on val
 (:mod:`dermkit.eval.ensemble`), written to ``<out_dir>/ensemble-<id>``, seconds of work.
+A row with ``teacher: <id>`` distils from that earlier row's folder (an ensemble row's
+ensemble, say) instead of the pipeline's own finetune stage.
 
 Each row is summarised by :func:`dermkit.exits.summary.summarize_run` (test metrics with
 lesion-level bootstrap CIs, params, GFLOPs, batch-1 latency); the table is written to
@@ -48,13 +50,18 @@ class AblationRow(Strict):
     overrides: list[str] = Field(default_factory=list, description="pipeline key=value items")
     ensemble: list[str] = Field(default_factory=list, description="ids of earlier rows")
     select: Literal["greedy", "all"] = "greedy"
+    teacher: str | None = Field(
+        None,
+        description="id of an earlier row whose folder (a run, or an ensemble row's "
+        "ensemble) the row's distill stage learns from, instead of the finetune stage",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> AblationRow:
         if bool(self.target) == bool(self.ensemble):
             raise ValueError(f"row {self.id}: give either target (a stage) or ensemble (rows)")
-        if self.ensemble and self.overrides:
-            raise ValueError(f"row {self.id}: an ensemble row takes no overrides")
+        if self.ensemble and (self.overrides or self.teacher):
+            raise ValueError(f"row {self.id}: an ensemble row takes no overrides or teacher")
         return self
 
 
@@ -83,6 +90,8 @@ class AblationConfig(Strict):
                 )
             if row.ensemble and len(row.ensemble) < 2:
                 raise ValueError(f"row {row.id}: an ensemble needs at least two rows")
+            if row.teacher is not None and row.teacher not in {r.id for r in self.rows[:k]}:
+                raise ValueError(f"row {row.id}: teacher {row.teacher!r} is not a row above it")
         return self
 
 
@@ -105,14 +114,32 @@ def select_rows(ablation: AblationConfig, ids: Sequence[str] = ()) -> list[Ablat
     unknown = [i for i in ids if i not in known]
     if unknown:
         raise ConfigError(f"unknown ablation rows {unknown}; the rows are {known}")
-    # an ensemble row needs its members' folders: they come along (cached ones cost nothing)
-    wanted = set(ids) | {m for r in ablation.rows if r.id in ids for m in r.ensemble}
+    # an ensemble row needs its members' folders, a row with a teacher its teacher's (and
+    # so on): they come along (cached ones cost nothing)
+    by_id = {r.id: r for r in ablation.rows}
+    wanted, todo = set(), list(ids)
+    while todo:
+        row = by_id[todo.pop()]
+        if row.id not in wanted:
+            wanted.add(row.id)
+            todo += [*row.ensemble, *([row.teacher] if row.teacher else [])]
     return [r for r in ablation.rows if not ids or r.id in wanted]
 
 
+def row_folder(ablation: AblationConfig, row: AblationRow, extra: Sequence[str] = ()) -> Path:
+    """Where a row's numbers come from: its target stage's folder or its ensemble folder."""
+    if row.ensemble:
+        return Path(ablation.out_dir) / f"ensemble-{row.id}"
+    return dermae.plan(row_pipeline(ablation, row, extra))[row.target].path
+
+
 def row_pipeline(ablation: AblationConfig, row: AblationRow, extra: Sequence[str] = ()):
-    """The row's pipeline config: base file < ablation overrides < extra < row, shared out_dir."""
+    """The row's pipeline config: base file < ablation overrides < extra < row, shared
+    out_dir; a row with a teacher row gets ``stages.distill.teacher`` = that row's folder."""
     items = [*ablation.overrides, *extra, *row.overrides, f"out_dir={ablation.out_dir}"]
+    if row.teacher is not None:
+        teacher = next(r for r in ablation.rows if r.id == row.teacher)
+        items.append(f"stages.distill.teacher={row_folder(ablation, teacher, extra)}")
     return load_pipeline(ablation.pipeline, items)
 
 

@@ -25,12 +25,14 @@ model is the pretrained encoder's architecture at its resolution, and synthetic 
 used (``synthetic_ratio`` > 0) only while ``sample`` is on; with synthesis off,
 pretraining and fine-tuning read real images only.
 
-Stage-only keys of a pipeline entry (not config fields): ``pretrain.method`` (mae or vae)
-and ``sample.balance`` (``uniform``, or per-class ``totals``/``shares`` as a mapping or a
-JSON file). ``sample.filter`` (a mapping of ``FilterConfig`` fields, ``{}`` for the
-defaults) keeps only the synthetic images that the baseline stage's classifier, trained on
-the real train split, agrees with: the wiring makes ``baseline`` an input of ``sample``.
-``export``, ``explain`` and ``evaluate`` take the fields of their small configs below.
+Stage-only keys of a pipeline entry (not config fields): ``pretrain.method`` (mae or vae),
+``distill.teacher`` (a run or ``dermkit ensemble`` folder from outside the pipeline instead
+of the finetune stage; its content is hashed into the key) and ``sample.balance``
+(``uniform``, or per-class ``totals``/``shares`` as a mapping or a JSON file).
+``sample.filter`` (a mapping of ``FilterConfig`` fields, ``{}`` for the defaults) keeps
+only the synthetic images that the baseline stage's classifier, trained on the real train
+split, agrees with: the wiring makes ``baseline`` an input of ``sample``. ``export``,
+``explain`` and ``evaluate`` take the fields of their small configs below.
 """
 
 from __future__ import annotations
@@ -43,7 +45,15 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from dermkit.config import PRESETS, ConfigError, Strict, _read_yaml, load_config, parse_override
+from dermkit.config import (
+    KEY_NEUTRAL_DEFAULT,
+    PRESETS,
+    ConfigError,
+    Strict,
+    _read_yaml,
+    load_config,
+    parse_override,
+)
 from dermkit.core.files import write_json_atomic
 from dermkit.core.mappings import expand_dotted, merge, nested
 from dermkit.data.settings import DataConfig
@@ -328,13 +338,45 @@ def _run_classifier(cfg: FinetuneRunConfig, out: Path, resume: bool) -> None:
     from dermkit.train.distill import run_distill
     from dermkit.train.finetune import run_finetune
 
+    if isinstance(cfg, DistillStageConfig):  # the run's config.yaml holds run fields only
+        cfg = DistillRunConfig.model_validate(cfg.model_dump(exclude={"teacher_content"}))
     train = run_distill if isinstance(cfg, DistillRunConfig) else run_finetune
     train(_out(cfg, out), resume, progress=False)
 
 
-def _build_distill(ctx: StageContext) -> DistillRunConfig:
-    wiring = _data_wiring(ctx) | {"teacher": str(ctx.input("finetune"))}
-    return _synthetic_wiring(ctx, _resolve(ctx, DistillRunConfig, "distill", wiring))
+class DistillStageConfig(DistillRunConfig):
+    """``distill``: :class:`DistillRunConfig` plus, for a teacher from outside the pipeline
+    (the ``teacher`` knob), that teacher's content hash, so the stage key follows what the
+    teacher is, not only where it lies. Not part of the run: stripped before it starts."""
+
+    teacher_content: str | None = Field(
+        None,
+        description="teacher_content_hash of a teacher named by the knob",
+        json_schema_extra=KEY_NEUTRAL_DEFAULT,
+    )
+
+
+def _build_distill(ctx: StageContext) -> DistillStageConfig:
+    """The student of the finetune stage, or of the ``teacher`` knob's folder: a run or a
+    ``dermkit ensemble`` folder made outside the pipeline (an ablation's ensemble row, say).
+
+    With the knob the finetune stage is not an input: nothing trains a teacher that is not
+    used. A knob folder that does not exist yet (an ablation plans rows before the rows
+    they read have run) is keyed as ``missing``: the plan shows the stage to do.
+    """
+    from dermkit.train.teacher import teacher_content_hash
+
+    teacher = ctx.knobs.get("teacher")
+    content = None
+    if teacher is None:
+        teacher = str(ctx.input("finetune"))
+    elif not Path(teacher).is_dir():
+        content = "missing"
+    else:
+        content = teacher_content_hash(teacher)
+    wiring = _data_wiring(ctx) | {"teacher": str(teacher)}
+    cfg = _synthetic_wiring(ctx, _resolve(ctx, DistillRunConfig, "distill", wiring))
+    return DistillStageConfig.model_validate(cfg.model_dump() | {"teacher_content": content})
 
 
 def deployed_model(ctx: StageContext) -> Path:
@@ -702,6 +744,7 @@ DERMAE_STAGES: tuple[Stage, ...] = (
         _build_distill,
         _run_classifier,
         _metric_classifier,
+        knobs=("teacher",),
         figures=(
             *_CLASSIFIER_FIGURES,
             FigureSpec("teacher_vs_student.png", "teacher against student"),

@@ -28,7 +28,7 @@ from dermkit.core.files import sha256_file
 from dermkit.models.backbones import input_stats
 from dermkit.models.packaged import INPUT_NORMS
 from dermkit.models.runs_io import WEIGHTS_FILE
-from dermkit.tasks.classification import ClassificationTask
+from dermkit.tasks.classification import DECISION_FILE, ClassificationTask
 from dermkit.tasks.runs import TaskRun, open_run
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -208,6 +208,26 @@ def teacher_run_dirs(path: str | Path) -> tuple[list[Path], list[int], bool]:
     if not dirs:
         raise ConfigError(f"{spec_file}: no member has a positive weight")
     return dirs, weights, True
+
+
+def teacher_content_hash(path: str | Path) -> str:
+    """sha256 of what a teacher folder's outputs depend on, read from files (no model loaded).
+
+    Each member's weights file, its decision-rule file and its weight in the ensemble; for
+    one run, the run's own two files. A pipeline stage whose teacher comes from outside the
+    pipeline hashes this into its key, so a retrained or re-weighted teacher means a new
+    student (paths alone would not change).
+
+    Raises:
+        FileNotFoundError: as :func:`teacher_run_dirs`.
+    """
+    dirs, weights, _ = teacher_run_dirs(path)
+    digest = hashlib.sha256()
+    for run, weight in zip(dirs, weights):
+        rule = run / DECISION_FILE
+        rule_sha = sha256_file(rule) if rule.exists() else "-"
+        digest.update(f"{sha256_file(run / WEIGHTS_FILE)} {rule_sha} x{weight}\n".encode())
+    return digest.hexdigest()
 
 
 def open_teacher(path: str | Path) -> Teacher:
