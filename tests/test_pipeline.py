@@ -507,6 +507,31 @@ def test_distill_teacher_knob_keys_the_teacher_by_content(tmp_path):
     assert missing.config.teacher_content == "missing"
 
 
+def test_stage_recipe_sits_between_preset_and_the_files_settings(tmp_path):
+    """``stages.finetune.recipe``: a recipe file (the command's --config) under the entry's
+    own settings; its content, not its path, is in the key."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: {name: resnet18_64}\noptim: {epochs: 7, weight_decay: 0.03}\n")
+
+    def plan(*items):
+        cfg = _pipeline(tmp_path / "out", "stages.pretrain=false", *items)
+        return plan_pipeline(cfg, DERMAE_STAGES)["finetune"]
+
+    plain = plan()
+    with_recipe = plan(f"stages.finetune.recipe={recipe}")
+    assert with_recipe.config.model.name == "resnet18_64"
+    assert with_recipe.config.optim.weight_decay == 0.03
+    # the entry's own settings win over the recipe (dermae-tiny.yaml sets the epochs)
+    assert with_recipe.config.optim.epochs == plain.config.optim.epochs != 7
+    mine = plan(f"stages.finetune.recipe={recipe}", "stages.finetune.optim.weight_decay=0.05")
+    assert mine.config.optim.weight_decay == 0.05 and mine.config.model.name == "resnet18_64"
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(recipe.read_text())
+    assert plan(f"stages.finetune.recipe={moved}").key == with_recipe.key
+    with pytest.raises(PipelineError, match=r"stages\.finetune\.recipe: no file"):
+        plan(f"stages.finetune.recipe={tmp_path / 'none.yaml'}")
+
+
 @pytest.mark.ham10000
 def test_shipped_cpu_and_gpu_pipelines_and_cpu_ablation_rows_resolve(ham10000_root, tmp_path):
     from dermkit.bench.ablation import load_ablation, plan_ablation

@@ -25,7 +25,9 @@ model is the pretrained encoder's architecture at its resolution, and synthetic 
 used (``synthetic_ratio`` > 0) only while ``sample`` is on; with synthesis off,
 pretraining and fine-tuning read real images only.
 
-Stage-only keys of a pipeline entry (not config fields): ``pretrain.method`` (mae or vae),
+Stage-only keys of a pipeline entry (not config fields): ``finetune.recipe`` and
+``distill.recipe`` (a ``recipes/*.yaml`` file, the command's ``--config``, merged over the
+preset and under the entry's own settings), ``pretrain.method`` (mae or vae),
 ``distill.teacher`` (a run or ``dermkit ensemble`` folder from outside the pipeline instead
 of the finetune stage; its content is hashed into the key) and ``sample.balance``
 (``uniform``, or per-class ``totals``/``shares`` as a mapping or a JSON file).
@@ -193,12 +195,23 @@ def _metrics(path: Path) -> dict:
 
 
 def _resolve(ctx: StageContext, schema, section: str, wiring: dict):
-    """preset < the pipeline's seed < the file's settings < wiring, merged as mappings and
-    validated once (the preset as ``load_config`` reads it: the fields its YAML sets)."""
+    """preset < the stage's ``recipe`` file < the pipeline's seed < the file's settings <
+    wiring, merged as mappings and validated once (the preset as ``load_config`` reads it:
+    the fields its YAML sets). The recipe's content, not its path, enters the stage key."""
     data = load_config(schema, section, ctx.pipeline.preset).model_dump(exclude_unset=True)
-    for update in ({"seed": ctx.seed}, ctx.overrides, wiring):
+    layers = [{"seed": ctx.seed}, ctx.overrides, wiring]
+    if ctx.knobs.get("recipe"):
+        layers.insert(0, _read_recipe(ctx, ctx.knobs["recipe"]))
+    for update in layers:
         data = merge(data, expand_dotted(update))
     return _validate(schema, data, section)
+
+
+def _read_recipe(ctx: StageContext, path: str) -> dict:
+    """A ``recipes/*.yaml`` file (the ``--config`` of the stage's command) as a mapping."""
+    if not Path(path).is_file():
+        raise ConfigError(f"stages.{ctx.stage}.recipe: no file {path}")
+    return _read_yaml(Path(path))
 
 
 def _validate(schema, data: dict, what: str):
@@ -736,6 +749,7 @@ DERMAE_STAGES: tuple[Stage, ...] = (
         _build_finetune,
         _run_classifier,
         _metric_classifier,
+        knobs=("recipe",),
         figures=_CLASSIFIER_FIGURES,
     ),
     Stage(
@@ -744,7 +758,7 @@ DERMAE_STAGES: tuple[Stage, ...] = (
         _build_distill,
         _run_classifier,
         _metric_classifier,
-        knobs=("teacher",),
+        knobs=("teacher", "recipe"),
         figures=(
             *_CLASSIFIER_FIGURES,
             FigureSpec("teacher_vs_student.png", "teacher against student"),
