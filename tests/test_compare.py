@@ -56,10 +56,23 @@ def test_compare_random_vs_local_weights_file_then_reuses_finished_runs(
     key = "blocks.0.attn.qkv.weight"
     assert (a[key] - pre[key]).norm() < (b[key] - pre[key]).norm()
 
-    # re-running with one more init reuses the finished identical runs
+    # a linear probe of each arm's *initial* encoder: the file's weights, or random init
+    probes = {n: json.loads((out / f"probe-{n}.json").read_text()) for n in cfgs}
+    assert probes["pretrained"]["key"]["weights"] == str(weights)
+    assert probes["random"]["key"]["weights"] is None
+    for name, row in zip(("random", "pretrained"), rows):
+        assert row["probe val macro-F1"] == round(probes[name]["linear_val_macro_f1"], 3)
+        assert 0.0 <= row["probe test macro-F1"] <= 1.0
+    # the pretrained file's features are the supervised run's: they separate the phantom
+    # classes better than a random encoder's
+    assert probes["pretrained"]["linear_val_macro_f1"] > probes["random"]["linear_val_macro_f1"]
+
+    # re-running with one more init reuses the finished identical runs (and their probes)
+    probe_stamp = (out / "probe-random.json").stat().st_mtime_ns
     stamp = (out / "random" / "metrics.json").stat().st_mtime_ns
     _invoke(*args, "--init", "random=random", "--init", f"again={weights}")
     assert (out / "random" / "metrics.json").stat().st_mtime_ns == stamp
+    assert (out / "probe-random.json").stat().st_mtime_ns == probe_stamp
     assert len(json.loads((out / "compare.json").read_text())) == 2
 
 

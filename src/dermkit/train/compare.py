@@ -5,6 +5,11 @@ arXiv 2505.16773; MAE vs ImageNet, arXiv 2602.19848): identical data, split, sch
 seed; only ``model.weights`` differs. Each initialisation is an ordinary finetune run in
 ``out_dir/<name>`` (so it resumes and can be inspected alone); the comparison adds the
 learning curves and overfitting gaps on one figure and a table of test metrics with CIs.
+
+Beside each fine-tune, a linear probe of the arm's *initial* encoder, frozen (``probe``,
+on by default): the paper reports both read-outs, and the probe says what a start is worth
+before any fine-tuning can make up for it (random init gives the floor). Cached in
+``out_dir/probe-<name>.json``, keyed by model, weights, size and seed.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from dermkit.core.files import write_json_atomic
 from dermkit.eval.curves import plot_learning_curves
 from dermkit.eval.report import HtmlReport, format_estimate
 from dermkit.models.weights import pretrain_backbone
@@ -24,6 +30,7 @@ from dermkit.train.settings import CompareArm, CompareRunConfig, FinetuneRunConf
 
 log = logging.getLogger(__name__)
 
+SPLITS = ("train", "val", "test")
 TABLE_METRICS = ("macro_f1", "balanced_accuracy", "macro_auroc", "mel_sens_at_spec90", "ece")
 
 
@@ -70,7 +77,7 @@ def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = Tr
     if not cfg.inits:
         raise ValueError("compare needs at least one entry under 'inits'")
     with RunDir(cfg.out_dir, cfg, "compare") as run:
-        results, models, sources = {}, {}, {}
+        results, models, sources, probes = {}, {}, {}, {}
         for name, init in cfg.inits.items():
             sub = cfg.finetune.model_copy(deep=True)
             weights = init.weights if isinstance(init, CompareArm) else init
@@ -91,6 +98,8 @@ def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = Tr
             else:
                 log.info("compare: fine-tuning '%s' from %s", name, weights or "random init")
                 run_finetune(sub, resume=resume, progress=progress)
+            if cfg.probe:
+                probes[name] = arm_probe(sub, run / f"probe-{name}.json")
             results[name] = json.loads(done.read_text())
             models[name] = sub.model.name
             sources[name] = weights or "random"
@@ -106,6 +115,7 @@ def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = Tr
                     "model": models[name],
                     "weights": sources[name],
                     **{k: format_estimate(m[k]) for k in TABLE_METRICS if k in m},
+                    **_probe_columns(probes.get(name)),
                     "best val macro-F1": best.get("val_macro_f1"),
                     "gap at best epoch": best.get("gap_macro_f1"),
                     "final gap": hist[-1].get("gap_macro_f1") if hist else None,
@@ -118,7 +128,9 @@ def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = Tr
             f"backbone), {cfg.finetune.optim.epochs} epochs, seed "
             f"{cfg.finetune.seed}, image size {cfg.finetune.data.image_size}; only the "
             "initial weights differ. Test metrics with 95% lesion-level bootstrap CIs; the "
-            "gap is clean-train minus val macro-F1 (larger = more overfitting)."
+            "gap is clean-train minus val macro-F1 (larger = more overfitting). Probe: a "
+            "class-balanced logistic regression on the initial encoder's frozen features "
+            "(eval/probe.py), before any fine-tuning."
         )
         report.add_table(rows, caption="test split")
         report.add_figure(
@@ -128,3 +140,58 @@ def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = Tr
         for name in results:
             report.add_link(f"{name}/report.html", f"{name}: full report")
         return report.write(run / "report.html")
+
+
+def arm_probe(cfg: FinetuneRunConfig, path: Path) -> dict:
+    """Linear-probe and k-NN macro-F1 (val, test) of the arm's initial encoder, frozen.
+
+    The encoder is the arm's backbone with its initial weights (random init: seeded by the
+    recipe's seed), at the recipe's image size, probed on the recipe's split. Reused from
+    ``path`` when it holds the same key.
+    """
+    import torch
+
+    from dermkit.data.dataset import CachedImageDataset
+    from dermkit.data.prepare import prepare_data
+    from dermkit.eval.probe import probe_encoder
+    from dermkit.models.backbones import create_backbone
+
+    key = {
+        "model": cfg.model.name,
+        "weights": cfg.model.weights,
+        "input_norm": cfg.model.input_norm,
+        "image_size": cfg.data.image_size,
+        "seed": cfg.seed,
+    }
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved
+    torch.manual_seed(cfg.seed)
+    encoder = create_backbone(
+        cfg.model.name,
+        num_classes=0,
+        img_size=cfg.data.image_size,
+        weights=cfg.model.weights,
+        input_norm=cfg.model.input_norm,
+    )
+    data = prepare_data(cfg.data)
+    sets = {s: CachedImageDataset(data.cache, data.part(s), data.classes) for s in SPLITS}
+    result = probe_encoder(encoder, sets["train"], sets["val"], sets["test"], seed=cfg.seed)
+    log.info(
+        "compare: linear probe of %s's start: val macro-F1 %.3f",
+        path.stem,
+        result["linear_val_macro_f1"],
+    )
+    record = {"key": key, **result}
+    write_json_atomic(path, record)
+    return record
+
+
+def _probe_columns(probe: dict | None) -> dict:
+    if probe is None:
+        return {}
+    return {
+        "probe val macro-F1": round(probe["linear_val_macro_f1"], 3),
+        "probe test macro-F1": round(probe["linear_test_macro_f1"], 3),
+    }

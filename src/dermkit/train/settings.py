@@ -113,6 +113,9 @@ class CompareRunConfig(Strict):
         "null = random), or {model, weights} for an arm with its own architecture (e.g. "
         "ImageNet EfficientNet-Lite0 and its random-init twin beside ViT arms)",
     )
+    probe: bool = Field(
+        True, description="also a linear probe of each arm's initial encoder, frozen"
+    )
 
 
 class DistillConfig(Strict):
