@@ -295,6 +295,7 @@ def test_autoencoder_trains_with_mse_and_mse_perceptual(
     )  # fmt: skip
     if loss == "mse":
         cfg.loss.perceptual_encoder = None
+        cfg.class_sampling = "class_balanced"  # the codec's batches balance the classes
     report = train_autoencoder(cfg, progress=False)
     assert report.exists() and (out / "reconstructions.png").exists()
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -307,11 +308,56 @@ def test_autoencoder_trains_with_mse_and_mse_perceptual(
     metrics = json.loads((out / "metrics.json").read_text())
     assert math.isfinite(metrics["val"]["psnr"]) and 0 < metrics["val"]["ssim"] <= 1
     assert metrics["latent_shape"] == [4, 8, 8] and metrics["downsample_factor"] == 4
+    per_class = {r["class"]: r for r in metrics["val_per_class"]}
+    assert set(per_class) == {"nv", "vasc"}  # the two-class set, every val image
+    assert all(math.isfinite(r["psnr"]) and r["colour_shift"] >= 0 for r in per_class.values())
     codec = load_codec(out)  # the weights file alone restores the codec and its scale
     assert codec.scaling_factor == pytest.approx(metrics["scaling_factor"])
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     mean, std = codec.moments(images)
     assert mean.shape == std.shape == (3, 4, 8, 8) and codec.decode(mean).shape == (3, 3, 32, 32)
+
+
+def test_per_class_reconstruction_sees_a_colour_shift_psnr_alone_would_hide():
+    """A codec that returns every image exactly but drains red from one class's pixels:
+    that class's colour shift is the drained amount, the other class's is 0."""
+    from types import SimpleNamespace
+
+    from dermkit.synth.autoencoder import per_class_reconstruction
+
+    class DrainRed(torch.nn.Module):  # encode/decode as diffusers' AutoencoderKL names them
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
+
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x))
+
+        def decode(self, z):
+            z = z.clone()
+            red = z[:, 0] > 0.2  # only the red images of the test set below
+            z[:, 0][red] -= 40 / 127.5  # 40 levels of 255 less red
+            return SimpleNamespace(sample=z)
+
+    class Images:
+        def __init__(self):
+            self.class_names = ["red", "grey"]
+            red = torch.zeros(4, 3, 16, 16, dtype=torch.uint8)
+            red[:, 0] = 200
+            grey = torch.full((4, 3, 16, 16), 100, dtype=torch.uint8)
+            self.images, self.labels = torch.cat([red, grey]), torch.tensor([0] * 4 + [1] * 4)
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitems__(self, idx):
+            return self.images[idx], self.labels[idx]
+
+    rows = {r["class"]: r for r in per_class_reconstruction(DrainRed(), Images(), batch_size=3)}
+    assert rows["red"]["images"] == rows["grey"]["images"] == 4
+    assert rows["red"]["colour_shift"] == pytest.approx(40, abs=1)
+    assert rows["grey"]["colour_shift"] == pytest.approx(0, abs=0.6)
+    assert rows["red"]["psnr"] < rows["grey"]["psnr"] == float("inf")  # grey is exact
 
 
 def test_autoencoder_config_errors_name_the_fields(two_class_root, tmp_path):

@@ -86,6 +86,13 @@ class AutoencoderRunConfig(DataRunSettings):
     val_images: int = Field(512, ge=1, description="val images scored (PSNR/SSIM)")
     eval_every: int = Field(1, ge=1, description="epochs between val PSNR/SSIM (and the last)")
     scaling_images: int = Field(2048, ge=1, description="train images for the latent std")
+    class_sampling: ClassSampling = Field(
+        "random",
+        description="training batches: shuffled (random), every class equally likely "
+        "(class_balanced) or class probability ~ sqrt(count) (sqrt_balanced); balanced "
+        "batches teach the codec the rare classes' colours (vasc's red, BENCHMARKS.md)",
+        json_schema_extra=KEY_NEUTRAL_DEFAULT,
+    )
 
 
 class UNetConfig(Strict):
