@@ -99,7 +99,7 @@ def evaluate(
     --adapt ... --shift-bench scores RUN's test split under the shifts of `dermkit bench
     shift`, as is and adapted to each shift's images (adapt_shift.json and .md).
     --tta re-scores RUN's own val and test images with 8-view test-time augmentation
-    (eval/run_tta.py); the output folder pairs with --against like any run.
+    (tasks/tta.py); the output folder pairs with --against like any run.
     """
     from dermkit.eval.evaluate import evaluate_file
 
@@ -319,7 +319,7 @@ def _ood_shift_aurocs(run: Path, shifts: str | None, severities: str, limit: int
 
 
 def _tta(run: Path, out: Path | None, seed: int, data: Path | None, against: Path | None) -> None:
-    from dermkit.eval.run_tta import evaluate_run_tta
+    from dermkit.tasks.tta import evaluate_run_tta
 
     if data is not None or against is not None:
         fail("--tta re-scores RUN's own split: pair its output folder with --against afterwards")
