@@ -546,10 +546,33 @@ def test_shipped_cpu_and_gpu_pipelines_and_cpu_ablation_rows_resolve(ham10000_ro
         (row.id, {r["stage"]: r for r in rows}) for row, rows in plan_ablation(ablation, (), data)
     )
     assert list(plans) == [r.id for r in ablation.rows]
-    assert plans.pop("ensemble") == {}  # computed from the rows' folders: no stages
+    for row in ablation.rows:
+        if row.ensemble:  # computed from the rows' folders: no stages
+            assert plans.pop(row.id) == {}
     assert len({p["data"]["full_key"] for p in plans.values()}) == 1  # one split for all rows
-    fine_tunes = [i for i, r in zip(plans, ablation.rows) if r.target == "finetune"]
-    assert len({plans[i]["finetune"]["full_key"] for i in fine_tunes}) == len(fine_tunes) == 8
+    fine_tunes = [r.id for r in ablation.rows if r.target == "finetune"]
+    assert len({plans[i]["finetune"]["full_key"] for i in fine_tunes}) == len(fine_tunes) == 9
+    from dermkit.bench.ablation import row_pipeline
+
+    rows = {r.id: r for r in ablation.rows}
+    # The ImageNet row is the recipe's Lite0 at 128 px for 13 epochs, no pretraining.
+    imagenet = dermae.plan(row_pipeline(ablation, rows["imagenet"], data))["finetune"].config
+    assert (imagenet.model.name, imagenet.model.weights) == ("tf_efficientnet_lite0", "imagenet")
+    assert imagenet.data.image_size == 128 and imagenet.optim.epochs == 13
+    assert imagenet.synthetic_ratio == 0 and plans["imagenet"]["pretrain"]["status"] == "off"
+    # The Lite students learn from the ensemble row's folder, not from a finetune stage,
+    # and differ only in the synthetic images they read.
+    ensemble_dir = str(tmp_path / "ablation" / "ensemble-teacher_ensemble")
+    for student in ("student_lite", "student_lite_synth"):
+        assert plans[student]["finetune"]["status"] == "not needed"
+        assert plans[student]["distill"]["status"] == "todo"
+    assert plans["student_lite"]["sample"]["status"] == "not needed"
+    assert plans["student_lite_synth"]["sample"]["status"] == "todo"
+    assert plans["student_lite"]["distill"]["full_key"] != plans["student"]["distill"]["full_key"]
+    distill = dermae.plan(row_pipeline(ablation, rows["student_lite"], data))["distill"].config
+    assert distill.teacher == ensemble_dir and distill.teacher_content == "missing"
+    assert distill.model.name == "tf_efficientnet_lite0" and distill.data.image_size == 128
+    assert distill.distill.teacher_logits == "cached-dihedral" and distill.decision_rule == "auto"
     # The student rows distil the MAE (real + synthetic) teacher: the same stage folder.
     assert plans["student"]["finetune"]["folder"] == plans["mae_synth"]["finetune"]["folder"]
     assert plans["mae_real"]["pretrain"]["full_key"] != plans["mae_synth"]["pretrain"]["full_key"]
