@@ -264,7 +264,9 @@ def test_weighted_corn_loss_is_corn_with_ones_and_weights_rows_by_class():
     torch.testing.assert_close(only3, expected)
 
 
-def test_study_finetune_arm_end_to_end_learns_a_visible_signal(separable_root, cache_dir, tmp_path):
+def test_study_finetune_arm_end_to_end_learns_a_visible_signal(
+    separable_root, cache_dir, tmp_path, monkeypatch
+):
     """``--finetune`` on the engine: fine-tuned rows beside the probes', out-of-fold files,
     and a working fine-tune beats chance (1/3) by far on the colour + size that define the
     classes. A small ViT without batch norm: at 32 px an EfficientNet's last feature maps
@@ -297,3 +299,25 @@ def test_study_finetune_arm_end_to_end_learns_a_visible_signal(separable_root, c
     curves = json.loads((out / "finetune_curves_3class.json").read_text())
     assert all(len(c["history"]) == 6 for f in families for c in curves[f])
     assert "Fine-tuned" in (out / "report.html").read_text()
+
+    # A rerun resumes: every stored (head, seed, fold) fit is reused, a missing one is
+    # trained again, and the out-of-fold files come out the same.
+    import dermkit.explain.thickness_ft as ft
+
+    stored = sorted((out / "finetune_folds" / "3class").glob("*.json"))
+    assert len(stored) == 6  # 2 heads x 3 folds
+    before = {h: pd.read_csv(out / f"oof_3class_finetune_{h}.csv") for h in ("corn", "softmax")}
+    stored[0].unlink()
+    calls = []
+    real_train_fold = ft.train_fold
+    monkeypatch.setattr(
+        ft, "train_fold", lambda *a, **k: calls.append(1) or real_train_fold(*a, **k)
+    )
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1
+    retrained = stored[0].name.split("-")[0]  # the head of the deleted fit
+    for head, frame in before.items():
+        again = pd.read_csv(out / f"oof_3class_finetune_{head}.csv")
+        if head != retrained:
+            pd.testing.assert_frame_equal(again, frame)

@@ -24,10 +24,12 @@ there is no data for one); ``epochs`` is the schedule's length, not a choice.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +38,11 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from dermkit.core.devices import make_accelerator, thread_limit
+from dermkit.core.files import write_json_atomic
 from dermkit.data.cache import build_cache
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.eval.inference import predict_logits
+from dermkit.eval.report import to_jsonable
 from dermkit.explain.thickness_cv import FamilyResult, fold_metrics, outer_splits
 from dermkit.tasks.ordinal import corn_class_probs, corn_loss
 from dermkit.train.finetune import build_model, resolve_model_config
@@ -198,12 +202,16 @@ def finetune_cv(
     n_folds: int,
     seeds: tuple[int, ...],
     cache_dir: str | Path | None = None,
+    fold_store: str | Path | None = None,
 ) -> tuple[dict[str, FamilyResult], dict[str, list[dict]]]:
     """The arm over the outer folds x seeds, one family per head.
 
     Args:
         manifest: the study's rows (``image_id``, ``lesion_id``, ``path``), aligned with y.
         y: (N,) class codes 0..K-1 of the grouping.
+        fold_store: folder keeping each finished (head, seed, fold) fit; a rerun of the same
+            study reuses the fits whose recipe, data and test rows match, so a killed run
+            resumes at its first unfinished fold (one fit is minutes to an hour on a CPU).
 
     Returns:
         ({family: FamilyResult}: out-of-fold probabilities and one row per fold with the
@@ -231,13 +239,12 @@ def finetune_cv(
                 for s, r in parts.items()
             }
             for head in cfg.heads:
-                start = time.perf_counter()
-                probs, summary = train_fold(cfg, head, datasets, seed, accelerator)
-                r = results[cfg.family(head)]
-                r.oof.setdefault(seed, np.zeros((len(y), k)))[test] = probs
-                r.test_index[(seed, fold)] = test
-                r.folds.append(
-                    {
+                key = fold_key(cfg, head, manifest, y, seed, fold, test)
+                stored = _load_fold(fold_store, key)
+                if stored is None:
+                    start = time.perf_counter()
+                    probs, summary = train_fold(cfg, head, datasets, seed, accelerator)
+                    row = {
                         "seed": seed,
                         "fold": fold,
                         "chosen": f"epoch {summary['best_epoch']}",
@@ -245,19 +252,67 @@ def finetune_cv(
                         **fold_metrics(y[test], probs),
                         "train_seconds": time.perf_counter() - start,
                     }
-                )
-                curves[cfg.family(head)].append(
-                    {"seed": seed, "fold": fold, "best_epoch": summary["best_epoch"]}
-                    | {"history": summary["history"]}
-                )
+                    curve = {"seed": seed, "fold": fold, "best_epoch": summary["best_epoch"]}
+                    curve |= {"history": summary["history"]}
+                    _save_fold(fold_store, key, probs, row, curve)
+                else:
+                    probs, row, curve = stored
+                    log.info("%s seed %d fold %d: reused %s", cfg.family(head), seed, fold, key)
+                r = results[cfg.family(head)]
+                r.oof.setdefault(seed, np.zeros((len(y), k)))[test] = probs
+                r.test_index[(seed, fold)] = test
+                r.folds.append(row)
+                curves[cfg.family(head)].append(curve)
                 log.info(
                     "%s seed %d fold %d: epoch %d (inner bacc %.3f), test bacc %.3f, %.0f s",
                     cfg.family(head),
                     seed,
                     fold,
-                    summary["best_epoch"],
-                    summary["best_val_metric"],
+                    curve["best_epoch"],
+                    row["inner_balanced_accuracy"],
                     r.folds[-1]["balanced_accuracy"],
                     r.folds[-1]["train_seconds"],
                 )
     return results, curves
+
+
+def fold_key(
+    cfg: FinetuneArmConfig,
+    head: str,
+    manifest: pd.DataFrame,
+    y: np.ndarray,
+    seed: int,
+    fold: int,
+    test: np.ndarray,
+) -> str:
+    """Content key of one fit: the recipe, the head, the images and labels, the test rows.
+
+    Any change to these gives a new key, so a stored fit is reused only for the same job.
+    """
+    payload = {
+        "recipe": asdict(cfg),
+        "head": head,
+        "images": manifest["image_id"].astype(str).tolist(),
+        "y": np.asarray(y).tolist(),
+        "seed": seed,
+        "fold": fold,
+        "test": np.asarray(test).tolist(),
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
+    return f"{head}-s{seed}-f{fold}-{digest.hexdigest()[:12]}"
+
+
+def _load_fold(store: str | Path | None, key: str) -> tuple[np.ndarray, dict, dict] | None:
+    """(test probabilities, fold row, holdout curve) of a stored fit, or None."""
+    if store is None or not (path := Path(store) / f"{key}.json").exists():
+        return None
+    saved = json.loads(path.read_text())
+    return np.asarray(saved["probs"], dtype=np.float64), saved["row"], saved["curve"]
+
+
+def _save_fold(store, key: str, probs: np.ndarray, row: dict, curve: dict) -> None:
+    if store is None:
+        return
+    Path(store).mkdir(parents=True, exist_ok=True)
+    saved = to_jsonable({"probs": probs.tolist(), "row": row, "curve": curve})
+    write_json_atomic(Path(store) / f"{key}.json", saved, indent=None)

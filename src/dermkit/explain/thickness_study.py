@@ -339,7 +339,14 @@ def _finetune_arm(
     """
     ft = cfg.finetune
     results, curves = finetune_cv(
-        ft, manifest, y, grouping.class_names, cfg.n_folds, cfg.seeds, cfg.cache_dir
+        ft,
+        manifest,
+        y,
+        grouping.class_names,
+        cfg.n_folds,
+        cfg.seeds,
+        cfg.cache_dir,
+        fold_store=out / "finetune_folds" / grouping.name,
     )
     info = {}
     for head in ft.heads:
