@@ -116,11 +116,26 @@ def test_tiny_pipeline_produces_every_stage_artifact(demo_out):
     assert list(f["exits"].glob("policy_*.json")) and (f["exits"] / "bench.json").exists()
     for name in ("model.onnx", "model.int8-dynamic.onnx", "model_card.json", "exits/policy.json"):
         assert (f["export"] / name).exists(), name
+    # The product: the exported INT8 student timed against its teacher in one run.
+    latency = json.loads((f["export"] / "latency" / "latency.json").read_text())
+    rows = {r["model"]: r for r in latency["rows"]}
+    assert set(rows) == {
+        "teacher PyTorch FP32",
+        "student PyTorch FP32",
+        "student ONNX FP32",
+        "student ONNX INT8 (dynamic)",
+    }
+    assert (
+        latency["teacher_run"]
+        == yaml.safe_load((f["distill"] / "config.yaml").read_text())["teacher"]
+    )
+    teacher, student = rows["teacher PyTorch FP32"], rows["student ONNX INT8 (dynamic)"]
+    assert student["gflops_per_image"] < teacher["gflops_per_image"]
+    assert student["speedup_b1_vs_teacher"] > 0
     assert (f["explain"] / "features" / "report.html").exists()
     assert (f["explain"] / "saliency" / "report.html").exists()
 
     # The wiring: MAE on real + synthetic, the teacher from that encoder, all on one split.
-    import yaml
 
     pretrain = yaml.safe_load((f["pretrain"] / "config.yaml").read_text())
     teacher = yaml.safe_load((f["finetune"] / "config.yaml").read_text())
@@ -173,8 +188,6 @@ def test_summary_report_shows_each_stage_as_pictures_and_the_config_as_yaml(demo
     import base64
     import html
 
-    import yaml
-
     from dermkit.pipeline.report import DEMO_DATA_NOTICE
 
     text = (demo_out / "report.html").read_text()
@@ -198,6 +211,12 @@ def test_summary_report_shows_each_stage_as_pictures_and_the_config_as_yaml(demo
     assert "accuracy and macro-F1 against compute" in by_stage["exits"]
     saliency = [c for c in by_stage["explain"] if c.startswith("saliency: ")]
     assert len(saliency) == 7  # one panel per class (explain.per_class = 1)
+    # It opens with the product: the shipped student, its files and its speed-up.
+    product = text.index("The product")
+    assert product < text.index("Classifiers (evaluate stage)")
+    distill = yaml.safe_load((_stage_dir(demo_out, "distill") / "config.yaml").read_text())
+    assert f"{distill['model']['name']} at {distill['data']['image_size']} px" in text
+    assert re.search(r"is \d+\.\dx faster than its teacher in PyTorch", text)
     block = re.search(r'<pre class="config">(.*?)</pre>', text, re.S)
     assert block is not None
     config = _pipeline(demo_out).model_dump(mode="json", exclude={"source"})
@@ -245,7 +264,6 @@ def test_changing_distill_temperature_reruns_distill_and_later_stages_only(demo_
         )
     for s in DOWNSTREAM_OF_DISTILL:  # new keys, new folders; the old ones stay cached
         assert result.path(s) != before[s] and read_marker(before[s]) is not None
-    import yaml
 
     cfg = yaml.safe_load((result.path("distill") / "config.yaml").read_text())
     assert cfg["distill"]["temperature"] == 2.0
@@ -414,7 +432,6 @@ def _val_macro_f1(folder: Path) -> float:
 
 
 def yaml_split(folder: Path) -> str:
-    import yaml
 
     return yaml.safe_load((folder / "config.yaml").read_text())["data"]["split_file"]
 
@@ -614,9 +631,15 @@ def test_each_stage_folder_is_what_its_command_writes(demo_out, tmp_path):
     args = ["export", str(stage["distill"]), "--out", str(export), "--int8", "dynamic"]
     result = runner.invoke(app, [*args, "--parity-images", "64", "--calibration-images", "16"])
     assert result.exit_code == 0, result.output
-    assert _files(export) == _files(stage["export"], skip=("exits",))
+    assert _files(export) == _files(stage["export"], skip=("exits", "latency"))
     exported = json.loads((export / "metrics.json").read_text())
     assert exported["files"].keys() == {"fp32", "dynamic"}
+    latency = tmp_path / "latency"  # export/latency is `dermkit bench latency` on the export
+    teacher = yaml.safe_load((stage["distill"] / "config.yaml").read_text())["teacher"]
+    args = ["bench", "latency", "--teacher", teacher, "--student", str(export)]
+    result = runner.invoke(app, [*args, "--out", str(latency), "--rounds", "1"])
+    assert result.exit_code == 0, result.output
+    assert _files(latency) == _files(stage["export"] / "latency")
 
     explain = tmp_path / "explain"
     args = ["explain", "all", str(stage["distill"]), "--out", str(explain), "--max-images"]

@@ -552,6 +552,12 @@ class ExportStageConfig(Strict):
     parity_images: int = Field(512, ge=1)
     calibration_images: int = Field(64, ge=1)
     exits: bool = Field(True, description="also export the exit segments when exits is on")
+    latency_rounds: int = Field(
+        5,
+        ge=0,
+        description="interleaved rounds timing the INT8 student against its teacher in "
+        "PyTorch at batch 1 (pipeline/product.py; 0: off; nothing to time without a teacher)",
+    )
 
 
 def _build_export(ctx: StageContext) -> ExportStageConfig:
@@ -572,6 +578,9 @@ def _run_export(cfg: ExportStageConfig, out: Path, resume: bool) -> None:
         head = best_head(cfg.exits_run)
         if head is not None:
             export_exit_run(cfg.exits_run, head, out / "exits", fused=False)
+    from dermkit.pipeline.product import measure_latency
+
+    measure_latency(Path(cfg.model_run), out, cfg.latency_rounds)
 
 
 def _metric_export(path: Path) -> str:
@@ -581,6 +590,10 @@ def _metric_export(path: Path) -> str:
     for key in ("dynamic", "static"):
         if key in files:
             text += f", INT8 {key} agreement {files[key]['prediction_agreement']:.3f}"
+    from dermkit.pipeline.product import int8_speedup
+
+    if (speed := int8_speedup(path)) is not None:
+        text += f", INT8 {speed[0]:.1f}x faster than the teacher at batch 1"
     return text
 
 

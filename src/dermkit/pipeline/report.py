@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from dermkit.eval.report import HtmlReport, markdown_rows
+from dermkit.pipeline.product import add_product_section
 from dermkit.pipeline.runner import PipelineResult, stage_figures
 
 DEMO_DATA_NOTICE = (
@@ -60,6 +61,7 @@ def write_summary_report(result: PipelineResult, seconds: float) -> Path:
         f"(config + inputs) was unchanged. Wall time {seconds:.0f} s, finished "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}."
     )
+    _add_product(report, result)
     _add_classifiers(report, result)
     rows = []
     for name, r in result.records.items():
@@ -82,6 +84,24 @@ def write_summary_report(result: PipelineResult, seconds: float) -> Path:
     report.add_heading("Pipeline config")
     report.add_preformatted(config_yaml(cfg), css_class="config")
     return report.write(out / "report.html")
+
+
+def _add_product(report: HtmlReport, result: PipelineResult) -> None:
+    """What the pipeline ships (``pipeline/product.py``): the student when distill ran, else
+    the fine-tune, with its export and its speed against the teacher."""
+    shipped = next(
+        (
+            r
+            for name in ("distill", "finetune")
+            if (r := result.records.get(name)) is not None and r.path and r.status in _FINISHED
+        ),
+        None,
+    )
+    if shipped is None:
+        return
+    export = result.records.get("export")
+    exported = Path(export.path) if export and export.path and export.status in _FINISHED else None
+    add_product_section(report, Path(shipped.path), exported)
 
 
 def _add_classifiers(report: HtmlReport, result: PipelineResult) -> None:

@@ -1,0 +1,112 @@
+"""The pipeline's product: the classifier it ships, exported, beside the teacher it came from.
+
+A chain that distils exists to hand over a small model that keeps most of a large one's
+accuracy at a fraction of its cost (issue 19: the student is the pipeline's final product,
+exported to ONNX INT8, and at least 4x faster than its teacher in PyTorch at batch 1). So the
+``export`` stage, after ``dermkit export``, times the exported student against its teacher
+the way ``dermkit bench latency --teacher T --student EXPORT --out EXPORT/latency`` does
+(``deploy/latency.py``: the four models interleaved in one run, so the ratios survive a
+busy machine), and the summary report opens with what shipped: the deployed model's test
+scores, its files, its cost against the teacher's and the measured speed-up.
+
+When the deployed model is a plain fine-tune (distillation off) there is no teacher to
+compare with, and the section shows the model and its files only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from dermkit.deploy.export import INT8_FILES
+from dermkit.eval.report import HtmlReport, format_estimate, markdown_rows
+
+LATENCY_DIR = "latency"
+_TEACHER_ROW = "teacher PyTorch FP32"
+
+
+def teacher_of(model_run: Path) -> Path | None:
+    """The teacher folder a distilled run learnt from (its config's ``teacher``), or None."""
+    config = Path(model_run) / "config.yaml"
+    teacher = yaml.safe_load(config.read_text()).get("teacher") if config.exists() else None
+    return Path(teacher) if teacher else None
+
+
+def timed_int8(export_dir: Path) -> str | None:
+    """The INT8 file to time: static where it was exported (the usable one for CNNs, whose
+    ReLU6 ranges dynamic INT8 cannot know), else dynamic; None without INT8."""
+    for kind in ("static", "dynamic"):
+        if (Path(export_dir) / INT8_FILES[kind]).exists():
+            return kind
+    return None
+
+
+def measure_latency(model_run: Path, export_dir: Path, rounds: int) -> dict | None:
+    """Time the exported student against its teacher (``deploy.latency.bench_latency``) and
+    write ``latency.json`` / ``latency.md`` into ``export_dir/latency``; None when there is
+    no teacher, no INT8 file or ``rounds`` is 0."""
+    from dermkit.deploy.latency import bench_latency, write_latency
+
+    teacher, int8 = teacher_of(model_run), timed_int8(export_dir)
+    if teacher is None or int8 is None or rounds == 0:
+        return None
+    result = bench_latency(teacher, export_dir, int8=int8, rounds=rounds, calls=5, threads=1)
+    write_latency(result, Path(export_dir) / LATENCY_DIR)
+    return result
+
+
+def int8_speedup(export_dir: Path) -> tuple[float, dict] | None:
+    """(batch-1 speed-up of the INT8 student over the teacher in PyTorch, the INT8 row)."""
+    path = Path(export_dir) / LATENCY_DIR / "latency.json"
+    if not path.exists():
+        return None
+    rows = json.loads(path.read_text())["rows"]
+    int8 = next(r for r in rows if "INT8" in r["model"])
+    return int8["speedup_b1_vs_teacher"], int8
+
+
+def add_product_section(report: HtmlReport, model_run: Path, export_dir: Path | None) -> None:
+    """The report's first table: the shipped model, its scores, files, cost and speed."""
+    metrics = json.loads((Path(model_run) / "metrics.json").read_text())["metrics"]
+    config = yaml.safe_load((Path(model_run) / "config.yaml").read_text())
+    teacher = teacher_of(model_run)
+    report.add_heading("The product")
+    lines = [
+        f"Shipped model: {config['model']['name']} at {config['data']['image_size']} px "
+        f"({'distilled from ' + str(teacher) if teacher else 'fine-tuned'}), run folder "
+        f"{model_run}. Test macro-F1 {format_estimate(metrics['macro_f1'])}, balanced "
+        f"accuracy {format_estimate(metrics['balanced_accuracy'])}."
+    ]
+    exported = None
+    if export_dir is not None and (Path(export_dir) / "metrics.json").exists():
+        exported = json.loads((Path(export_dir) / "metrics.json").read_text())["files"]
+        files = [f"model.onnx {exported['fp32']['size_bytes'] / 1e6:.2f} MB"]
+        for kind in ("static", "dynamic"):
+            if kind in exported:
+                f = exported[kind]
+                files.append(
+                    f"INT8 {kind} {f['size_bytes'] / 1e6:.2f} MB (agrees with FP32 on "
+                    f"{f['prediction_agreement']:.1%} of the parity images)"
+                )
+        lines.append(f"Exported ({export_dir}): {'; '.join(files)}.")
+    speed = int8_speedup(export_dir) if export_dir is not None else None
+    if speed is not None:
+        ratio, row = speed
+        latency = Path(export_dir) / LATENCY_DIR / "latency.md"
+        table = markdown_rows(latency.read_text().split("\n\n")[0])
+        teacher_row = next(
+            r
+            for r in json.loads(latency.with_suffix(".json").read_text())["rows"]
+            if r["model"] == _TEACHER_ROW
+        )
+        share = row["gflops_per_image"] / teacher_row["gflops_per_image"]
+        lines.append(
+            f"At batch 1 the {row['model']} is {ratio:.1f}x faster than its teacher in PyTorch "
+            f"(timed interleaved in one run, 1 thread) at {share:.0%} of its GFLOPs."
+        )
+    for line in lines:
+        report.add_paragraph(line)
+    if speed is not None:
+        report.add_table(table, caption="student vs teacher, timed interleaved (latency.md)")
