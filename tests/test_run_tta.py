@@ -73,3 +73,27 @@ def test_tta_refuses_data_and_a_folder_that_is_no_run(tiny_classifier_run, tmp_p
     assert both.exit_code != 0 and "--against afterwards" in " ".join(both.output.split())
     empty = runner.invoke(app, ["evaluate", str(tmp_path), "--tta"])
     assert empty.exit_code != 0 and "needs a run folder" in " ".join(empty.output.split())
+
+
+def test_tta_rule_option_refits_the_named_rule(tiny_classifier_run, tmp_path):
+    """--rule replaces the run's own mode (the 13-epoch Lite0 run's seven refitted class
+    scales fitted val noise); a bad name and --rule without --tta are refused."""
+    run = open_run(tiny_classifier_run)
+    other = "none" if run.cfg.decision_rule != "none" else "temperature"
+    out = tmp_path / "tta-rule"
+    args = ["evaluate", str(tiny_classifier_run), "--tta", "--rule", other, "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert json.loads((out / "metrics.json").read_text())["decision_rule"]["mode"] == other
+
+    data = run_data(run)
+    val = CachedImageDataset(data.cache, data.part("val"), run.task.class_names)
+    logits = _views_mean_logits(run, val)
+    rule = DecisionRule.fit(logits, val.labels.numpy(), other)
+    probs = read_predictions(out / "predictions_val.csv")[2]
+    np.testing.assert_allclose(probs, rule.probs(logits), atol=2e-3)
+
+    bad = runner.invoke(app, ["evaluate", str(tiny_classifier_run), "--tta", "--rule", "median"])
+    assert bad.exit_code != 0 and "--rule 'median'" in " ".join(bad.output.split())
+    alone = runner.invoke(app, ["evaluate", str(tiny_classifier_run), "--rule", "auto"])
+    assert alone.exit_code != 0 and "goes with --tta" in " ".join(alone.output.split())

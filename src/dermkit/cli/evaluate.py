@@ -83,6 +83,13 @@ def evaluate(
             "rule refitted on val (into --out, default RUN/tta)"
         ),
     ] = False,
+    rule: Annotated[
+        str | None,
+        typer.Option(
+            help="with --tta: the decision rule to refit on val (none, temperature, "
+            "temperature+class_scales, auto); default: the run's own"
+        ),
+    ] = None,
 ) -> None:
     """Metrics with lesion-level bootstrap CIs and an HTML report from a predictions file.
 
@@ -104,8 +111,10 @@ def evaluate(
     from dermkit.eval.evaluate import evaluate_file
 
     if tta:
-        _tta(predictions, out, seed, data, against)
+        _tta(predictions, out, seed, data, against, rule)
         return
+    if rule is not None:
+        fail("--rule goes with --tta (it names the rule refitted on the TTA logits)")
     if fit_operating_point is not None:
         _fit_operating_point(predictions, fit_operating_point)
         return
@@ -318,15 +327,24 @@ def _ood_shift_aurocs(run: Path, shifts: str | None, severities: str, limit: int
     print_json(result)
 
 
-def _tta(run: Path, out: Path | None, seed: int, data: Path | None, against: Path | None) -> None:
-    from dermkit.tasks.tta import evaluate_run_tta
+def _tta(
+    run: Path,
+    out: Path | None,
+    seed: int,
+    data: Path | None,
+    against: Path | None,
+    rule: str | None,
+) -> None:
+    from dermkit.tasks.tta import DECISION_RULES, evaluate_run_tta
 
     if data is not None or against is not None:
         fail("--tta re-scores RUN's own split: pair its output folder with --against afterwards")
     if not (run / "config.yaml").is_file():
         fail(f"--tta needs a run folder (config.yaml, model.safetensors); {run} is not one")
+    if rule is not None and rule not in DECISION_RULES:
+        fail(f"--rule {rule!r}: expected one of {', '.join(DECISION_RULES)}")
     with reported():
-        result = evaluate_run_tta(run, out, seed=seed)
+        result = evaluate_run_tta(run, out, seed=seed, decision_rule=rule)
     from dermkit.eval.report import format_estimate
 
     single = result.get("single_view") or {}

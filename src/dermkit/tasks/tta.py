@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
@@ -31,9 +32,24 @@ from dermkit.tasks.classification import ClassificationTask
 from dermkit.tasks.runs import open_run, run_data
 from dermkit.train.settings import FinetuneRunConfig
 
+# The modes ``decision_rule`` takes (train/settings.py), in the order the help lists them.
+DECISION_RULES: tuple[str, ...] = get_args(
+    FinetuneRunConfig.model_fields["decision_rule"].annotation
+)
 
-def evaluate_run_tta(run_dir: str | Path, out: str | Path | None = None, seed: int = 0) -> dict:
+
+def evaluate_run_tta(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    seed: int = 0,
+    decision_rule: str | None = None,
+) -> dict:
     """Re-score ``run_dir``'s val/test with dihedral TTA into ``out`` (default RUN/tta).
+
+    ``decision_rule`` names the rule refitted on the val TTA logits (default: the run's
+    own). Why it is a choice: seven class scales refitted on a val split with 11 df and 14
+    vasc images can fit its noise (BENCHMARKS.md, TTA); ``auto`` keeps them only when they
+    hold up on held-out halves of val.
 
     Returns the result the evaluation report writes to ``out/metrics.json``: ``metrics``
     (test, with the refitted rule), ``single_view`` (the run's own test metrics, for
@@ -63,7 +79,10 @@ def evaluate_run_tta(run_dir: str | Path, out: str | Path | None = None, seed: i
         logits[split] = predict_logits(run.model, dataset, index, accelerator, tta=True).numpy()
         labels[split] = dataset.labels.numpy()
     task = ClassificationTask(list(classes))
-    task.fit_probs(logits["val"], labels["val"], cfg.decision_rule)
+    mode = decision_rule or cfg.decision_rule
+    if mode not in DECISION_RULES:
+        raise ValueError(f"decision rule {mode!r}: expected one of {DECISION_RULES}")
+    task.fit_probs(logits["val"], labels["val"], mode)
     probs = {s: task.probs(v) for s, v in logits.items()}
     out.mkdir(parents=True, exist_ok=True)
     task.save(out)
@@ -78,7 +97,7 @@ def evaluate_run_tta(run_dir: str | Path, out: str | Path | None = None, seed: i
             "tta": "dihedral-8",
             "single_view": single,
             "val_macro_f1": macro_f1(labels["val"], probs["val"], len(classes)),
-            "decision_rule": {"mode": cfg.decision_rule, **asdict(task.rule)},
+            "decision_rule": {"mode": mode, **asdict(task.rule)},
         }
     )
     task.write_report(
