@@ -568,7 +568,7 @@ def test_shipped_cpu_and_gpu_pipelines_and_cpu_ablation_rows_resolve(ham10000_ro
             assert plans.pop(row.id) == {}
     assert len({p["data"]["full_key"] for p in plans.values()}) == 1  # one split for all rows
     fine_tunes = [r.id for r in ablation.rows if r.target == "finetune"]
-    assert len({plans[i]["finetune"]["full_key"] for i in fine_tunes}) == len(fine_tunes) == 9
+    assert len({plans[i]["finetune"]["full_key"] for i in fine_tunes}) == len(fine_tunes) == 10
     from dermkit.bench.ablation import row_pipeline
 
     rows = {r.id: r for r in ablation.rows}
@@ -577,6 +577,9 @@ def test_shipped_cpu_and_gpu_pipelines_and_cpu_ablation_rows_resolve(ham10000_ro
     assert (imagenet.model.name, imagenet.model.weights) == ("tf_efficientnet_lite0", "imagenet")
     assert imagenet.data.image_size == 128 and imagenet.optim.epochs == 13
     assert imagenet.synthetic_ratio == 0 and plans["imagenet"]["pretrain"]["status"] == "off"
+    lite1 = dermae.plan(row_pipeline(ablation, rows["imagenet_lite1"], data))["finetune"].config
+    assert (lite1.model.name, lite1.data.image_size) == ("tf_efficientnet_lite1", 112)
+    assert rows["teacher_ensemble"].ensemble == ["imagenet", "imagenet_lite1", "cnn_tuned"]
     # The Lite students learn from the ensemble row's folder, not from a finetune stage,
     # and differ only in the synthetic images they read.
     ensemble_dir = str(tmp_path / "ablation" / "ensemble-teacher_ensemble")
