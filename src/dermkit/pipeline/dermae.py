@@ -552,12 +552,8 @@ class ExportStageConfig(Strict):
     parity_images: int = Field(512, ge=1)
     calibration_images: int = Field(64, ge=1)
     exits: bool = Field(True, description="also export the exit segments when exits is on")
-    latency_rounds: int = Field(
-        5,
-        ge=0,
-        description="interleaved rounds timing the INT8 student against its teacher in "
-        "PyTorch at batch 1 (pipeline/product.py; 0: off; nothing to time without a teacher)",
-    )
+    # pipeline/product.py: the INT8 student against its teacher in PyTorch, batch 1
+    latency_rounds: int = Field(5, ge=0, description="interleaved timing rounds (0: off)")
 
 
 def _build_export(ctx: StageContext) -> ExportStageConfig:
