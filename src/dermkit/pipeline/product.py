@@ -57,13 +57,20 @@ def measure_latency(model_run: Path, export_dir: Path, rounds: int) -> dict | No
     return result
 
 
-def int8_speedup(export_dir: Path) -> tuple[float, dict] | None:
-    """(batch-1 speed-up of the INT8 student over the teacher in PyTorch, the INT8 row)."""
+def latency_rows(export_dir: Path) -> dict[str, dict] | None:
+    """{model name: row} of the export's ``latency/latency.json``, or None when not timed."""
     path = Path(export_dir) / LATENCY_DIR / "latency.json"
     if not path.exists():
         return None
-    rows = json.loads(path.read_text())["rows"]
-    int8 = next(r for r in rows if "INT8" in r["model"])
+    return {r["model"]: r for r in json.loads(path.read_text())["rows"]}
+
+
+def int8_speedup(export_dir: Path) -> tuple[float, dict] | None:
+    """(batch-1 speed-up of the INT8 student over the teacher in PyTorch, the INT8 row)."""
+    rows = latency_rows(export_dir)
+    if rows is None:
+        return None
+    int8 = next(r for name, r in rows.items() if "INT8" in name)
     return int8["speedup_b1_vs_teacher"], int8
 
 
@@ -79,7 +86,6 @@ def add_product_section(report: HtmlReport, model_run: Path, export_dir: Path | 
         f"{model_run}. Test macro-F1 {format_estimate(metrics['macro_f1'])}, balanced "
         f"accuracy {format_estimate(metrics['balanced_accuracy'])}."
     ]
-    exported = None
     if export_dir is not None and (Path(export_dir) / "metrics.json").exists():
         exported = json.loads((Path(export_dir) / "metrics.json").read_text())["files"]
         files = [f"model.onnx {exported['fp32']['size_bytes'] / 1e6:.2f} MB"]
@@ -94,13 +100,7 @@ def add_product_section(report: HtmlReport, model_run: Path, export_dir: Path | 
     speed = int8_speedup(export_dir) if export_dir is not None else None
     if speed is not None:
         ratio, row = speed
-        latency = Path(export_dir) / LATENCY_DIR / "latency.md"
-        table = markdown_rows(latency.read_text().split("\n\n")[0])
-        teacher_row = next(
-            r
-            for r in json.loads(latency.with_suffix(".json").read_text())["rows"]
-            if r["model"] == _TEACHER_ROW
-        )
+        teacher_row = latency_rows(export_dir)[_TEACHER_ROW]
         share = row["gflops_per_image"] / teacher_row["gflops_per_image"]
         lines.append(
             f"At batch 1 the {row['model']} is {ratio:.1f}x faster than its teacher in PyTorch "
@@ -109,4 +109,6 @@ def add_product_section(report: HtmlReport, model_run: Path, export_dir: Path | 
     for line in lines:
         report.add_paragraph(line)
     if speed is not None:
+        latency_md = (Path(export_dir) / LATENCY_DIR / "latency.md").read_text()
+        table = markdown_rows(latency_md.split("\n\n")[0])  # the table, not the note below it
         report.add_table(table, caption="student vs teacher, timed interleaved (latency.md)")
