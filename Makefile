@@ -36,10 +36,13 @@ setup: $(STAMP) $(WEB_STAMP) $(CHROMIUM)
 demo: setup
 	$(VENV)/bin/dermkit run pipelines/dermae-tiny.yaml
 
+# Two pytest workers, one per core (each test process runs torch on one thread: tests/conftest.py);
+# --dist loadfile keeps a file's tests, and so its module fixtures (the tiny pipeline), on one
+# worker. 10 min instead of 20 on 2 cores (BENCHMARKS.md, "The test suite").
 test: setup
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -25,7 +25,10 @@ from typing import Annotated, Any, ClassVar, NoReturn
 import typer
 from rich.console import Console
 
-console = Console(stderr=True)
+# soft_wrap: a message is never cut by inserted line breaks, so the file paths and row
+# numbers it names stay whole (copyable, greppable) however long the path; the terminal
+# folds long lines on screen. Tables still fit themselves to the width.
+console = Console(stderr=True, soft_wrap=True)
 # The extras a whole pipeline run needs (its stages train generators, exits, export, explain).
 PIPELINE_EXTRAS = ("synth", "exits", "export", "explain")
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import yaml
 
-from dermkit.deploy.export import INT8_FILES
 from dermkit.eval.report import HtmlReport, format_estimate, markdown_rows
 
 LATENCY_DIR = "latency"
@@ -37,6 +36,9 @@ def teacher_of(model_run: Path) -> Path | None:
 def timed_int8(export_dir: Path) -> str | None:
     """The INT8 file to time: static where it was exported (the usable one for CNNs, whose
     ReLU6 ranges dynamic INT8 cannot know), else dynamic; None without INT8."""
+    # deploy.export imports onnxruntime: lazily, so the pipeline imports without the extra
+    from dermkit.deploy.export import INT8_FILES
+
     for kind in ("static", "dynamic"):
         if (Path(export_dir) / INT8_FILES[kind]).exists():
             return kind
