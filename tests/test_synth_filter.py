@@ -104,6 +104,12 @@ def test_judge_keeps_agreement_and_names_each_rejection(tmp_path):
     strict = judge(classifier, fake, requested, min_prob=0.7, near=None)
     low = "low_prob:0.62"
     assert strict["reason"].tolist() == [low, "disagrees:vasc", low, low]
+    # top_k = 2: the classifier's second choice passes too (nv here); the near-copy check and
+    # min_prob still apply to it
+    second = judge(classifier, fake, requested, near=near, top_k=2)
+    assert second["reason"].tolist() == ["", "", "", "near_copy:r7"]
+    second_sure = judge(classifier, fake, requested, min_prob=0.5, top_k=2)
+    assert second_sure["reason"].tolist() == ["", "low_prob:0.38", "", ""]
 
 
 def test_a_judge_sees_images_normalised_and_sized_as_its_run_was_trained(tmp_path):

@@ -10,8 +10,9 @@ hand its failures to training as labelled data.
 * The classifier: a run folder trained on the real train split, of one of two kinds, each
   with one code path: a dermkit classifier run (finetune/distill, :func:`is_classifier_run`:
   its torch model), or a ``dermkit baseline`` run (its model refitted, as that run saves no
-  model: ``train.baseline.refit_baseline_run``). An image is kept when the argmax is the
-  requested class and, with ``min_prob``, that class's probability reaches it.
+  model: ``train.baseline.refit_baseline_run``). An image is kept when the requested class
+  is the argmax (or, with ``top_k`` k, among the k most probable classes) and, with
+  ``min_prob``, that class's probability reaches it.
 * Near-copies: the memorisation check of ``synth quality`` in pixel space (32 px
   thumbnails): an image is a near-copy when its nearest real training image (of the
   generator's own train split) is closer than the ``memorisation_percentile`` of
@@ -210,24 +211,27 @@ def judge(
     requested: np.ndarray,
     min_prob: float = 0.0,
     near: NearCopyCheck | None = None,
+    top_k: int = 1,
 ) -> pd.DataFrame:
     """Verdict per image: ``passed`` (bool), ``reason`` ("" when passed) and
     ``requested_prob`` (the classifier's probability of the requested class).
 
     images: uint8 (N, S, S, 3); requested: (N,) class names. A near-copy is named first
-    (whatever the classifier says, it must not train anything), then a disagreement.
+    (whatever the classifier says, it must not train anything), then a disagreement: the
+    requested class outside the classifier's ``top_k`` most probable ones.
     """
     probs = classifier.probabilities(images)
     index = {c: i for i, c in enumerate(classifier.classes)}
     names = np.asarray(classifier.classes)
     predicted = names[probs.argmax(1)] if len(probs) else np.zeros(0, str)
     p_req = probs[np.arange(len(probs)), [index[c] for c in requested]]
+    rank = (probs > p_req[:, None]).sum(1)  # (N,) classes more probable than the requested
     nearest, flagged = near.nearest(images) if near is not None else (None, None)
     reasons = []
-    for i, c in enumerate(requested):
+    for i in range(len(requested)):
         if flagged is not None and flagged[i]:
             reasons.append(f"near_copy:{nearest[i]}")
-        elif predicted[i] != c:
+        elif rank[i] >= top_k:
             reasons.append(f"disagrees:{predicted[i]}")
         elif p_req[i] < min_prob:
             reasons.append(f"low_prob:{p_req[i]:.2f}")
@@ -312,6 +316,7 @@ def filter_in_rounds(
                 new["label"].to_numpy(),
                 cfg.min_prob,
                 near,
+                cfg.top_k,
             ).set_index(new["image_id"])
             verdicts = pd.concat([verdicts, found]) if len(verdicts) else found
         judged = manifest.join(verdicts, on="image_id")
@@ -366,6 +371,7 @@ def filter_summary(
         "classifier": str(cfg.classifier),
         "classifier_kind": classifier.kind,
         "min_prob": cfg.min_prob,
+        "top_k": cfg.top_k,
         "max_draw_factor": cfg.max_draw_factor,
         "near_copy_threshold": near.threshold if near is not None else None,
         "drawn": len(rows),

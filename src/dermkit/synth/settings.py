@@ -181,6 +181,16 @@ class FilterConfig(Strict):
     min_prob: float = Field(
         0.0, ge=0, le=1, description="also require this probability of the requested class"
     )
+    # Why a looser bar exists: kept only when the classifier's argmax agrees, the v7 CNN
+    # trained with the filtered set lost akiec recall (-0.17): the kept images are the
+    # unmistakable ones (BENCHMARKS.md, "Does synthetic balancing help?"). top_k = 2 also
+    # keeps images whose class is the classifier's second choice (more diverse, less sure).
+    top_k: int = Field(
+        1,
+        ge=1,
+        description="keep when the requested class is among the classifier's top k classes",
+        json_schema_extra=KEY_NEUTRAL_DEFAULT,
+    )
     memorisation: bool = Field(
         True, description="reject near-copies of the generator's train images (32 px pixels)"
     )
