@@ -759,3 +759,16 @@ def test_the_runner_runs_any_stages_it_is_given_and_caches_them_by_key(tmp_path)
     off = PipelineSpec(out_dir=str(tmp_path), stages={"a": False})
     with pytest.raises(PipelineError, match="stage 'b': stage 'b' needs stage 'a', which is off"):
         plan_pipeline(off, stages)
+
+
+def test_product_section_names_the_scores_the_task_reports():
+    """A classifier ships with macro-F1 and balanced accuracy, an ordinal model with QWK and
+    mean absolute error; a metric the task does not report is not looked up."""
+    from dermkit.pipeline.product import _scores
+
+    est = {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+    classifier = _scores({"macro_f1": est, "balanced_accuracy": est, "ece": est})
+    assert classifier.startswith("macro-F1 0.500") and "balanced accuracy" in classifier
+    assert "ece" not in classifier
+    ordinal = _scores({"qwk": est, "mae": est})
+    assert ordinal.startswith("QWK 0.500") and "mean absolute error" in ordinal

@@ -321,3 +321,13 @@ def test_study_finetune_arm_end_to_end_learns_a_visible_signal(
         again = pd.read_csv(out / f"oof_3class_finetune_{head}.csv")
         if head != retrained:
             pd.testing.assert_frame_equal(again, frame)
+
+
+def test_a_damaged_stored_fit_is_named_not_silently_retrained(tmp_path):
+    """A stored fit that cannot be read stops the study with its path and the way out."""
+    from dermkit.explain.thickness_ft import _load_fold
+
+    assert _load_fold(tmp_path, "corn-s0-f0-abc") is None  # not stored: train it
+    (tmp_path / "corn-s0-f0-abc.json").write_text('{"probs": [[0.5, 0.5]')
+    with pytest.raises(ValueError, match=r"corn-s0-f0-abc\.json.*delete the file"):
+        _load_fold(tmp_path, "corn-s0-f0-abc")

@@ -306,8 +306,14 @@ def _load_fold(store: str | Path | None, key: str) -> tuple[np.ndarray, dict, di
     """(test probabilities, fold row, holdout curve) of a stored fit, or None."""
     if store is None or not (path := Path(store) / f"{key}.json").exists():
         return None
-    saved = json.loads(path.read_text())
-    return np.asarray(saved["probs"], dtype=np.float64), saved["row"], saved["curve"]
+    try:
+        saved = json.loads(path.read_text())
+        return np.asarray(saved["probs"], dtype=np.float64), saved["row"], saved["curve"]
+    except (json.JSONDecodeError, KeyError) as err:  # written atomically: damaged elsewhere
+        raise ValueError(
+            f"{path}: a stored fine-tuning fit that cannot be read ({err}); delete the file "
+            "and rerun the study to train that fit again"
+        ) from err
 
 
 def _save_fold(store, key: str, probs: np.ndarray, row: dict, curve: dict) -> None:

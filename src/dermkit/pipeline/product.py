@@ -76,6 +76,23 @@ def int8_speedup(export_dir: Path) -> tuple[float, dict] | None:
     return int8["speedup_b1_vs_teacher"], int8
 
 
+# The headline scores of a shipped model, in this order, as far as its task reports them
+# (a classifier: macro-F1, balanced accuracy; an ordinal model: QWK, mean absolute error).
+_HEADLINE = {
+    "macro_f1": "macro-F1",
+    "balanced_accuracy": "balanced accuracy",
+    "qwk": "QWK",
+    "mae": "mean absolute error",
+}
+
+
+def _scores(metrics: dict) -> str:
+    found = [
+        f"{label} {format_estimate(metrics[k])}" for k, label in _HEADLINE.items() if k in metrics
+    ]
+    return ", ".join(found) or "scores: see the run's metrics.json"
+
+
 def add_product_section(report: HtmlReport, model_run: Path, export_dir: Path | None) -> None:
     """The report's first table: the shipped model, its scores, files, cost and speed."""
     metrics = json.loads((Path(model_run) / "metrics.json").read_text())["metrics"]
@@ -85,8 +102,7 @@ def add_product_section(report: HtmlReport, model_run: Path, export_dir: Path | 
     lines = [
         f"Shipped model: {config['model']['name']} at {config['data']['image_size']} px "
         f"({'distilled from ' + str(teacher) if teacher else 'fine-tuned'}), run folder "
-        f"{model_run}. Test macro-F1 {format_estimate(metrics['macro_f1'])}, balanced "
-        f"accuracy {format_estimate(metrics['balanced_accuracy'])}."
+        f"{model_run}. Test {_scores(metrics)}."
     ]
     if export_dir is not None and (Path(export_dir) / "metrics.json").exists():
         exported = json.loads((Path(export_dir) / "metrics.json").read_text())["files"]
