@@ -44,6 +44,7 @@ UPSTREAM_OF_DISTILL = [
     "sample",
     "pretrain",
     "finetune",
+    "teachers",
 ]
 DOWNSTREAM_OF_DISTILL = ["distill", "exits", "export", "explain", "evaluate"]
 
@@ -109,7 +110,18 @@ def test_tiny_pipeline_produces_every_stage_artifact(demo_out):
         assert r["kept"] <= r["requested"] and r["drawn"] <= 2 * r["requested"]
     for stage in ("pretrain", "finetune", "distill"):
         assert (f[stage] / "model.safetensors").exists()
-    for stage in ("baseline", "finetune", "distill"):
+    # The teacher the student learns from is the teachers stage's ensemble: the finetune
+    # stage (include_finetune) and the member trained in its folder, equal weights.
+    ensemble = json.loads((f["teachers"] / "ensemble.json").read_text())
+    member = f["teachers"] / "members" / "vit_scratch"
+    assert [(Path(m["run"]), m["weight"]) for m in ensemble["members"]] == [
+        (f["finetune"], 1),
+        (member, 1),
+    ]
+    assert (member / "model.safetensors").exists() and (member / "report.html").exists()
+    student = yaml.safe_load((f["distill"] / "config.yaml").read_text())
+    assert Path(student["teacher"]) == f["teachers"]
+    for stage in ("baseline", "finetune", "teachers", "distill"):
         assert (
             len(pd.read_csv(f[stage] / "predictions_test.csv")) == (split["split"] == "test").sum()
         )
@@ -147,7 +159,7 @@ def test_tiny_pipeline_produces_every_stage_artifact(demo_out):
     assert pretrain["synthetic_ratio"] > 0
     assert teacher["model"]["weights"] == str(f["pretrain"])
     assert teacher["model"]["name"] == pretrain["model"]["name"]
-    assert distill["teacher"] == str(f["finetune"])
+    assert distill["teacher"] == str(f["teachers"])  # whose members include the finetune
     for cfg in (pretrain, teacher, distill):
         assert cfg["data"]["split_file"] == str(f["data"] / "split.csv")
 
@@ -155,6 +167,7 @@ def test_tiny_pipeline_produces_every_stage_artifact(demo_out):
     for name in (
         "classical baseline",
         "teacher (fine-tuned)",
+        "ensemble teacher",
         "distilled student",
         "student + exits",
     ):
@@ -370,7 +383,7 @@ def test_tiny_ablation_has_every_row_and_column(demo_out):
     splits = {
         yaml_split(Path(records[i]["folder"]))
         for i in records
-        if records[i]["target"] not in ("exits", "ensemble")
+        if records[i]["target"] not in ("exits", "ensemble") and i != "teachers"
     }
     assert len(splits) == 1  # one split for every row
     # The metadata row is another baseline run; the ensemble row combines stage rows with
@@ -378,7 +391,8 @@ def test_tiny_ablation_has_every_row_and_column(demo_out):
     assert records["baseline_meta"]["folder"] != records["baseline"]["folder"]
     ensemble = records["ensemble"]
     weights = ensemble["ensemble"]["weights"]
-    later = ("student_exits", "ensemble", "teacher_ensemble", "student_of_ensemble")
+    later = ("student_exits", "student_mae_teacher", "ensemble", "teacher_ensemble")
+    later += ("student_of_ensemble", "teachers_member", "teachers")
     assert list(weights) == [r for r in records if r not in later]
     assert sum(weights.values()) >= 1 and ensemble["computed"] == ["ensemble"]
     # greedy starts from the best member on val and only adds what raises val macro-F1
@@ -405,6 +419,20 @@ def test_tiny_ablation_has_every_row_and_column(demo_out):
     assert members == {Path(records[i]["folder"]).resolve() for i in ("cnn_scratch", "mae_synth")}
     assert "finetune" not in student["computed"]
     assert Path(student["folder"]) != Path(records["student"]["folder"])
+    # The teachers stage's rows are the demo's folders (the ensemble, and one member's run
+    # inside it); with the stage off, the student learns from the finetune stage again.
+    teachers_dir = _stage_dir(demo_out, "teachers")
+    assert Path(records["teachers"]["folder"]) == teachers_dir
+    assert Path(records["teachers_member"]["folder"]) == teachers_dir / "members" / "vit_scratch"
+    assert records["teachers"]["computed"] == records["teachers_member"]["computed"] == []
+    # the ensemble teacher's costs are its members' sums: it runs both
+    member_params = [records[i]["summary"]["params"] for i in ("mae_synth", "teachers_member")]
+    assert records["teachers"]["summary"]["params"] == pytest.approx(sum(member_params))
+    alone = yaml.safe_load(
+        (Path(records["student_mae_teacher"]["folder"]) / "config.yaml").read_text()
+    )
+    assert Path(alone["teacher"]) == _stage_dir(demo_out, "finetune")
+    assert records["student_mae_teacher"]["computed"] == ["distill"]
     # A reused row still carries what its stages cost; the total counts each stage once.
     from dermkit.bench.ablation import total_stage_seconds
 
@@ -480,6 +508,7 @@ def test_ablation_ensemble_rows_are_checked_and_bring_their_members():
         ({"ensemble": ["a", "zz"]}, r"members \['zz'\] are not stage rows above"),
         ({"ensemble": ["a"]}, "at least two rows"),
         ({"ensemble": ["a", "b"], "overrides": ["seed=1"]}, "takes no overrides"),
+        ({"target": "distill", "member": "vit_scratch"}, "member goes with target teachers"),
         ({}, "either target"),
     ]
     for extra, message in bad:
@@ -511,7 +540,7 @@ def test_distill_teacher_knob_keys_the_teacher_by_content(tmp_path):
         return plan_pipeline(_pipeline(tmp_path / "out", *items), DERMAE_STAGES)["distill"]
 
     own, knob = plan(), plan(f"stages.distill.teacher={teacher}")
-    assert "finetune" in own.inputs and "finetune" not in knob.inputs
+    assert "teachers" in own.inputs and not {"finetune", "teachers"} & set(knob.inputs)
     assert knob.config.teacher == str(teacher) and knob.config.teacher_content not in (None, "")
     assert own.config.teacher_content is None and own.key != knob.key
     assert plan(f"stages.distill.teacher={teacher}").key == knob.key  # deterministic
@@ -522,6 +551,60 @@ def test_distill_teacher_knob_keys_the_teacher_by_content(tmp_path):
     assert plan(f"stages.distill.teacher={teacher}").key not in (knob.key, refitted.key)
     missing = plan(f"stages.distill.teacher={tmp_path / 'not-yet'}")
     assert missing.config.teacher_content == "missing"
+
+
+def test_teachers_stage_resolves_members_like_fine_tunes_and_feeds_distill(tmp_path):
+    """``stages.teachers``: each member is a finetune config (preset < recipe < settings <
+    the data wiring), the key follows every member, and distill learns from the stage."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: {name: resnet18_64}\noptim: {epochs: 7}\n")
+
+    def plan(*items):
+        return plan_pipeline(_pipeline(tmp_path / "out", *items), DERMAE_STAGES)
+
+    shipped = plan()
+    teachers = shipped["teachers"]
+    member = teachers.config.members["vit_scratch"]
+    assert member.optim.epochs == 20 and member.model.weights is None  # no MAE encoder
+    assert member.data.split_file == str(shipped["data"].path / "split.csv")
+    assert teachers.config.finetune == str(shipped["finetune"].path)
+    assert shipped["distill"].inputs.keys() >= {"teachers"}
+    assert shipped["distill"].config.teacher == str(teachers.path)
+    # a member with a recipe: its content is the member's config, its settings win
+    cnn = "stages.teachers.members.cnn"
+    with_cnn = plan(f"{cnn}.recipe={recipe}", f"{cnn}.optim.epochs=2")["teachers"]
+    assert with_cnn.config.members["cnn"].model.name == "resnet18_64"
+    assert with_cnn.config.members["cnn"].optim.epochs == 2 and with_cnn.key != teachers.key
+    assert plan("stages.teachers.members.vit_scratch.optim.epochs=3")["teachers"].key not in (
+        teachers.key,
+        with_cnn.key,
+    )
+    # off: the student's teacher is the finetune stage, and the stage has no folder
+    off = plan("stages.teachers=false")
+    assert "teachers" not in off and off["distill"].config.teacher == str(off["finetune"].path)
+    for items, message in [
+        (["stages.teachers.include_finetune=false"], "at least two members, got 1"),
+        (["stages.teachers.members.finetune.optim.epochs=1"], "names the finetune stage"),
+        (["stages.teachers.members.vit_scratch.optim.epochz=1"], "optimz|epochz"),
+        (["stages.teachers.select=best"], "select"),
+    ]:
+        with pytest.raises(PipelineError, match=message):
+            plan(*items)
+
+
+def test_teachers_stage_resumes_without_retraining_finished_members(demo_out):
+    """A teachers stage killed after its members finished (no marker, no ensemble) is
+    resumed by combining them: no member is trained again."""
+    folder = _stage_dir(demo_out, "teachers")
+    weights = folder / "members" / "vit_scratch" / "model.safetensors"
+    trained = weights.stat().st_mtime_ns
+    for name in (MARKER, "ensemble.json", "predictions_test.csv", "metrics.json"):
+        (folder / name).unlink()
+    result = dermae.run(_pipeline(demo_out), targets=["teachers"], progress=False)
+    assert result.records["teachers"].status == "resumed"
+    assert weights.stat().st_mtime_ns == trained
+    assert json.loads((folder / "ensemble.json").read_text())["select"] == "all"
+    assert read_marker(folder)["key"] == result.plans["teachers"].key
 
 
 def test_stage_recipe_sits_between_preset_and_the_files_settings(tmp_path):
@@ -555,9 +638,12 @@ def test_shipped_cpu_and_gpu_pipelines_and_cpu_ablation_rows_resolve(ham10000_ro
 
     repo = Path(__file__).resolve().parents[1]
     data = [f"data.path={ham10000_root}", f"data.split_file={repo / 'splits/ham10000-seed0.csv'}"]
-    for name in ("dermae-cpu", "dermae-gpu"):
+    for name, stages in (
+        ("dermae-cpu", STAGES),
+        ("dermae-gpu", [s for s in STAGES if s != "teachers"]),  # the MAE ViT-B teaches
+    ):
         cfg = load_pipeline(name, [f"out_dir={tmp_path / name}", *data])
-        assert list(plan_pipeline(cfg, DERMAE_STAGES)) == STAGES
+        assert list(plan_pipeline(cfg, DERMAE_STAGES)) == stages
     ablation = load_ablation("ablation-cpu", out=tmp_path / "ablation")
     plans = dict(
         (row.id, {r["stage"]: r for r in rows}) for row, rows in plan_ablation(ablation, (), data)
@@ -568,21 +654,30 @@ def test_shipped_cpu_and_gpu_pipelines_and_cpu_ablation_rows_resolve(ham10000_ro
             assert plans.pop(row.id) == {}
     assert len({p["data"]["full_key"] for p in plans.values()}) == 1  # one split for all rows
     fine_tunes = [r.id for r in ablation.rows if r.target == "finetune"]
-    assert len({plans[i]["finetune"]["full_key"] for i in fine_tunes}) == len(fine_tunes) == 10
-    from dermkit.bench.ablation import row_pipeline
+    assert len({plans[i]["finetune"]["full_key"] for i in fine_tunes}) == len(fine_tunes) == 7
+    from dermkit.bench.ablation import row_folder, row_pipeline
 
     rows = {r.id: r for r in ablation.rows}
-    # The ImageNet row is the recipe's Lite0 at 128 px for 13 epochs, no pretraining.
-    imagenet = dermae.plan(row_pipeline(ablation, rows["imagenet"], data))["finetune"].config
+    # The member rows, the ensemble teacher and the product's students share one teachers
+    # stage: its members train once.
+    chain = ("cnn_tuned", "imagenet", "imagenet_lite1", "teacher_ensemble", "student_lite")
+    chain += ("student_lite_synth", "student_lite_exits")
+    assert len({plans[i]["teachers"]["full_key"] for i in chain}) == 1
+    teachers = dermae.plan(row_pipeline(ablation, rows["teacher_ensemble"], data))["teachers"]
+    members = teachers.config.members
+    # The ImageNet member is the recipe's Lite0 at 128 px for 13 epochs, no pretraining.
+    imagenet = members["imagenet_lite0"]
     assert (imagenet.model.name, imagenet.model.weights) == ("tf_efficientnet_lite0", "imagenet")
     assert imagenet.data.image_size == 128 and imagenet.optim.epochs == 13
-    assert imagenet.synthetic_ratio == 0 and plans["imagenet"]["pretrain"]["status"] == "off"
-    lite1 = dermae.plan(row_pipeline(ablation, rows["imagenet_lite1"], data))["finetune"].config
+    assert imagenet.synthetic_ratio == 0 and plans["imagenet"]["pretrain"]["status"] == "not needed"
+    lite1 = members["imagenet_lite1"]
     assert (lite1.model.name, lite1.data.image_size) == ("tf_efficientnet_lite1", 112)
-    assert rows["teacher_ensemble"].ensemble == ["imagenet", "imagenet_lite1", "cnn_tuned"]
-    # The Lite students learn from the ensemble row's folder, not from a finetune stage,
-    # and differ only in the synthetic images they read.
-    ensemble_dir = str(tmp_path / "ablation" / "ensemble-teacher_ensemble")
+    cnn = members["cnn_tuned"]
+    assert (cnn.model.name, cnn.optim.epochs, cnn.model.weights) == ("resnet18d_64", 30, None)
+    assert teachers.config.select == "all" and teachers.config.finetune is None
+    assert row_folder(ablation, rows["imagenet"], data) == teachers.path / "members/imagenet_lite0"
+    # The product: the Lite0 student of the teachers stage; the synthetic row differs only
+    # in the images it reads; the ViT student row is the MAE chain's own.
     for student in ("student_lite", "student_lite_synth"):
         assert plans[student]["finetune"]["status"] == "not needed"
         assert plans[student]["distill"]["status"] == "todo"
@@ -590,10 +685,13 @@ def test_shipped_cpu_and_gpu_pipelines_and_cpu_ablation_rows_resolve(ham10000_ro
     assert plans["student_lite_synth"]["sample"]["status"] == "todo"
     assert plans["student_lite"]["distill"]["full_key"] != plans["student"]["distill"]["full_key"]
     distill = dermae.plan(row_pipeline(ablation, rows["student_lite"], data))["distill"].config
-    assert distill.teacher == ensemble_dir and distill.teacher_content == "missing"
+    assert distill.teacher == str(teachers.path) and distill.teacher_content is None
     assert distill.model.name == "tf_efficientnet_lite0" and distill.data.image_size == 128
     assert distill.distill.teacher_logits == "cached-dihedral" and distill.decision_rule == "auto"
-    # The student rows distil the MAE (real + synthetic) teacher: the same stage folder.
+    vit = dermae.plan(row_pipeline(ablation, rows["student"], data))["distill"].config
+    assert vit.model.name == "vit_student_patch8_64" and vit.optim.epochs == 15
+    assert plans["student"]["teachers"]["status"] == "off"
+    # The ViT student distils the MAE (real + synthetic) teacher: the same stage folder.
     assert plans["student"]["finetune"]["folder"] == plans["mae_synth"]["finetune"]["folder"]
     assert plans["mae_real"]["pretrain"]["full_key"] != plans["mae_synth"]["pretrain"]["full_key"]
     assert plans["vit_scratch"]["pretrain"]["status"] == "off"
@@ -629,6 +727,17 @@ def test_each_stage_folder_is_what_its_command_writes(demo_out, tmp_path):
     assert {"metrics.json", "report.html", "manifest.csv"} <= _files(sample)
     same = read_synthetic_rows(sample / "manifest.csv")["label"].value_counts().to_dict()
     assert same == json.loads((stage["sample"] / "metrics.json").read_text())["per_class"]
+
+    teachers = _stage_dir(demo_out, "teachers")  # dermkit ensemble of its members
+    ensemble = tmp_path / "teachers"
+    members = [str(_stage_dir(demo_out, "finetune")), str(teachers / "members" / "vit_scratch")]
+    args = ["ensemble", *members, "--select", "all", "--out", str(ensemble)]
+    result = runner.invoke(app, [*args, "--n-boot", "100"])
+    assert result.exit_code == 0, result.output
+    assert _files(ensemble) == _files(teachers, skip=("members",))
+    assert (ensemble / "predictions_test.csv").read_text() == (
+        teachers / "predictions_test.csv"
+    ).read_text()
 
     export = tmp_path / "export"
     args = ["export", str(stage["distill"]), "--out", str(export), "--int8", "dynamic"]

@@ -55,6 +55,11 @@ class AblationRow(Strict):
         description="id of an earlier row whose folder (a run, or an ensemble row's "
         "ensemble) the row's distill stage learns from, instead of the finetune stage",
     )
+    member: str | None = Field(
+        None,
+        description="with target teachers: one member's run (<folder>/members/<member>) "
+        "instead of the ensemble; the members train once, for every row that reads them",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> AblationRow:
@@ -62,6 +67,8 @@ class AblationRow(Strict):
             raise ValueError(f"row {self.id}: give either target (a stage) or ensemble (rows)")
         if self.ensemble and (self.overrides or self.teacher):
             raise ValueError(f"row {self.id}: an ensemble row takes no overrides or teacher")
+        if self.member is not None and self.target != "teachers":
+            raise ValueError(f"row {self.id}: member goes with target teachers")
         return self
 
 
@@ -127,10 +134,25 @@ def select_rows(ablation: AblationConfig, ids: Sequence[str] = ()) -> list[Ablat
 
 
 def row_folder(ablation: AblationConfig, row: AblationRow, extra: Sequence[str] = ()) -> Path:
-    """Where a row's numbers come from: its target stage's folder or its ensemble folder."""
+    """Where a row's numbers come from: its target stage's folder (or one of its teachers
+    members), or its ensemble folder."""
     if row.ensemble:
         return Path(ablation.out_dir) / f"ensemble-{row.id}"
-    return dermae.plan(row_pipeline(ablation, row, extra))[row.target].path
+    return _target_folder(row, dermae.plan(row_pipeline(ablation, row, extra))[row.target])
+
+
+def _target_folder(row: AblationRow, planned) -> Path:
+    """The row's folder in its target stage's plan: the stage folder, or a member's."""
+    if row.member is None:
+        return planned.path
+    if row.member not in planned.config.members:
+        raise ConfigError(
+            f"row {row.id}: member {row.member!r} is not one of the teachers stage's members "
+            f"{sorted(planned.config.members)}"
+        )
+    from dermkit.pipeline.teachers import member_folders
+
+    return member_folders(planned.config, planned.path)[row.member]
 
 
 def row_pipeline(ablation: AblationConfig, row: AblationRow, extra: Sequence[str] = ()):
@@ -168,7 +190,7 @@ def stages_to_compute(plans: list[tuple[AblationRow, list[dict]]]) -> list[str]:
 
 
 def _row_record(row: AblationRow, result: PipelineResult, summary: dict, seconds: float) -> dict:
-    folder = result.path(row.target)
+    folder = _target_folder(row, result.plans[row.target])
     return {
         "id": row.id,
         "name": row.name,
@@ -232,6 +254,23 @@ def _ensemble_record(
     }
 
 
+def _add_member_costs(summary: dict, folder: Path, latency: bool, n_boot: int, seed: int):
+    """An ensemble folder's cost columns: the sums over its members with a positive weight
+    (an ensemble runs every one of them), as for ensemble rows."""
+    from dermkit.exits.summary import summarize_run
+
+    spec = json.loads((folder / "ensemble.json").read_text())
+    members = [
+        summarize_run(Path(m["run"]), latency=latency, n_boot=n_boot, seed=seed)
+        for m in spec["members"]
+        if m["weight"] > 0
+    ]
+    for key in ("params", "gflops", "latency_ms_batch1"):
+        values = [m[key] for m in members if m.get(key) is not None]
+        summary[key] = sum(values) if values else None
+    summary["model"] = " + ".join(f"{Path(m['run']).name} x{m['weight']}" for m in spec["members"])
+
+
 def total_stage_seconds(records: list[dict]) -> float:
     """Wall seconds of every stage folder behind ``records``, each folder counted once.
 
@@ -278,9 +317,10 @@ def run_ablation(
         cfg = row_pipeline(ablation, row, extra)
         started = time.time()
         result = dermae.run(cfg, targets=[row.target], progress=progress, summary=False)
-        summary = summarize_run(
-            result.path(row.target), latency=latency, n_boot=ablation.n_boot, seed=cfg.seed
-        )
+        folder = _target_folder(row, result.plans[row.target])
+        summary = summarize_run(folder, latency=latency, n_boot=ablation.n_boot, seed=cfg.seed)
+        if row.target == "teachers" and row.member is None:
+            _add_member_costs(summary, folder, latency, ablation.n_boot, cfg.seed)
         records.append(_row_record(row, result, summary, time.time() - started))
         # Written after every row, so a long ablation can be followed (and is never lost).
         write_json_atomic(out / "ablation.json", records, default=str)

@@ -2,18 +2,21 @@
 
 ::
 
-    data ─┬─ baseline ───────────────────┬──────────────────────────────┐
-          │                              │ (filter)                     │
-          ├─ autoencoder ─ diffusion ─ sample ┐                         │
-          └──────────────────────────────────┴─ pretrain ─ finetune ─ distill ─ exits ─ export
-                                                                            └── explain  evaluate
+    data ─┬─ baseline ─────────────────────┬────────────────────────────────────┐
+          │                                │ (filter)                           │
+          ├─ autoencoder ─ diffusion ─ sample ┐                                 │
+          └───────────────────────────────────┴─ pretrain ─ finetune ─┐         │
+                          [teachers: several fine-tunes, one ensemble] ┴─ distill ─ exits ─ export
+                                                                          └── explain  evaluate
 
 A stage is named after the ``dermkit`` command it runs, and calls the function that command
 calls, so its folder holds what the command writes: ``finetune`` is ``dermkit finetune``,
 ``autoencoder``/``diffusion``/``sample`` are ``dermkit synth ...``, ``pretrain`` is
 ``dermkit pretrain mae|vae``, ``exits`` is ``dermkit exits train`` + ``calibrate`` +
-``bench``, ``export`` is ``dermkit export`` (+ ``dermkit exits export`` of the best head),
-``explain`` is ``dermkit explain all``.
+``bench``, ``teachers`` (off unless the file names it) is several ``dermkit finetune``
+runs combined as ``dermkit ensemble``, the teacher ``distill`` then learns from
+(``pipeline/teachers.py``), ``export`` is ``dermkit export`` (+ ``dermkit exits export`` of
+the best head), ``explain`` is ``dermkit explain all``.
 
 Each stage's config is its preset (``configs/<preset>/<section>.yaml``) < the pipeline's
 seed < the pipeline file's settings for the stage < the wiring to its inputs (their
@@ -62,6 +65,7 @@ from dermkit.data.settings import DataConfig
 from dermkit.eval.data_folder import PHANTOM_GRID
 from dermkit.eval.report import format_estimate
 from dermkit.exits.settings import ExitsRunConfig
+from dermkit.pipeline.product import ExportStageConfig, export_metric, run_export
 from dermkit.pipeline.report import write_summary_report
 from dermkit.pipeline.runner import (
     METRICS,
@@ -73,6 +77,12 @@ from dermkit.pipeline.runner import (
     plan_pipeline,
     plan_status,
     run_pipeline,
+)
+from dermkit.pipeline.teachers import (
+    TeachersStageConfig,
+    build_teachers,
+    run_teachers,
+    teachers_metric,
 )
 from dermkit.runs import RunDir
 from dermkit.ssl.settings import MaePretrainRunConfig, VaePretrainRunConfig
@@ -381,8 +391,8 @@ def _build_distill(ctx: StageContext) -> DistillStageConfig:
 
     teacher = ctx.knobs.get("teacher")
     content = None
-    if teacher is None:
-        teacher = str(ctx.input("finetune"))
+    if teacher is None:  # the teachers stage's ensemble when it is on, else the fine-tune
+        teacher = str(ctx.input("teachers" if ctx.on("teachers") else "finetune"))
     elif not Path(teacher).is_dir():
         content = "missing"
     else:
@@ -390,6 +400,10 @@ def _build_distill(ctx: StageContext) -> DistillStageConfig:
     wiring = _data_wiring(ctx) | {"teacher": str(teacher)}
     cfg = _synthetic_wiring(ctx, _resolve(ctx, DistillRunConfig, "distill", wiring))
     return DistillStageConfig.model_validate(cfg.model_dump() | {"teacher_content": content})
+
+
+def _build_teachers(ctx: StageContext) -> TeachersStageConfig:
+    return build_teachers(ctx, _resolve, _data_wiring, _synthetic_wiring)
 
 
 def deployed_model(ctx: StageContext) -> Path:
@@ -543,54 +557,11 @@ def _metric_exits(path: Path) -> str:
 # ----------------------------------------------------------------------------- export
 
 
-class ExportStageConfig(Strict):
-    """``export``: the deployed classifier as ONNX (+ INT8), and its exit segments."""
-
-    model_run: str = ""
-    exits_run: str | None = None
-    int8: Literal["dynamic", "static", "both"] | None = "dynamic"
-    parity_images: int = Field(512, ge=1)
-    calibration_images: int = Field(64, ge=1)
-    exits: bool = Field(True, description="also export the exit segments when exits is on")
-    # pipeline/product.py: the INT8 student against its teacher in PyTorch, batch 1
-    latency_rounds: int = Field(5, ge=0, description="interleaved timing rounds (0: off)")
-
-
 def _build_export(ctx: StageContext) -> ExportStageConfig:
     cfg = _validate(ExportStageConfig, ctx.overrides, "export")
     cfg.model_run = str(deployed_model(ctx))
     cfg.exits_run = str(ctx.input("exits")) if cfg.exits and ctx.on("exits") else None
     return cfg
-
-
-def _run_export(cfg: ExportStageConfig, out: Path, resume: bool) -> None:
-    from dermkit.deploy.export_folder import export_folder
-
-    export_folder(cfg.model_run, out, cfg.int8, cfg.parity_images, cfg.calibration_images)
-    if cfg.exits_run is not None:  # `dermkit exits export --no-fused` of the best head
-        from dermkit.exits.bench import best_head
-        from dermkit.exits.onnx_segments import export_exit_run
-
-        head = best_head(cfg.exits_run)
-        if head is not None:
-            export_exit_run(cfg.exits_run, head, out / "exits", fused=False)
-    from dermkit.pipeline.product import measure_latency
-
-    measure_latency(Path(cfg.model_run), out, cfg.latency_rounds)
-
-
-def _metric_export(path: Path) -> str:
-    files = _metrics(path)["files"]
-    fp32 = files["fp32"]
-    text = f"model.onnx {fp32['size_bytes'] / 1e6:.2f} MB"
-    for key in ("dynamic", "static"):
-        if key in files:
-            text += f", INT8 {key} agreement {files[key]['prediction_agreement']:.3f}"
-    from dermkit.pipeline.product import int8_speedup
-
-    if (speed := int8_speedup(path)) is not None:
-        text += f", INT8 {speed[0]:.1f}x faster than the teacher at batch 1"
-    return text
 
 
 # ----------------------------------------------------------------------------- explain
@@ -661,6 +632,7 @@ class EvaluateStageConfig(Strict):
 EVALUATED = {
     "baseline": "classical baseline",
     "finetune": "teacher (fine-tuned)",
+    "teachers": "ensemble teacher",
     "distill": "distilled student",
     "exits": "student + exits",
 }
@@ -762,6 +734,15 @@ DERMAE_STAGES: tuple[Stage, ...] = (
         figures=_CLASSIFIER_FIGURES,
     ),
     Stage(
+        "teachers",
+        "ensemble teacher (members chosen on val)",
+        _build_teachers,
+        run_teachers,
+        teachers_metric,
+        figures=(FigureSpec("confusion_matrix.png", "confusion matrix (test)"),),
+        default_on=False,
+    ),
+    Stage(
         "distill",
         "distilled student",
         _build_distill,
@@ -781,7 +762,7 @@ DERMAE_STAGES: tuple[Stage, ...] = (
         _metric_exits,
         figures=(FigureSpec("curves.png", "accuracy and macro-F1 against compute"),),
     ),
-    Stage("export", "ONNX (+ INT8) export, model card", _build_export, _run_export, _metric_export),
+    Stage("export", "ONNX (+ INT8) export, model card", _build_export, run_export, export_metric),
     Stage(
         "explain",
         "feature maps and saliency",

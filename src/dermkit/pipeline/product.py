@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import yaml
+from pydantic import Field
 
+from dermkit.config import Strict
 from dermkit.eval.report import HtmlReport, format_estimate, markdown_rows
 
 LATENCY_DIR = "latency"
@@ -130,3 +133,46 @@ def add_product_section(report: HtmlReport, model_run: Path, export_dir: Path | 
         latency_md = (Path(export_dir) / LATENCY_DIR / "latency.md").read_text()
         table = markdown_rows(latency_md.split("\n\n")[0])  # the table, not the note below it
         report.add_table(table, caption="student vs teacher, timed interleaved (latency.md)")
+
+
+# ----------------------------------------------------------------------------- the export stage
+
+
+class ExportStageConfig(Strict):
+    """``export``: the deployed classifier as ONNX (+ INT8), and its exit segments."""
+
+    model_run: str = ""
+    exits_run: str | None = None
+    int8: Literal["dynamic", "static", "both"] | None = "dynamic"
+    parity_images: int = Field(512, ge=1)
+    calibration_images: int = Field(64, ge=1)
+    exits: bool = Field(True, description="also export the exit segments when exits is on")
+    # the INT8 student against its teacher in PyTorch, batch 1 (measure_latency)
+    latency_rounds: int = Field(5, ge=0, description="interleaved timing rounds (0: off)")
+
+
+def run_export(cfg: ExportStageConfig, out: Path, resume: bool) -> None:
+    """``dermkit export`` of the deployed model (+ its best exit head), then the timing."""
+    from dermkit.deploy.export_folder import export_folder
+
+    export_folder(cfg.model_run, out, cfg.int8, cfg.parity_images, cfg.calibration_images)
+    if cfg.exits_run is not None:  # `dermkit exits export --no-fused` of the best head
+        from dermkit.exits.bench import best_head
+        from dermkit.exits.onnx_segments import export_exit_run
+
+        head = best_head(cfg.exits_run)
+        if head is not None:
+            export_exit_run(cfg.exits_run, head, out / "exits", fused=False)
+    measure_latency(Path(cfg.model_run), out, cfg.latency_rounds)
+
+
+def export_metric(path: Path) -> str:
+    """The export stage's key line: file size, INT8 agreement, speed-up over the teacher."""
+    files = json.loads((Path(path) / "metrics.json").read_text())["files"]
+    text = f"model.onnx {files['fp32']['size_bytes'] / 1e6:.2f} MB"
+    for key in ("dynamic", "static"):
+        if key in files:
+            text += f", INT8 {key} agreement {files[key]['prediction_agreement']:.3f}"
+    if (speed := int8_speedup(path)) is not None:
+        text += f", INT8 {speed[0]:.1f}x faster than the teacher at batch 1"
+    return text

@@ -102,6 +102,8 @@ class Stage:
         knobs: extra keys this stage reads from its pipeline entry (not config overrides).
         figures: the pictures of a finished folder a summary shows (:func:`stage_figures`).
         table: (caption, rows) of a finished folder that a summary shows, or None.
+        default_on: whether a pipeline file that does not name the stage runs it (an
+            optional stage, such as one that needs settings to mean anything, is off).
     """
 
     name: str
@@ -112,6 +114,7 @@ class Stage:
     knobs: tuple[str, ...] = ()
     figures: tuple[FigureSpec, ...] = ()
     table: Callable[[Path], tuple[str, list[dict]] | None] | None = None
+    default_on: bool = True
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,7 @@ class Planned:
 
 def _settings(cfg: PipelineSpec, stage: Stage) -> tuple[bool, dict, dict]:
     """(enabled, config overrides, knobs) of a stage's entry in the pipeline file."""
-    entry = cfg.stages.get(stage.name, True)
+    entry = cfg.stages.get(stage.name, stage.default_on)
     if entry is None or entry is True:
         return True, {}, {}
     if entry is False:
