@@ -296,6 +296,7 @@ def test_autoencoder_trains_with_mse_and_mse_perceptual(
     if loss == "mse":
         cfg.loss.perceptual_encoder = None
         cfg.class_sampling = "class_balanced"  # the codec's batches balance the classes
+        cfg.loss.colour_weight = 10.0  # and its tile colours weigh more
     report = train_autoencoder(cfg, progress=False)
     assert report.exists() and (out / "reconstructions.png").exists()
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -303,8 +304,11 @@ def test_autoencoder_trains_with_mse_and_mse_perceptual(
     assert len(mse) == 8 and np.mean(mse[-3:]) < np.mean(mse[:3])  # it learns
     if loss == "mse+perceptual":
         assert all(r["perceptual"] > 0 for r in rows if r["kind"] == "train")
+        assert all("colour" not in r for r in rows)
     else:
         assert all("perceptual" not in r for r in rows)
+        colour = [r["colour"] for r in rows if r["kind"] == "train"]
+        assert all(0 < c <= m for c, m in zip(colour, mse))  # tile means: part of the error
     metrics = json.loads((out / "metrics.json").read_text())
     assert math.isfinite(metrics["val"]["psnr"]) and 0 < metrics["val"]["ssim"] <= 1
     assert metrics["latent_shape"] == [4, 8, 8] and metrics["downsample_factor"] == 4
@@ -358,6 +362,37 @@ def test_per_class_reconstruction_sees_a_colour_shift_psnr_alone_would_hide():
     assert rows["red"]["colour_shift"] == pytest.approx(40, abs=1)
     assert rows["grey"]["colour_shift"] == pytest.approx(0, abs=0.6)
     assert rows["red"]["psnr"] < rows["grey"]["psnr"] == float("inf")  # grey is exact
+
+
+def test_tile_colour_loss_sees_colour_and_ignores_detail_within_a_tile():
+    from dermkit.synth.autoencoder import tile_colour_loss
+
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    checker = (torch.arange(16)[:, None] + torch.arange(16)[None]) % 2 * 0.2 - 0.1  # mean 0
+    assert tile_colour_loss(x + checker, x) == pytest.approx(0, abs=1e-12)  # detail only
+    shifted = x.clone()
+    shifted[:, 2] -= 0.3  # less blue everywhere: every tile's mean moves by 0.3 in 1 of 3
+    assert tile_colour_loss(shifted, x) == pytest.approx(0.3**2 / 3)
+    with pytest.raises(ConfigError, match="not divisible by 8"):
+        from dermkit.synth.autoencoder import check_autoencoder_config
+
+        cfg = load_config(
+            AutoencoderRunConfig, "synth_autoencoder", "tiny", None,
+            ["loss.colour_weight=1", "data.image_size=36", "model.block_out_channels=[32,64]"],
+        )  # fmt: skip
+        check_autoencoder_config(cfg)
+
+
+def test_autoencoder_colour_weight_at_its_default_keeps_the_stage_key():
+    from dermkit.pipeline.runner import stage_key
+
+    _, material = stage_key("autoencoder", AutoencoderRunConfig(), {}, {})
+    cfg = AutoencoderRunConfig()
+    cfg.loss.colour_weight = 10.0
+    _, material_set = stage_key("autoencoder", cfg, {}, {})
+    assert "colour_weight" not in material["config"]["loss"]
+    assert material_set["config"]["loss"].pop("colour_weight") == 10.0
+    assert material_set["config"] == material["config"]
 
 
 def test_autoencoder_config_errors_name_the_fields(two_class_root, tmp_path):

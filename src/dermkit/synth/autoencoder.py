@@ -5,6 +5,7 @@ by ``2^(n-1)``: at 64 px, 3 blocks give 16x16x4 latents (factor 4), 4 blocks 8x8
 (factor 8). Loss per batch x in [-1, 1] (B, 3, S, S), z ~ q(z|x), x' = D(z):
 
     mse(x', x) + perceptual_weight * P(x', x) + kl_weight * KL(q(z|x) || N(0, I)) / (3 S^2)
+    (+ colour_weight * mse(pool8(x'), pool8(x)): the mean colour of an 8 x 8 grid of tiles)
     (+ adversarial_weight * -mean(D_patch(x')) from ``adversarial_start_step``)
 
 ``P`` is a perceptual distance in a local VGG-16 or a dermkit encoder's feature space
@@ -78,6 +79,11 @@ def check_autoencoder_config(cfg: AutoencoderRunConfig) -> None:
         )
     if loss.perceptual_weights and loss.perceptual_encoder:
         raise ConfigError("set only one of loss.perceptual_weights and loss.perceptual_encoder")
+    if loss.colour_weight > 0 and cfg.data.image_size % 8:
+        raise ConfigError(
+            f"loss.colour_weight pools an 8 x 8 grid of tiles: data.image_size="
+            f"{cfg.data.image_size} is not divisible by 8"
+        )
 
 
 def build_autoencoder(model: AutoencoderModelConfig, image_size: int) -> AutoencoderKL:
@@ -95,6 +101,19 @@ def build_autoencoder(model: AutoencoderModelConfig, image_size: int) -> Autoenc
         sample_size=image_size,
         mid_block_add_attention=model.mid_block_attention,
     )
+
+
+def tile_colour_loss(recon: torch.Tensor, x: torch.Tensor, tiles: int = 8) -> torch.Tensor:
+    """MSE between the mean colours of a ``tiles`` x ``tiles`` grid of both images.
+
+    Args:
+        recon, x: (B, 3, S, S), S divisible by ``tiles``.
+    Returns:
+        scalar: the low-pass part of the reconstruction error, which ``colour_weight``
+        weights up (see ``AutoencoderLossConfig.colour_weight``).
+    """
+    k = x.shape[-1] // tiles
+    return F.mse_loss(F.avg_pool2d(recon, k), F.avg_pool2d(x, k))
 
 
 class AutoencoderGAN(nn.ModuleDict):
@@ -123,6 +142,10 @@ class AutoencoderGAN(nn.ModuleDict):
         kl_term = posterior.kl().float().mean() / x[0].numel()
         loss = rec + lc.kl_weight * kl_term
         terms = {"mse": rec.item(), "kl": kl_term.item()}
+        if lc.colour_weight > 0:
+            colour = tile_colour_loss(recon.float(), x)
+            loss = loss + lc.colour_weight * colour
+            terms["colour"] = colour.item()
         if self.perceptual is not None:
             p = self.perceptual(recon.float(), x)
             loss = loss + lc.perceptual_weight * p
