@@ -1016,3 +1016,61 @@ def test_from_real_variations_start_from_train_images_of_their_class(tiny_genera
         load_config(SampleConfig, "synth_sample", None, None, ["from_real=0"])
     result = CliRunner().invoke(app, ["synth", "sample", str(tiny_generator), "--from-real", "2"])
     assert result.exit_code == 2 and "from_real" in result.output
+
+
+# ----------------------------------------------------------------------------- codec check
+
+
+def test_codec_versions_swap_the_colour_and_detail_bands():
+    """A codec that only moves colour: its colour on real detail is the reconstruction, and
+    its detail on real colour is the real image (up to uint8 rounding)."""
+    from dermkit.synth.codec_check import VERSIONS, codec_versions
+
+    torch.manual_seed(0)
+    real = torch.randint(40, 200, (3, 3, 32, 32), dtype=torch.uint8)
+    recolour = real.clone()
+    recolour[:, 2] -= 30  # 30 levels less blue everywhere: a pure colour change
+    versions = codec_versions(real, recolour)
+    assert tuple(versions) == VERSIONS and all(v.dtype == torch.uint8 for v in versions.values())
+    diff = lambda a, b: (a.int() - b.int()).abs().max().item()  # noqa: E731
+    assert diff(versions["real detail + reconstruction colour"], recolour) <= 1
+    assert diff(versions["reconstruction detail + real colour"], real) <= 1
+    assert diff(versions["reconstruction"], real) == 30
+    assert diff(versions["blurred (2x down, up)"], real) > 0
+
+
+def test_codec_check_judges_every_version_per_class(tiny_generator, encoder_run, tmp_path):
+    from dermkit.synth.codec_check import VERSIONS
+    from dermkit.synth.filtering import load_real_classifier
+
+    autoencoder = tiny_generator.parent / "ae"
+    result = CliRunner().invoke(
+        app,
+        ["synth", "codec", str(autoencoder), "--judge", str(encoder_run), "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "codec.json").read_text())
+    assert [r["version"] for r in report["rows"]] == list(VERSIONS)
+    for row in report["rows"]:
+        assert set(row["recall"]) == {"nv", "vasc"}
+        assert all(0 <= v <= 1 for v in row["recall"].values())
+    # the "real" row is the judge's own recall on the real val images
+    import yaml
+
+    from dermkit.data.dataset import CachedImageDataset
+    from dermkit.data.prepare import prepare_data
+    from dermkit.data.settings import DataConfig
+
+    data = prepare_data(
+        DataConfig(**yaml.safe_load((autoencoder / "config.yaml").read_text())["data"])
+    )
+    val = CachedImageDataset(data.cache, data.part("val"), data.classes)
+    images = val.__getitems__(np.arange(len(val)))[0].permute(0, 2, 3, 1).numpy()
+    labels = np.asarray(data.classes)[val.labels.numpy()]
+    assert report["images"] == {c: int((labels == c).sum()) for c in ("nv", "vasc")}
+    predicted = load_real_classifier(encoder_run).predict(images)
+    for c in ("nv", "vasc"):
+        assert report["rows"][0]["recall"][c] == pytest.approx((predicted[labels == c] == c).mean())
+    assert "| reconstruction |" in (tmp_path / "codec.md").read_text()
+    bad = CliRunner().invoke(app, ["synth", "codec", str(tmp_path), "--judge", str(encoder_run)])
+    assert bad.exit_code == 2 and "synth autoencoder run folder" in bad.output

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from dermkit.cli.common import (
     CONFIG_PARAMS,
@@ -11,6 +14,7 @@ from dermkit.cli.common import (
     Param,
     add_commands,
     command_group,
+    reported,
     stage_command,
 )
 
@@ -27,6 +31,26 @@ def guidance_override(value: str) -> str:
         return json.dumps(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
         raise ValueError(f"--guidance {path}: not valid JSON: {e}") from e
+
+
+def codec(
+    autoencoder: Annotated[Path, typer.Argument(help="dermkit synth autoencoder run folder")],
+    judge: Annotated[
+        Path, typer.Option(help="classifier trained on real images: a run or baseline folder")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default AUTOENCODER/codec)")
+    ] = None,
+    split: Annotated[str, typer.Option(help="the images to judge: train, val or test")] = "val",
+) -> None:
+    """Does each class survive the autoencoder? The judge on real images, their
+    reconstructions, and the two with their 8x8-tile colour and detail swapped."""
+    from dermkit.synth.codec_check import run_codec_check
+
+    with reported():
+        path = run_codec_check(autoencoder, judge, out or autoencoder / "codec", split)
+    print(path.read_text())
+    print(path)
 
 
 app = command_group(
@@ -112,6 +136,7 @@ add_commands(
             ),
             extras=("synth",),
         ),
+        "codec": codec,
         "quality": stage_command(
             "FD, KID, precision/recall (per class), TSTR vs TRTR and a memorisation check.",
             schema="dermkit.synth.settings:QualityConfig",
