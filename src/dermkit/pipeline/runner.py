@@ -183,6 +183,13 @@ class StageContext:
         self.input(stage)
         return self._plans[stage].config
 
+    def part(self, name: str, overrides: dict, knobs: dict) -> StageContext:
+        """A context for one part of this stage (a member it trains, say) with its own
+        settings; the stages it reads are recorded as this stage's inputs."""
+        return StageContext(
+            self.pipeline, name, overrides, knobs, self._plans, self._enabled, self.inputs
+        )
+
 
 @dataclass
 class Planned:

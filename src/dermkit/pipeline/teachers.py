@@ -88,14 +88,10 @@ def build_teachers(ctx: StageContext, resolve, data_wiring, synthetic_wiring):
     members = {}
     for name, spec in specs.items():
         spec = dict(spec)
-        member_ctx = StageContext(
-            ctx.pipeline,
+        member_ctx = ctx.part(
             f"teachers.members.{name}",
             {k: v for k, v in spec.items() if k != "recipe"},
             {"recipe": spec["recipe"]} if spec.get("recipe") else {},
-            ctx._plans,
-            ctx._enabled,
-            ctx.inputs,  # the member's inputs (data, sample) are the stage's
         )
         cfg = resolve(member_ctx, FinetuneRunConfig, "finetune", data_wiring(ctx))
         members[name] = synthetic_wiring(member_ctx, cfg)
