@@ -587,6 +587,7 @@ def test_teachers_stage_resolves_members_like_fine_tunes_and_feeds_distill(tmp_p
         (["stages.teachers.members.finetune.optim.epochs=1"], "names the finetune stage"),
         (["stages.teachers.members.vit_scratch.optim.epochz=1"], "optimz|epochz"),
         (["stages.teachers.select=best"], "select"),
+        (["stages.teachers.members={'a-b': {}}"], r"letters, digits and _: \['a-b'\]"),
     ]:
         with pytest.raises(PipelineError, match=message):
             plan(*items)

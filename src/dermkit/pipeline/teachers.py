@@ -33,6 +33,7 @@ names each stage once, and how many teachers a chain has is a setting, not a new
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -63,6 +64,9 @@ class TeachersStageConfig(Strict):
 
     @model_validator(mode="after")
     def _enough_members(self) -> TeachersStageConfig:
+        bad = [n for n in self.members if not re.fullmatch(r"[A-Za-z0-9_]+", n)]
+        if bad:  # a name is a folder under members/: nothing that could leave it
+            raise ValueError(f"member names are letters, digits and _: {bad}")
         if FINETUNE_MEMBER in self.members:
             raise ValueError(f"members: {FINETUNE_MEMBER!r} names the finetune stage; rename it")
         n = len(self.members) + (self.finetune is not None)
