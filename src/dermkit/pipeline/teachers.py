@@ -129,7 +129,7 @@ def run_teachers(cfg: TeachersStageConfig, out: Path, resume: bool) -> None:
 
 
 def teachers_metric(path: Path) -> str:
-    """``"<members with their weights>; val macro-F1 x"`` of a finished folder."""
+    """``"<members with their weights>; test macro-F1 x"`` of a finished folder."""
     spec = json.loads((Path(path) / "ensemble.json").read_text())
     chosen = [f"{Path(m['run']).name} x{m['weight']}" for m in spec["members"] if m["weight"]]
     test = json.loads((Path(path) / "metrics.json").read_text())

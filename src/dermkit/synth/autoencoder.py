@@ -103,7 +103,12 @@ def build_autoencoder(model: AutoencoderModelConfig, image_size: int) -> Autoenc
     )
 
 
-def tile_colour_loss(recon: torch.Tensor, x: torch.Tensor, tiles: int = 8) -> torch.Tensor:
+COLOUR_TILES = 8  # the colour band: the mean of each tile of an 8 x 8 grid (codec_check too)
+
+
+def tile_colour_loss(
+    recon: torch.Tensor, x: torch.Tensor, tiles: int = COLOUR_TILES
+) -> torch.Tensor:
     """MSE between the mean colours of a ``tiles`` x ``tiles`` grid of both images.
 
     Args:

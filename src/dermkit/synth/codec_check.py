@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dermkit.synth.autoencoder import COLOUR_TILES, load_codec
+
 VERSIONS = (
     "real",
     "reconstruction",
@@ -34,14 +36,13 @@ VERSIONS = (
     "reconstruction detail + real colour",
     "blurred (2x down, up)",
 )
-TILES = 8
 
 
 def tile_colour(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, S, S) float -> the same size holding each 8 x 8-grid tile's mean colour,
     bilinearly spread back (the low-pass band that ``colour_weight`` trains)."""
     side = images.shape[-1]
-    pooled = F.avg_pool2d(images, side // TILES)
+    pooled = F.avg_pool2d(images, side // COLOUR_TILES)
     return F.interpolate(pooled, size=side, mode="bilinear", align_corners=False)
 
 
@@ -97,7 +98,6 @@ def run_codec_check(
     from dermkit.data.dataset import CachedImageDataset
     from dermkit.data.prepare import prepare_data
     from dermkit.data.settings import DataConfig
-    from dermkit.synth.autoencoder import load_codec
     from dermkit.synth.filtering import load_real_classifier
 
     autoencoder, out = Path(autoencoder), Path(out)
