@@ -331,3 +331,28 @@ def test_a_damaged_stored_fit_is_named_not_silently_retrained(tmp_path):
     (tmp_path / "corn-s0-f0-abc.json").write_text('{"probs": [[0.5, 0.5]')
     with pytest.raises(ValueError, match=r"corn-s0-f0-abc\.json.*delete the file"):
         _load_fold(tmp_path, "corn-s0-f0-abc")
+
+
+def test_feature_spec_detail_round_trips_and_removes_fine_detail():
+    from dermkit.explain.thickness import FeatureSpec, reduce_detail
+
+    spec = FeatureSpec.parse("tf_efficientnet_lite0@160/40:imagenet+tta")
+    assert (spec.size, spec.detail, spec.weights, spec.tta) == (160, 40, "imagenet", True)
+    assert FeatureSpec.parse(str(spec)) == spec
+    assert FeatureSpec.parse("classical@32").detail is None
+    for bad in ("lite0@160/0:imagenet", "lite0@160/160:imagenet", "lite0@160/x"):
+        with pytest.raises(ValueError, match=r"DETAIL|BACKBONE"):
+            FeatureSpec.parse(bad)
+    # a 1-px checkerboard (the finest detail) on a smooth ramp: reduction keeps the ramp,
+    # removes the checkerboard; an image already at the reduced resolution is kept
+    yy, xx = np.mgrid[:32, :32]
+    ramp = (xx * 6).astype(np.float64)
+    checker = ((yy + xx) % 2) * 60.0
+    image = np.repeat((ramp + checker)[None, :, :, None], 3, axis=3).astype(np.uint8)
+    out = reduce_detail(image, 8)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    rows = out[0, :, :, 0].astype(np.float64)
+    assert np.abs(np.diff(rows, axis=0)).mean() < 3  # checkerboard gone (was 60 per step)
+    assert rows[:, -4:].mean() - rows[:, :4].mean() > 100  # the ramp survives
+    flat = np.full((1, 16, 16, 3), 77, np.uint8)
+    assert (reduce_detail(flat, 4) == 77).all()

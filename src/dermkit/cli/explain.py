@@ -109,7 +109,8 @@ def thickness_study_cmd(
     data: Annotated[Path, typer.Option(help="thickness folder (HAM layout + thickness columns)")],
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/thickness"),
     features: Annotated[
-        list[str] | None, typer.Option(help="BACKBONE@SIZE[:WEIGHTS][+tta], repeatable")
+        list[str] | None,
+        typer.Option(help="BACKBONE@SIZE[:WEIGHTS][+tta] (SIZE or SIZE/DETAIL), repeatable"),
     ] = None,
     groupings: Annotated[str, typer.Option(help="comma-separated 3class,4class")] = "3class,4class",
     folds: Annotated[int, typer.Option(help="outer stratified folds")] = 5,

@@ -1,6 +1,6 @@
 """Thickness analyses on frozen features: feature sets, separability of maps, Grad-CAM panels.
 
-**Feature sets** are named ``BACKBONE@SIZE[:WEIGHTS][+tta]``:
+**Feature sets** are named ``BACKBONE@SIZE[/DETAIL][:WEIGHTS][+tta]``:
 
 - ``tf_efficientnet_lite0@224:imagenet``: the packaged ImageNet weights
   (``models/packaged.py``), fed in their own input normalisation ([-1, 1] for TF-Lite);
@@ -10,7 +10,11 @@
 - ``classical@160``: no network, the classical baseline's colour + texture features
   (``models/classical.py``: HSV/Lab histograms, lesion-vs-skin colour moments, LBP,
   gradients), a hand-crafted lever (a blue-white veil is a colour);
-- ``+tta``: features averaged over the image and its horizontal and vertical flips.
+- ``+tta``: features averaged over the image and its horizontal and vertical flips;
+- ``/DETAIL``: the image is first reduced to DETAIL px (antialiased) and enlarged back to
+  SIZE, so the network sees the same input size with less detail. A resolution control:
+  if balanced accuracy falls as DETAIL shrinks below the images' own size, the study is
+  limited by the detail the images keep (``lite0@160/80`` vs ``lite0@160``).
 
 Features are the pooled penultimate output ``forward_head(forward_features(x),
 pre_logits=True)``, (N, D), of images resized once into the image cache at SIZE px.
@@ -48,29 +52,37 @@ CLASSICAL = "classical"
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """A frozen feature extractor: backbone, input size, weights, flip TTA."""
+    """A frozen feature extractor: backbone, input size, weights, flip TTA, detail."""
 
     backbone: str
     size: int
     weights: str = RANDOM
     tta: bool = False
+    detail: int | None = None  # px the image is reduced to before it is enlarged to size
 
     @classmethod
     def parse(cls, text: str) -> FeatureSpec:
-        """``BACKBONE@SIZE[:WEIGHTS][+tta]`` -> FeatureSpec; a bad text names what is wrong."""
+        """``BACKBONE@SIZE[:WEIGHTS][+tta]``, SIZE optionally ``SIZE/DETAIL`` -> FeatureSpec."""
         body, tta = (text[:-4], True) if text.endswith("+tta") else (text, False)
         name, at, rest = body.partition("@")
-        size_text, _, weights = rest.partition(":")
-        if not at or not name or not size_text.isdigit() or int(size_text) <= 0:
+        sizes, _, weights = rest.partition(":")
+        size_text, slash, detail_text = sizes.partition("/")
+        numbers = [size_text] + ([detail_text] if slash else [])
+        if not at or not name or not all(n.isdigit() and int(n) > 0 for n in numbers):
             raise ValueError(
-                f"feature set '{text}': expected BACKBONE@SIZE[:WEIGHTS][+tta], "
-                "e.g. tf_efficientnet_lite0@224:imagenet"
+                f"feature set '{text}': expected BACKBONE@SIZE[:WEIGHTS][+tta] (SIZE may be "
+                "SIZE/DETAIL), e.g. tf_efficientnet_lite0@224:imagenet or "
+                "tf_efficientnet_lite0@160/80:imagenet"
             )
-        return cls(name, int(size_text), weights or RANDOM, tta)
+        detail = int(detail_text) if slash else None
+        if detail is not None and detail >= int(size_text):
+            raise ValueError(f"feature set '{text}': DETAIL {detail} must be below SIZE")
+        return cls(name, int(size_text), weights or RANDOM, tta, detail)
 
     def __str__(self) -> str:
         weights = "" if self.backbone == CLASSICAL else f":{self.weights}"
-        return f"{self.backbone}@{self.size}{weights}{'+tta' if self.tta else ''}"
+        detail = f"/{self.detail}" if self.detail else ""
+        return f"{self.backbone}@{self.size}{detail}{weights}{'+tta' if self.tta else ''}"
 
 
 def build_encoder(spec: FeatureSpec) -> tuple[nn.Module | None, tuple, tuple]:
@@ -94,6 +106,20 @@ def load_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path | None)
     """(N, size, size, 3) uint8 images of the manifest rows (decoded once into the cache)."""
     cache = build_cache(manifest, size, cache_dir=cache_dir)
     return cache.load(manifest["image_id"])
+
+
+def reduce_detail(images: np.ndarray, detail: int) -> np.ndarray:
+    """uint8 (N, S, S, 3) -> the same shape, reduced to (detail, detail) and enlarged back.
+
+    Antialiased bilinear both ways, so what is lost is the detail finer than ``detail`` px,
+    not a sampling artefact.
+    """
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    small = F.interpolate(x, size=(detail, detail), mode="bilinear", antialias=True)
+    back = F.interpolate(small, size=images.shape[1:3], mode="bilinear", antialias=True)
+    return back.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def to_input(images: np.ndarray, mean, std) -> torch.Tensor:

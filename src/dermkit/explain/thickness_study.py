@@ -46,6 +46,7 @@ from dermkit.explain.thickness import (
     gradcam_rows,
     load_images,
     probe_model,
+    reduce_detail,
     separability,
 )
 from dermkit.explain.thickness_cv import (
@@ -238,6 +239,8 @@ def _extract_all(cfg: ThicknessStudyConfig, manifest: pd.DataFrame) -> dict[str,
         start = time.perf_counter()
         encoder, mean, std = build_encoder(spec)
         images = load_images(manifest, spec.size, cfg.cache_dir)
+        if spec.detail:
+            images = reduce_detail(images, spec.detail)
         features = extract(encoder, images, mean, std, spec.tta)
         seconds = time.perf_counter() - start
         log.info("features %s: %s in %.1f s", spec, features.shape, seconds)
