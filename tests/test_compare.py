@@ -32,6 +32,8 @@ def test_compare_random_vs_local_weights_file_then_reuses_finished_runs(
     rows = json.loads((out / "compare.json").read_text())
     assert [r["init"] for r in rows] == ["random", "pretrained"]
     assert rows[1]["weights"] == str(weights)
+    # convergence and gap trend of each arm (one epoch: reached at once, no slope)
+    assert rows[0]["epochs to 90% of best val"] == 1 and rows[0]["gap slope / epoch"] is None
     assert (out / "compare_curves.png").stat().st_size > 10_000
     html = (out / "report.html").read_text()
     assert "data:image/png;base64" in html and "pretrained/report.html" in html

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from dermkit.core.files import write_json_atomic
-from dermkit.eval.curves import plot_learning_curves
+from dermkit.eval.curves import curve_summary, plot_learning_curves
 from dermkit.eval.report import HtmlReport, format_estimate
 from dermkit.models.weights import pretrain_backbone
 from dermkit.runs import RunDir
@@ -119,6 +119,7 @@ def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = Tr
                     "best val macro-F1": best.get("val_macro_f1"),
                     "gap at best epoch": best.get("gap_macro_f1"),
                     "final gap": hist[-1].get("gap_macro_f1") if hist else None,
+                    **_curve_columns(curve_summary(hist)),
                 }
             )
         (run / "compare.json").write_text(json.dumps(rows, indent=2))
@@ -130,7 +131,10 @@ def run_compare(cfg: CompareRunConfig, resume: bool = False, progress: bool = Tr
             "initial weights differ. Test metrics with 95% lesion-level bootstrap CIs; the "
             "gap is clean-train minus val macro-F1 (larger = more overfitting). Probe: a "
             "class-balanced logistic regression on the initial encoder's frozen features "
-            "(eval/probe.py), before any fine-tuning."
+            "(eval/probe.py), before any fine-tuning. Convergence: the first epoch whose "
+            "val macro-F1 reaches 90% of the run's best; gap slope: the least-squares change "
+            "of the gap per epoch (> 0: overfitting grows); val slope: the change of val "
+            "macro-F1 per epoch over the second half (> 0: still improving)."
         )
         report.add_table(rows, caption="test split")
         report.add_figure(
@@ -194,4 +198,19 @@ def _probe_columns(probe: dict | None) -> dict:
     return {
         "probe val macro-F1": round(probe["linear_val_macro_f1"], 3),
         "probe test macro-F1": round(probe["linear_test_macro_f1"], 3),
+    }
+
+
+def _curve_columns(summary: dict) -> dict:
+    """The convergence and gap-trend columns of one arm (``eval.curves.curve_summary``)."""
+    if not summary:
+        return {}
+
+    def r(v):
+        return None if v is None else round(v, 4)
+
+    return {
+        "epochs to 90% of best val": summary["epochs_to_90pct_best"],
+        "gap slope / epoch": r(summary.get("gap_slope")),
+        "val slope / epoch, 2nd half": r(summary["val_slope_second_half"]),
     }
