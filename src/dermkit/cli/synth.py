@@ -53,6 +53,34 @@ def codec(
     print(path)
 
 
+def merge(
+    out: Annotated[Path, typer.Argument(help="the merged manifest to write (.csv)")],
+    source: Annotated[
+        list[str],
+        typer.Option(
+            help="CLASS=MANIFEST: that class's rows from that manifest; default=MANIFEST "
+            "for every other class (repeatable)"
+        ),
+    ],
+) -> None:
+    """One synthetic set from several generators: each class's rows (kept and rejected) from
+    the manifest named for it, the other classes from the default one."""
+    from dermkit.data.manifest import read_synthetic_rows
+    from dermkit.synth.merge import write_merged
+
+    with reported():
+        sources = {}
+        for item in source:
+            label, sep, path = item.partition("=")
+            if not sep or not label.strip() or not path.strip():
+                raise ValueError(f"--source {item!r}: expected CLASS=MANIFEST or default=MANIFEST")
+            sources[label.strip()] = path.strip()
+        path = write_merged(sources, out)
+    print("training rows per class:")
+    print(read_synthetic_rows(path)["label"].value_counts().sort_index().to_string())
+    print(path)
+
+
 app = command_group(
     "Class-conditional latent diffusion: autoencoder, diffusion, sampling, quality."
 )
@@ -137,6 +165,7 @@ add_commands(
             extras=("synth",),
         ),
         "codec": codec,
+        "merge": merge,
         "quality": stage_command(
             "FD, KID, precision/recall (per class), TSTR vs TRTR and a memorisation check.",
             schema="dermkit.synth.settings:QualityConfig",
