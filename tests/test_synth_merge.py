@@ -72,3 +72,7 @@ def test_merge_errors_name_the_source_and_the_problem(tmp_path):
     bad = ["synth", "merge", str(tmp_path / "x.csv"), "--source", "vasc"]
     result = CliRunner().invoke(app, bad)
     assert result.exit_code == 2 and "expected CLASS=MANIFEST" in result.output
+    twice = ["synth", "merge", str(tmp_path / "x.csv"), "--source", f"df={latent}"] * 2
+    result = CliRunner().invoke(app, twice[:5] + twice[-2:])
+    assert result.exit_code == 2 and "'df' is given twice" in result.output
+    assert not (tmp_path / "x.csv").exists()

@@ -74,6 +74,8 @@ def merge(
             label, sep, path = item.partition("=")
             if not sep or not label.strip() or not path.strip():
                 raise ValueError(f"--source {item!r}: expected CLASS=MANIFEST or default=MANIFEST")
+            if label.strip() in sources:
+                raise ValueError(f"--source {item!r}: class {label.strip()!r} is given twice")
             sources[label.strip()] = path.strip()
         path = write_merged(sources, out)
     print("training rows per class:")
