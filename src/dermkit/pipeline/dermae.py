@@ -5,6 +5,7 @@
     data ─┬─ baseline ─────────────────────┬────────────────────────────────────┐
           │                                │ (filter)                           │
           ├─ autoencoder ─ diffusion ─ sample ┐                                 │
+          ├─ [pixel_diffusion] ───────┘       │                                 │
           └───────────────────────────────────┴─ pretrain ─ finetune ─┐         │
                           [teachers: several fine-tunes, one ensemble] ┴─ distill ─ exits ─ export
                                                                           └── explain  evaluate
@@ -33,10 +34,12 @@ Stage-only keys of a pipeline entry (not config fields): ``finetune.recipe`` and
 preset and under the entry's own settings), ``pretrain.method`` (mae or vae),
 ``distill.teacher`` (a run or ``dermkit ensemble`` folder from outside the pipeline instead
 of the finetune stage; its content is hashed into the key) and ``sample.balance``
-(``uniform``, or per-class ``totals``/``shares`` as a mapping or a JSON file).
-``sample.filter`` (a mapping of ``FilterConfig`` fields, ``{}`` for the defaults) keeps
-only the synthetic images that the baseline stage's classifier, trained on the real train
-split, agrees with: the wiring makes ``baseline`` an input of ``sample``. ``export``,
+(``uniform``, or per-class ``totals``/``shares`` as a mapping or a JSON file) and
+``sample.pixel_classes`` (drawn by the ``pixel_diffusion`` stage, off unless the file names
+it: a pixel-space UNet for the classes the autoencoder loses). ``sample.filter`` (a mapping
+of ``FilterConfig`` fields, ``{}`` for the defaults) keeps only the synthetic images that
+the baseline stage's classifier, trained on the real train split, agrees with: the wiring
+makes ``baseline`` an input of ``sample`` (``pipeline/sample_stage.py``). ``export``,
 ``explain`` and ``evaluate`` take the fields of their small configs below.
 """
 
@@ -59,7 +62,6 @@ from dermkit.config import (
     load_config,
     parse_override,
 )
-from dermkit.core.files import write_json_atomic
 from dermkit.core.mappings import expand_dotted, merge, nested
 from dermkit.data.settings import DataConfig
 from dermkit.eval.data_folder import PHANTOM_GRID
@@ -78,6 +80,12 @@ from dermkit.pipeline.runner import (
     plan_status,
     run_pipeline,
 )
+from dermkit.pipeline.sample_stage import (
+    build_sample,
+    run_sample_stage,
+    sample_metric,
+    sample_table,
+)
 from dermkit.pipeline.teachers import (
     TeachersStageConfig,
     build_teachers,
@@ -86,7 +94,7 @@ from dermkit.pipeline.teachers import (
 )
 from dermkit.runs import RunDir
 from dermkit.ssl.settings import MaePretrainRunConfig, VaePretrainRunConfig
-from dermkit.synth.settings import AutoencoderRunConfig, DiffusionRunConfig, SampleConfig
+from dermkit.synth.settings import AutoencoderRunConfig, DiffusionRunConfig
 from dermkit.train.settings import BaselineRunConfig, DistillRunConfig, FinetuneRunConfig
 
 log = logging.getLogger(__name__)
@@ -436,6 +444,16 @@ def _build_diffusion(ctx: StageContext) -> DiffusionRunConfig:
     return _resolve(ctx, DiffusionRunConfig, "synth_diffusion", wiring)
 
 
+def _build_sample(ctx: StageContext):
+    return build_sample(ctx, _resolve)
+
+
+def _build_pixel_diffusion(ctx: StageContext) -> DiffusionRunConfig:
+    # A second UNet, in pixel space, for the classes the codec loses (sample.pixel_classes).
+    wiring = {**_data_wiring(ctx), "autoencoder": None}
+    return _resolve(ctx, DiffusionRunConfig, "synth_diffusion", wiring)
+
+
 def _run_diffusion(cfg: DiffusionRunConfig, out: Path, resume: bool) -> None:
     from dermkit.synth.diffusion import train_diffusion
 
@@ -445,58 +463,6 @@ def _run_diffusion(cfg: DiffusionRunConfig, out: Path, resume: bool) -> None:
 def _metric_diffusion(path: Path) -> str:
     m = _metrics(path)
     return f"{m['steps']} steps, final loss {m['final_train_loss']:.4f}"
-
-
-class SampleStageConfig(Strict):
-    """``sample``: SampleConfig plus the balance target itself (hashed, not its file path)."""
-
-    sample: SampleConfig
-    balance: str | dict = "uniform"
-
-
-def _build_sample(ctx: StageContext) -> SampleStageConfig:
-    from dermkit.synth.sample import load_target, parse_target
-
-    balance = ctx.knobs.get("balance", "uniform")
-    if isinstance(balance, str) and balance != "uniform":
-        balance = load_target(balance)  # the target's content is hashed, not its path
-    parse_target(balance)  # errors now, not after the generator is trained
-    wiring = {"generator": str(ctx.input("diffusion")), "balance": "uniform"}
-    if ctx.overrides.get("filter") is not None:  # judged by the real-trained baseline
-        wiring["filter"] = {"classifier": str(ctx.input("baseline"))}
-    cfg = _resolve(ctx, SampleConfig, "synth_sample", wiring)
-    return SampleStageConfig(sample=cfg, balance=balance)
-
-
-def _run_sample(cfg: SampleStageConfig, out: Path, resume: bool) -> None:
-    from dermkit.synth.sample import run_sample
-
-    sample = _out(cfg.sample, out)
-    if cfg.balance != "uniform":  # `dermkit synth sample --balance FILE`
-        target = write_json_atomic(out / "balance.json", cfg.balance)
-        sample = sample.model_copy(update={"balance": str(target)})
-    run_sample(sample, progress=False)
-
-
-def _metric_sample(path: Path) -> str:
-    m = _metrics(path)
-    f = m.get("filter")
-    if not f:
-        return f"{m['synthetic_images']} synthetic images"
-    short = [
-        f"{c} {f['per_class'][c]['kept']}/{f['per_class'][c]['requested']}"
-        for c in f["short_classes"]
-    ]
-    return f"{f['kept']} synthetic images kept of {f['drawn']} drawn by the filter" + (
-        f"; short of the count: {', '.join(short)}" if short else ""
-    )
-
-
-def _table_sample(path: Path) -> tuple[str, list[dict]] | None:
-    from dermkit.synth.filtering import filter_rows
-
-    f = _metrics(path).get("filter")
-    return ("synthetic images drawn and kept per class", filter_rows(f)) if f else None
 
 
 # ----------------------------------------------------------------------------- pretrain
@@ -706,14 +672,23 @@ DERMAE_STAGES: tuple[Stage, ...] = (
         figures=(FigureSpec("samples.png", "samples of the generator"),),
     ),
     Stage(
+        "pixel_diffusion",
+        "class-conditional pixel-space diffusion (the classes the codec loses)",
+        _build_pixel_diffusion,
+        _run_diffusion,
+        _metric_diffusion,
+        figures=(FigureSpec("samples.png", "samples of the pixel-space generator"),),
+        default_on=False,
+    ),
+    Stage(
         "sample",
         "class-balanced synthetic set",
         _build_sample,
-        _run_sample,
-        _metric_sample,
-        knobs=("balance",),
+        run_sample_stage,
+        sample_metric,
+        knobs=("balance", "pixel_classes"),
         figures=(FigureSpec("grid_*.png", "synthetic {name}", "all"),),
-        table=_table_sample,
+        table=sample_table,
     ),
     Stage(
         "pretrain",
