@@ -7,14 +7,19 @@ import json
 import pandas as pd
 import pytest
 
+from dermkit.config import ConfigError
+from dermkit.core.files import write_json_atomic
 from dermkit.pipeline.dermae import load_pipeline, plan, run
 from dermkit.pipeline.runner import PipelineError
+from dermkit.synth.sample import run_sample
+from dermkit.synth.settings import SampleConfig
 from dermkit.synth.sources import merge_filter_summaries, split_counts
 
 PIXEL = [
     "stages.pixel_diffusion.data.image_size=16",
     "stages.pixel_diffusion.optim.epochs=2",
     "stages.pixel_diffusion.preview_per_class=1",
+    "stages.pixel_diffusion.train_classes=[vasc, df]",
     "stages.sample.pixel_classes=[vasc, df]",
 ]
 
@@ -57,7 +62,9 @@ def test_pixel_classes_need_the_pixel_stage_and_key_the_sample_stage(tmp_path):
     with pytest.raises(PipelineError, match="set both or neither"):
         plan(_pipeline(tmp_path, "stages.sample.pixel_classes=[vasc]"))
     with pytest.raises(PipelineError, match="set both or neither"):
-        plan(_pipeline(tmp_path, *PIXEL[:3]))
+        plan(_pipeline(tmp_path, *PIXEL[:-1]))
+    with pytest.raises(PipelineError, match=r"\['mel'\]: not in stages.pixel_diffusion"):
+        plan(_pipeline(tmp_path, *PIXEL[:-1], "stages.sample.pixel_classes=[vasc, mel]"))
 
 
 @pytest.mark.timeout(900)
@@ -85,5 +92,17 @@ def test_named_classes_are_drawn_by_the_pixel_generator_and_filtered_like_the_re
     sources = json.loads((folder / "sources.json").read_text())
     assert sources["vasc"] == str(pixel) and sources["mel"] == str(latent)
     assert (folder / "grid_vasc.png").exists() and (folder / "report.html").exists()
+    # The pixel generator saw only its classes' images, and refuses to draw any other.
+    trained = json.loads((pixel / "metrics.json").read_text())["train_images"]
+    real = json.loads((pixel / "generator.json").read_text())["train_counts"]
+    assert trained == real["vasc"] + real["df"] < sum(real.values())
+    with pytest.raises(ConfigError, match=r"trained on \['vasc', 'df'\] only.*\['mel'\]"):
+        run_sample(
+            SampleConfig(
+                generator=str(pixel),
+                out_dir=str(tmp_path / "s"),
+                balance=str(write_json_atomic(tmp_path / "t.json", {"generate": {"mel": 1}})),
+            )
+        )
     # A re-run finds every stage cached: nothing is drawn again.
     assert run(cfg, ["sample"], progress=False, summary=False).executed == []

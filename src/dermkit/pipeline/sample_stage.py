@@ -52,6 +52,12 @@ def build_sample(ctx: StageContext, resolve) -> SampleStageConfig:
     pixel = None
     if classes:  # the same settings, another generator
         pixel = cfg.model_copy(update={"generator": str(ctx.input("pixel_diffusion"))})
+        trained = ctx.config("pixel_diffusion").train_classes
+        if trained is not None and set(classes) - set(trained):
+            raise ConfigError(
+                f"stages.sample.pixel_classes {sorted(set(classes) - set(trained))}: not in "
+                f"stages.pixel_diffusion.train_classes {trained}"
+            )
     return SampleStageConfig(sample=cfg, balance=balance, pixel=pixel, pixel_classes=classes)
 
 

@@ -279,6 +279,7 @@ class Generator:
     scheduler_config: dict
     unconditional: bool
     run: Path
+    trained_classes: list[str] | None = None  # None: every class (train_classes unset)
 
     @property
     def null_label(self) -> int:
@@ -383,6 +384,7 @@ def load_generator(run: str | Path, device: str | torch.device = "cpu") -> Gener
         scheduler_config=meta["scheduler"],
         unconditional=bool(meta["unconditional"]),
         run=run.resolve(),
+        trained_classes=meta.get("trained_classes"),  # runs before the option have none
     ).to(device)
 
 
@@ -492,6 +494,12 @@ def train_diffusion(cfg: DiffusionRunConfig, resume: bool = False, progress: boo
         with accelerator.main_process_first():
             data = prepare_data(cfg.data, rejects_path=run / "rejects.csv")
         train_part = data.part("train")
+        counts = train_part["label"].value_counts()  # every class's: the sampler plans on them
+        trained = cfg.train_classes or list(data.classes)
+        unknown = sorted(set(trained) - set(data.classes))
+        if unknown:
+            raise ConfigError(f"train_classes {unknown}: not classes of the data {data.classes}")
+        train_part = train_part[train_part["label"].isin(trained)].reset_index(drop=True)
         ds = CachedImageDataset(data.cache, train_part, data.classes)
         codec = load_codec(cfg.autoencoder, image_size=cfg.data.image_size).to(device)
         if codec.image_size != cfg.data.image_size:
@@ -532,10 +540,10 @@ def train_diffusion(cfg: DiffusionRunConfig, resume: bool = False, progress: boo
             src = src / AUTOENCODER_FILE if src.is_dir() else src
             if src.resolve() != (run / AUTOENCODER_FILE).resolve():
                 shutil.copyfile(src, run / AUTOENCODER_FILE)
-        counts = train_part["label"].value_counts()
         meta = {
             "classes": data.classes,
             "train_counts": {k: int(counts.get(k, 0)) for k in data.classes},
+            "trained_classes": trained,
             "null_label": null,
             "unconditional": cfg.unconditional,
             "label_dropout": cfg.label_dropout,
@@ -572,7 +580,7 @@ def train_diffusion(cfg: DiffusionRunConfig, resume: bool = False, progress: boo
             p = cfg.preview
             report.add_figure(
                 figure,
-                caption=f"One row per class ({', '.join(data.classes)}): {p.sampler}, "
+                caption=f"One row per class ({', '.join(trained)}): {p.sampler}, "
                 f"{p.steps} steps, guidance {p.guidance}",
             )
         report.add_link("metrics.json", "metrics.json")
@@ -584,7 +592,7 @@ def preview_grid(
 ) -> Path:
     """A grid with one row of ``per_class`` samples per class."""
     g = torch.Generator().manual_seed(seed)
-    names = [c for c in generator.classes for _ in range(per_class)]
+    names = [c for c in generator.trained_classes or generator.classes for _ in range(per_class)]
     noise = torch.randn((len(names), *generator.latent_shape), generator=g)
     images = []
     for i in range(0, len(names), sampler.batch_size):

@@ -416,6 +416,13 @@ def run_sample(cfg: SampleConfig, progress: bool = True) -> Path:
         )
     target = load_target(cfg.balance)
     counts = plan_counts(generator.train_counts, target)
+    trained = generator.trained_classes  # None: every class
+    untrained = [c for c, n in counts.items() if n and trained is not None and c not in trained]
+    if untrained:
+        raise ConfigError(
+            f"{cfg.generator} was trained on {generator.trained_classes} only (train_classes); "
+            f"the balance target asks it for {untrained}"
+        )
     with RunDir(cfg.out_dir, cfg, "synth_sample") as run:
         draw = generate if cfg.filter is None else generate_filtered
         manifest = draw(generator, cfg, counts, run.path, progress=progress)

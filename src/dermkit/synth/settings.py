@@ -160,6 +160,13 @@ class DiffusionRunConfig(DataRunSettings):
         "(class_balanced) or class probability ~ sqrt(count) (sqrt_balanced)",
         json_schema_extra=KEY_NEUTRAL_DEFAULT,
     )
+    train_classes: list[str] | None = Field(
+        None,
+        description="train on these classes' images only (null: all); the generator keeps "
+        "every class's real count for planning and refuses to draw the others. A cheap "
+        "second generator for the classes the first loses (sample.pixel_classes)",
+        json_schema_extra=KEY_NEUTRAL_DEFAULT,
+    )
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(
         "scaled_linear",
