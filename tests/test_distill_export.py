@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -394,7 +395,8 @@ def test_cached_dihedral_logits_train_with_flips_and_refuse_other_augmentation(
     _invoke(*_distill_args(teacher_run, phantom_root, cache_dir, out, *dihedral_only, mode))
     info = json.loads((out / "metrics.json").read_text())["distillation"]
     assert info["teacher_logits"] == "cached-dihedral"
-    assert (out / info["teacher_logits_file"]).exists()
+    assert Path(info["teacher_logits_file"]).exists()
+    assert Path(info["teacher_logits_file"]).parent == Path(cache_dir) / "teacher_logits"
     jitter = [a for a in dihedral_only if not a.startswith("augment.brightness")]
     bad = runner.invoke(
         app, _distill_args(teacher_run, phantom_root, cache_dir, tmp_path / "bad", *jitter, mode)
@@ -422,7 +424,7 @@ def test_cached_teacher_logits_train_the_same_student_as_online(
     )
     info = json.loads((auto / "metrics.json").read_text())["distillation"]
     assert info["teacher_logits"] == "cached"  # auto, since augmentation is off
-    assert (auto / info["teacher_logits_file"]).exists()
+    assert Path(info["teacher_logits_file"]).exists()  # beside the image cache, shared
     assert "teacher logits" in (auto / "report.html").read_text()
     cached, live = load_file(auto / "model.safetensors"), load_file(online / "model.safetensors")
     for key, value in cached.items():

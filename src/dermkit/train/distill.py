@@ -11,9 +11,10 @@ Teacher logits come from one of two places (``distill.teacher_logits``):
 * ``online``: the teacher scores every augmented training micro-batch, so the soft
   target always matches the image the student sees (costs one teacher forward per step).
 * ``cached``: the teacher scores the clean cached training images once; the logits are
-  stored in the run folder as ``teacher_logits_<key>.safetensors``, keyed by the teacher's
-  weights and the image ids, and reused by resumed runs. Valid only when augmentation is
-  off (the student would otherwise learn the clean image's target for an augmented view).
+  stored beside the image cache (``<cache_dir>/teacher_logits/``), one file per teacher
+  (its weights' hash), a row per image keyed by the image's content, and reused by resumed
+  runs and by every later student of that teacher. Valid only when augmentation is off
+  (the student would otherwise learn the clean image's target for an augmented view).
 * ``cached-dihedral``: as ``cached``, but each image's logits are the teacher's mean over
   its 8 flips and 90-degree rotations (``eval.inference`` TTA). That mean is the same for
   every flip/rotation of the image, so the stored target is exact for a student whose only
@@ -36,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,7 @@ from torch import nn
 
 from dermkit.config import ConfigError
 from dermkit.core.devices import make_accelerator
+from dermkit.data.cache import DEFAULT_CACHE_DIR
 from dermkit.data.dataset import CachedImageDataset
 from dermkit.data.prepare import write_split_file
 from dermkit.data.settings import AugmentSettings
@@ -171,40 +174,70 @@ class _IndexRecorder:
         return self.dataset.__getitems__(indices)
 
 
+def image_fingerprints(dataset: CachedImageDataset, chunk: int = 512) -> list[str]:
+    """(N,) content hashes of the images exactly as the student sees them (cached uint8)."""
+    out = []
+    for start in range(0, len(dataset), chunk):
+        images, _ = dataset.__getitems__(list(range(start, min(start + chunk, len(dataset)))))
+        out += [hashlib.blake2b(im.numpy().tobytes(), digest_size=12).hexdigest() for im in images]
+    return out
+
+
 def cached_teacher_logits(
     teacher: nn.Module,
     source: Teacher,
     dataset: CachedImageDataset,
-    run_dir: Path,
+    store_dir: Path,
     accelerator,
     dihedral: bool = False,
 ) -> tuple[torch.Tensor, Path]:
-    """Teacher logits (N, C) of every clean training image, computed once and stored.
+    """Teacher logits (N, C) of every clean training image, each computed once and stored.
 
     ``dihedral``: the mean over each image's 8 flips/rotations instead of the image alone.
-    The file name carries a hash of (teacher weights, image ids, dihedral), so a changed
-    teacher or data never reuses stale logits, and a resumed run skips the teacher pass.
+    One store file per (teacher weights, dihedral) in ``store_dir`` (the image cache's
+    folder, shared by runs), its rows keyed by the content hash of each image as the
+    student sees it: a resumed run, another student of the same teacher (a seed, a
+    temperature) or a student with extra synthetic images scores only the images the store
+    lacks. Why not per run: the ensemble teacher's pass over HAM10000 costs ~20 minutes on
+    2 cores, paid again by every distill stage of the ablation.
     """
     weights_sha = source.fingerprint()
-    ids = [str(i) for i in dataset.image_ids]
-    text = weights_sha + ("\ndihedral" if dihedral else "") + "\n" + "\n".join(ids)
-    key = hashlib.sha256(text.encode()).hexdigest()[:16]
-    path = run_dir / f"teacher_logits_{key}.safetensors"
+    key = hashlib.sha256((weights_sha + ("\ndihedral" if dihedral else "")).encode()).hexdigest()
+    path = Path(store_dir) / f"teacher_logits_{key[:16]}.safetensors"
+    prints = image_fingerprints(dataset)
+    known, stored = {}, None
     if path.exists():
         with safe_open(str(path), "pt") as f:
-            if json.loads(f.metadata()["image_ids"]) == ids:
-                log.info("teacher logits: reusing %s", path)
-                return f.get_tensor("logits"), path
-    logits = predict_logits(teacher, dataset, np.arange(len(dataset)), accelerator, tta=dihedral)
-    if accelerator.is_main_process:
-        metadata = {
-            "teacher_run": str(source.path.resolve()),
-            "teacher_weights_sha256": weights_sha,
-            "image_ids": json.dumps(ids),
-        }
-        save_file({"logits": logits.contiguous()}, str(path), metadata=metadata)
-    log.info("teacher logits: %d images scored once, stored in %s", len(ids), path)
-    return logits, path
+            known = {p: i for i, p in enumerate(json.loads(f.metadata()["images"]))}
+            stored = f.get_tensor("logits")
+    todo: dict[str, int] = {}  # print -> first dataset row with it (a repeated image once)
+    for i, p in enumerate(prints):
+        if p not in known and p not in todo:
+            todo[p] = i
+    if todo:
+        rows = np.array(list(todo.values()))
+        fresh = predict_logits(teacher, dataset, rows, accelerator, tta=dihedral)
+        order = [*known, *todo]
+        stored = fresh if stored is None else torch.cat([stored, fresh])
+        known = {p: i for i, p in enumerate(order)}
+        if accelerator.is_main_process:
+            metadata = {
+                "teacher_run": str(source.path.resolve()),
+                "teacher_weights_sha256": weights_sha,
+                "dihedral": str(dihedral),
+                "images": json.dumps(order),
+            }
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            save_file({"logits": stored.contiguous()}, str(tmp), metadata=metadata)
+            os.replace(tmp, path)  # atomic: a concurrent run reads the old or the new file
+    log.info(
+        "teacher logits: %d of %d images scored, the rest from %s",
+        len(todo),
+        len(prints),
+        path,
+    )
+    return stored[[known[p] for p in prints]], path
 
 
 def check_teacher_split(teacher_dir: Path, manifest: pd.DataFrame) -> None:
@@ -401,8 +434,9 @@ def train_student(
     cache_file = None
     if mode in ("cached", "cached-dihedral"):
         dihedral = mode == "cached-dihedral"
+        store = Path(cfg.data.cache_dir or DEFAULT_CACHE_DIR) / "teacher_logits"
         table, cache_file = cached_teacher_logits(
-            teacher, source, train_ds, run_dir, accelerator, dihedral
+            teacher, source, train_ds, store, accelerator, dihedral
         )
         table = table.to(device)
         recorder = _IndexRecorder(train_ds)
@@ -608,7 +642,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False, progress: bool = Tr
         }
         result["distillation"] = {
             **distillation_info(cfg, source, mode, reason),
-            "teacher_logits_file": cache_file.name if cache_file else None,
+            "teacher_logits_file": str(cache_file) if cache_file else None,
             "cost": cost,
             "teacher_metrics": teacher_result["metrics"],
         }
