@@ -209,6 +209,7 @@ class HeldOutGenerator:
         self.classes = ["nv", "vasc"]
         self.train_counts, self.unconditional, self.device = train_counts, False, "cpu"
         self.latent_shape = (3, 4, 4)
+        self.trained_classes = None  # trained on every class (as Generator without the option)
         self.copied = False
 
     def labels_for(self, names):

@@ -416,7 +416,7 @@ def run_sample(cfg: SampleConfig, progress: bool = True) -> Path:
         )
     target = load_target(cfg.balance)
     counts = plan_counts(generator.train_counts, target)
-    trained = getattr(generator, "trained_classes", None)  # None: every class
+    trained = generator.trained_classes  # None: every class
     untrained = [c for c, n in counts.items() if n and trained is not None and c not in trained]
     if untrained:
         raise ConfigError(
